@@ -1,0 +1,44 @@
+"""The `Classifier` protocol every backend implements: a batch of face crops in, P(fake) out."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from streamguard.inference.card import ModelCard
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    card: ModelCard
+    backend: str
+
+    @property
+    def input_size(self) -> int: ...
+
+    def predict(self, crops: np.ndarray) -> np.ndarray:
+        """crops: (N, S, S, 3) uint8 RGB at `input_size` → (N,) float32 P(fake) in [0, 1]."""
+        ...
+
+
+def preprocess(crops: np.ndarray, card: ModelCard) -> np.ndarray:
+    """uint8 (N, S, S, 3) RGB → float32 tensor in the model's layout and normalisation."""
+    p = card.preprocess
+    if crops.ndim != 4 or crops.shape[1:] != (p.input_size, p.input_size, 3):
+        raise ValueError(f"crops must be (N, {p.input_size}, {p.input_size}, 3), got {crops.shape}")
+    x = crops.astype(np.float32) * (1.0 / 255.0)
+    x = (x - np.asarray(p.mean, np.float32)) / np.asarray(p.std, np.float32)
+    if p.layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x)
+
+
+def to_p_fake(raw: np.ndarray, card: ModelCard) -> np.ndarray:
+    """The model's raw output (N,) or (N, 1) → P(fake) (N,) float32."""
+    y = np.asarray(raw, np.float32).reshape(len(raw), -1)[:, 0]
+    if card.output == "p_real":
+        y = 1.0 - y
+    elif card.output == "logit_fake":
+        y = 1.0 / (1.0 + np.exp(-y))
+    return np.clip(y, 0.0, 1.0)
