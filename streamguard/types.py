@@ -86,11 +86,14 @@ class FaceCrop:
 
     stream_id: str
     pts_s: float
-    box: Box
-    detection_score: float
+    detection: Detection
     quality: Quality
     crop: np.ndarray
     participant_id: str | None = None
+
+    @property
+    def box(self) -> Box:
+        return self.detection.box
 
 
 @dataclass(frozen=True, slots=True)

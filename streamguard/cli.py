@@ -1,0 +1,182 @@
+"""The `streamguard` command: scan, eval, models; serve and engine build join as their issues land."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from tqdm import tqdm
+
+from streamguard.inference.classifier import Classifier
+from streamguard.inference.models import ENGINES_DIR, ModelNotFound, available_models, load_classifier
+
+app = typer.Typer(help="StreamGuard: live deepfake and impostor-face detection.", no_args_is_help=True)
+models_app = typer.Typer(help="List and import models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+ModelOption = Annotated[
+    Optional[str], typer.Option("--model", "-m", help="a model name in engines/ or a path to its .onnx")
+]
+
+
+def _load_model(model: str | None) -> Classifier:
+    try:
+        return load_classifier(model)
+    except ModelNotFound as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from None
+    except Exception as exc:  # a corrupt ONNX or card: say which, do not print a traceback
+        raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="--model") from None
+
+
+def _settings(fps: float, min_samples: int, images_are_crops: bool):
+    from pydantic import ValidationError
+
+    from streamguard.scan import ScanSettings
+
+    try:
+        return ScanSettings(fps=fps, min_samples=min_samples, images_are_crops=images_are_crops)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise typer.BadParameter(err["msg"], param_hint=f"--{str(err['loc'][0]).replace('_', '-')}") from None
+
+
+@app.command()
+def scan(
+    paths: Annotated[list[Path], typer.Argument(help="videos, images or folders")],
+    model: ModelOption = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the JSON report here ('-': stdout)")] = None,
+    fps: Annotated[float, typer.Option(help="samples per second of video")] = 1.0,
+    min_samples: Annotated[int, typer.Option(help="scored samples a person needs in a video")] = 3,
+    images_are_crops: Annotated[bool, typer.Option(help="images are aligned face crops: skip detection")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Scan files for deepfaked faces: a verdict per file and a score per participant."""
+    from streamguard.ingest.av_source import probe
+    from streamguard.scan import ScanReport, Scanner, expand_paths, model_info
+
+    settings = _settings(fps, min_samples, images_are_crops)
+    classifier = _load_model(model)
+    files = list(expand_paths(paths))
+    if not files:
+        raise typer.BadParameter("no video or image found", param_hint="PATHS")
+    scanner = Scanner(classifier, settings)
+    reports = []
+    human = json_out is None or str(json_out) != "-"
+    try:
+        for path in tqdm(files, desc="files", unit="file", disable=quiet or len(files) < 2, file=sys.stderr):
+            bar = tqdm(desc=path.name, unit="s", leave=False, disable=quiet, file=sys.stderr,
+                       total=_duration(probe, path), bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s")
+            result = scanner.scan(path, on_sample=lambda pts: bar.update(max(0.0, pts - bar.n)))
+            bar.close()
+            reports.append(result.report)
+            if human:
+                _print_file(result.report)
+    finally:
+        scanner.close()
+    report = ScanReport(model=model_info(classifier), settings=settings, files=reports)
+    if json_out is not None:
+        text = report.model_dump_json(indent=2)
+        sys.stdout.write(text + "\n") if str(json_out) == "-" else json_out.write_text(text + "\n")
+    if any(r.error for r in reports):
+        raise typer.Exit(1)
+
+
+def _duration(probe, path: Path) -> float | None:
+    try:
+        return probe(str(path)).get("duration")
+    except Exception:
+        return None
+
+
+def _print_file(r) -> None:
+    score = "   -  " if r.score is None else f"{r.score:.3f}"
+    line = f"{r.verdict.value.upper():8s} P(fake) {score}  {r.path}"
+    if r.error:
+        line += f"\n  error: {r.error}"
+    typer.echo(line)
+    for p in r.participants:
+        pscore = "-" if p.score is None else f"{p.score:.3f}"
+        typer.echo(f"  {p.id:4s} samples {p.samples:4d}  low-quality {p.low_quality:3d}  P(fake) {pscore}"
+                   f"  seen {p.first_seen_s:.1f}-{p.last_seen_s:.1f} s")
+
+
+@app.command("eval")
+def eval_cmd(
+    labels: Annotated[Path, typer.Argument(help="LABELS.csv (path,label) or a folder of real/ and fake/ media")],
+    model: ModelOption = None,
+    out: Annotated[Path, typer.Option(help="folder for eval.json and roc.png")] = Path("eval-out"),
+    fps: Annotated[float, typer.Option(help="samples per second of video")] = 1.0,
+    min_samples: Annotated[int, typer.Option(help="scored samples a person needs in a video")] = 3,
+    images_are_crops: Annotated[bool, typer.Option(help="images are aligned face crops: skip detection")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Measure a model on labelled files: AUC, accuracy, TPR/FPR at the threshold, log loss, ROC curve."""
+    from streamguard.evaluate import evaluate, load_labels, plot_roc
+    from streamguard.scan import Scanner
+
+    settings = _settings(fps, min_samples, images_are_crops)
+    try:
+        items = load_labels(labels)
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="LABELS") from None
+    classifier = _load_model(model)
+    scanner = Scanner(classifier, settings)
+    bar = tqdm(total=len(items), desc="eval", unit="file", disable=quiet, file=sys.stderr)
+    try:
+        report, curves = evaluate(scanner, items, on_file=lambda _: bar.update())
+    finally:
+        bar.close()
+        scanner.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(report.model_dump_json(indent=2) + "\n")
+    has_plot = plot_roc(curves, f"{classifier.card.name} on {labels.name}", out / "roc.png")
+    typer.echo(f"model {classifier.card.name} ({classifier.backend}), threshold {report.threshold}")
+    for level, m in (("files", report.files), ("faces", report.faces)):
+        if m is None:
+            typer.echo(f"{level:5s}: nothing scored")
+            continue
+        fmt = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        typer.echo(f"{level:5s}: n={m.n} (real {m.n_real}, fake {m.n_fake})  AUC {fmt(m.auc)}  acc {m.accuracy:.3f}"
+                   f"  TPR {fmt(m.tpr)}  FPR {fmt(m.fpr)}  log loss {m.log_loss:.3f}")
+    typer.echo(f"no face: {report.no_face}  errors: {report.errors}  report: {out / 'eval.json'}"
+               + (f"  ROC: {out / 'roc.png'}" if has_plot else ""))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Models in engines/ with their cards."""
+    from streamguard.inference.models import resolve_model
+
+    for name in available_models():
+        _, card = resolve_model(name)
+        typer.echo(f"{name:28s} {card.architecture:24s} input {card.preprocess.input_size}  threshold {card.threshold}"
+                   f"  {card.source[:60]}")
+
+
+@models_app.command("import")
+def models_import(
+    kind: Annotated[str, typer.Argument(help="checkpoint kind: mesonet")],
+    file: Annotated[Path, typer.Argument(help="the checkpoint file")],
+    arch: Annotated[Optional[str], typer.Option(help="architecture, for kinds with several (mesonet: meso4|mesoinception)")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="write the .onnx here (card beside it) instead of engines/")] = None,
+    name: Annotated[Optional[str], typer.Option(help="model name (default: from the file name)")] = None,
+) -> None:
+    """Convert a published checkpoint into an ONNX model + model card."""
+    if kind != "mesonet":
+        raise typer.BadParameter(f"unknown kind {kind!r}; known: mesonet", param_hint="KIND")
+    if arch not in ("meso4", "mesoinception"):
+        raise typer.BadParameter("mesonet needs --arch meso4 or --arch mesoinception", param_hint="--arch")
+    from streamguard.inference.importers.mesonet import import_mesonet
+
+    try:
+        onnx_path, card = import_mesonet(file, arch, output=output, name=name)
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="FILE") from None
+    typer.echo(f"wrote {onnx_path} and its card {onnx_path.with_suffix('.json').name} (output: P(fake))")
+
+
+if __name__ == "__main__":
+    app()
