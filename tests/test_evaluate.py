@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+
+from streamguard.evaluate import compute_metrics, label_of_name, load_labels
+
+
+def test_metrics_match_hand_computed_values():
+    y = np.array([0, 0, 0, 1, 1])
+    s = np.array([0.1, 0.6, 0.2, 0.9, 0.4])
+    m = compute_metrics(y, s, threshold=0.5)
+    assert m.n == 5 and m.n_real == 3 and m.n_fake == 2
+    assert m.tpr == 0.5 and m.fpr == pytest.approx(1 / 3)
+    assert m.accuracy == pytest.approx(3 / 5)
+    assert m.auc == pytest.approx(5 / 6)  # 5 of 6 fake-real pairs ordered correctly
+    expected_ll = -np.mean(np.log([0.9, 0.4, 0.8, 0.9, 0.4]))
+    assert m.log_loss == pytest.approx(expected_ll, rel=1e-6)
+
+
+def test_metrics_with_one_class_have_no_auc():
+    m = compute_metrics(np.array([0, 0]), np.array([0.1, 0.7]), 0.5)
+    assert m.auc is None and m.tpr is None and m.fpr == 0.5
+
+
+def test_label_names():
+    assert label_of_name("df") == 1 and label_of_name("Celeb-synthesis") == 1
+    assert label_of_name("original") == 0 and label_of_name("YouTube-real") == 0
+    assert label_of_name("misc") is None
+
+
+def test_folder_labels_from_subfolders_and_prefixes(tmp_path):
+    for rel in ["real/a.jpg", "df/b.jpg", "fake_c.mp4", "real_d.mp4", "other/e.jpg"]:
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    labels = {p.path.name: p.label for p in load_labels(tmp_path)}
+    assert labels == {"a.jpg": 0, "b.jpg": 1, "fake_c.mp4": 1, "real_d.mp4": 0}
+
+
+def test_csv_labels_need_columns(tmp_path):
+    f = tmp_path / "l.csv"
+    f.write_text("file,y\n")
+    with pytest.raises(ValueError, match="path,label"):
+        load_labels(f)

@@ -1,0 +1,141 @@
+"""`streamguard scan` and `eval` end to end on real media, through the real CLI."""
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from streamguard.cli import app
+from streamguard.inference.importers.mesonet import import_mesonet
+from streamguard.inference.models import load_classifier
+from streamguard.scan import Scanner, ScanSettings
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def meso4(shared_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "meso4-df.onnx"
+    import_mesonet(shared_data / "mesonet" / "weights" / "Meso4_DF.h5", "meso4", output=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def scanner(meso4):
+    s = Scanner(load_classifier(str(meso4)))
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("name", ["real_519.mp4", "fake_deepfakes_519_515.mp4"])
+def test_ffpp_videos_have_one_participant_with_enough_samples(scanner, shared_data, name):
+    report = scanner.scan(shared_data / "ffpp_smoke" / name).report
+    assert report.error is None
+    assert report.verdict.value in ("real", "fake")
+    assert 29 <= report.sampled_frames <= 31  # 30 s at 1 FPS
+    assert len(report.participants) == 1
+    person = report.participants[0]
+    assert person.samples >= 25
+    assert person.samples + person.low_quality <= report.sampled_frames
+    assert 0.01 <= report.score <= 0.99
+    assert len(person.sample_scores) == person.samples
+
+
+def test_image_with_several_people_has_several_participants(scanner, shared_data):
+    report = scanner.scan(shared_data / "real_faces" / "selfie-many-people.jpg").report
+    assert report.kind == "image"
+    assert len(report.participants) >= 3
+    assert all(p.samples + p.low_quality == 1 for p in report.participants)
+
+
+def test_image_without_face_is_no_face(scanner, tmp_path):
+    empty = tmp_path / "wall.png"
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(empty), cv2.GaussianBlur(rng.integers(0, 255, (360, 480, 3), np.uint8), (0, 0), 5))
+    report = scanner.scan(empty).report
+    assert report.verdict.value == "no_face"
+    assert report.score is None and report.participants == []
+
+
+def test_folder_scan_survives_bad_files(meso4, shared_data, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "broken.mp4").write_text("this is not a video")
+    (folder / "truncated.jpg").write_bytes((shared_data / "real_faces" / "img1.jpg").read_bytes()[:200])
+    good = folder / "img2.jpg"
+    good.write_bytes((shared_data / "real_faces" / "img2.jpg").read_bytes())
+    out = tmp_path / "report.json"
+    result = runner.invoke(app, ["scan", str(folder), str(tmp_path / "missing.mp4"), str(tmp_path / "notes.txt"),
+                                 "--model", str(meso4), "--json", str(out), "-q"])
+    assert result.exit_code == 1, result.output  # some files failed, the rest were scanned
+    report = json.loads(out.read_text())
+    by_name = {Path(f["path"]).name: f for f in report["files"]}
+    assert by_name["img2.jpg"]["verdict"] in ("real", "fake") and len(by_name["img2.jpg"]["participants"]) == 1
+    for bad in ("broken.mp4", "truncated.jpg", "missing.mp4", "notes.txt"):
+        assert by_name[bad]["verdict"] == "error" and by_name[bad]["error"], bad
+        assert by_name[bad]["score"] is None
+    assert "no such file" in by_name["missing.mp4"]["error"]
+    assert "unsupported" in by_name["notes.txt"]["error"]
+    assert report["model"]["name"] and report["model"]["backend"] == "onnxruntime"
+    assert {"id", "samples", "low_quality", "score"} <= set(by_name["img2.jpg"]["participants"][0])
+
+
+def test_scan_json_to_stdout_is_pure_json(meso4, shared_data):
+    result = runner.invoke(app, ["scan", str(shared_data / "real_faces" / "couple.jpg"), "--model", str(meso4),
+                                 "--json", "-", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert len(report["files"][0]["participants"]) == 2
+
+
+def test_missing_model_says_how_to_import(tmp_path, shared_data):
+    result = runner.invoke(app, ["scan", str(shared_data / "real_faces" / "img1.jpg"), "--model", "no-such-model"])
+    assert result.exit_code == 2
+    assert "streamguard models import" in result.output
+
+
+def test_bad_setting_names_the_flag(meso4, shared_data):
+    result = runner.invoke(app, ["scan", str(shared_data / "real_faces"), "--model", str(meso4), "--fps", "0"])
+    assert result.exit_code == 2
+    assert "--fps" in result.output
+
+
+def test_eval_on_mesonet_crops(meso4, shared_data, tmp_path):
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["eval", str(shared_data / "mesonet" / "LABELS.csv"), "--model", str(meso4),
+                                 "--images-are-crops", "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    files = report["files"]
+    assert files["n"] == 4 and files["n_fake"] == 2 and files["n_real"] == 2
+    assert files["auc"] == 1.0  # Meso4_DF ranks both deepfakes above both reals
+    assert 0.0 <= files["log_loss"] < 5
+    assert (out / "roc.png").stat().st_size > 1000
+
+
+def test_eval_on_ffpp_folder_labels_by_file_name(meso4, shared_data, tmp_path):
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["eval", str(shared_data / "ffpp_smoke"), "--model", str(meso4), "--out", str(out),
+                                 "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    assert report["files"]["n_real"] == 1 and report["files"]["n_fake"] == 1
+    assert report["faces"]["n"] >= 50
+    assert report["faces"]["auc"] is not None
+    assert {r["label"] for r in report["rows"]} == {"real", "fake"}
+
+
+def test_eval_rejects_bad_labels(tmp_path):
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("path,label\na.jpg,maybe\n")
+    result = runner.invoke(app, ["eval", str(csv_file)])
+    assert result.exit_code == 2
+    assert "neither real nor fake" in result.output
+
+
+def test_settings_validate():
+    with pytest.raises(ValueError):
+        ScanSettings(fps=-1)
