@@ -1,0 +1,246 @@
+"""Decode files and network streams with PyAV and hand back the frames the sampler keeps, in RGB.
+
+Cost model: at 1 FPS almost every decoded frame is thrown away, so the decoder is told to skip non-reference frames
+(``skip_frame = "NONREF"``: nothing else depends on them, so the frames that remain decode correctly and keep their
+own timestamps), and only kept frames are converted to RGB (measured on a 640×480 H.264 clip: ~1.1 ms per frame to
+convert, ~1.4 ms CPU to decode). On that clip skip_frame cut decoded frames from 751 to 485 and CPU time by ~20 %.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import av
+import av.container
+
+from streamguard.ingest.sampler import TimestampSampler
+from streamguard.types import SampledFrame
+
+log = logging.getLogger(__name__)
+
+# A run of demux errors this long without a good packet means the source is gone, not a damaged patch.
+_MAX_CONSECUTIVE_DEMUX_ERRORS = 32
+
+
+class SourceError(Exception):
+    """A source that cannot be opened or read: the message says which source and why."""
+
+
+@dataclass(slots=True)
+class DecodeStats:
+    """What one decode run did; filled in as frames go by, complete when the iterator ends."""
+
+    packets: int = 0  # non-empty video packets read from the demuxer
+    decoded: int = 0  # frames the decoder output
+    sampled: int = 0  # frames the sampler kept (and converted to RGB)
+    corrupt: int = 0  # packets the demuxer or the decoder rejected; skipped, decoding went on
+    # Packets that gave no frame and no error: with skip_nonref, the non-reference frames the decoder skipped
+    # (derived as packets - decoded - corrupt, so it can be off by a packet that carried no picture).
+    skipped_nonref: int = 0
+    # Frames decoded after a damaged packet and before the next keyframe (or max_resync_s): not sampled, since error
+    # concealment smears them and smears look like manipulation to a deepfake classifier.
+    concealed: int = 0
+    restarts: int = 0  # jumps back in time the sampler treated as a stream restart
+    duration_s: float = 0.0  # media time covered: last frame time - first frame time + one frame
+
+
+def _is_url(source: str) -> bool:
+    scheme = urlsplit(source).scheme.lower()
+    # A one-letter "scheme" is a Windows drive letter; "file:" URLs are files for our purposes too.
+    return "://" in source and len(scheme) > 1 and scheme != "file"
+
+
+def open_container(
+    url_or_path: str, *, timeout_s: float = 10.0, rtsp_transport: str = "tcp"
+) -> av.container.InputContainer:
+    """Open a file or a network source (RTSP, RTMP, HLS, HTTP…) for reading, or raise SourceError saying why.
+
+    timeout_s bounds opening and each later read (PyAV's interrupt callback, all protocols). For RTSP the transport
+    defaults to TCP (no UDP packet loss or NAT trouble) and `timeout` (FFmpeg ≥ 5: socket I/O timeout in
+    microseconds; it was `stimeout` before) makes a dead server fail instead of hang.
+    """
+    is_url = _is_url(url_or_path)
+    if not is_url:
+        path = Path(url_or_path.removeprefix("file:"))
+        if not path.exists():
+            raise SourceError(f"{url_or_path}: no such file")
+        if path.is_dir():
+            raise SourceError(f"{url_or_path}: is a directory, not a video file")
+        if path.stat().st_size == 0:
+            raise SourceError(f"{url_or_path}: empty file")
+    options: dict[str, str] = {}
+    if urlsplit(url_or_path).scheme.lower() in ("rtsp", "rtsps"):
+        options = {"rtsp_transport": rtsp_transport, "timeout": str(int(timeout_s * 1_000_000))}
+    started = time.monotonic()
+    try:
+        container = av.open(url_or_path, mode="r", container_options=options, timeout=(timeout_s, timeout_s))
+    except (av.FFmpegError, OSError) as exc:
+        elapsed = time.monotonic() - started
+        reason = getattr(exc, "strerror", None) or str(exc)
+        if isinstance(exc, av.error.ExitError) or (is_url and elapsed >= 0.9 * timeout_s):
+            # ExitError: PyAV's interrupt callback fired. Protocol timeouts (RTSP `timeout`) surface as other
+            # errors, e.g. InvalidDataError from an empty reply, so the clock is the reliable witness.
+            message = f"timed out after {timeout_s:g} s while opening ({reason})"
+        elif is_url:
+            message = f"cannot open URL: {reason}"
+        elif isinstance(exc, av.error.InvalidDataError):
+            message = f"not a video or an unsupported format ({reason})"
+        else:
+            message = f"cannot open file: {reason}"
+        raise SourceError(f"{url_or_path}: {message}") from exc
+    return container
+
+
+def _video_stream(container: av.container.InputContainer, source: str) -> av.VideoStream:
+    # Cover art in audio files is a one-picture "video" stream: not something to scan.
+    candidates = [s for s in container.streams.video if not (s.disposition & av.stream.Disposition.attached_pic)]
+    if not candidates:
+        raise SourceError(f"{source}: no video stream (not a video)")
+    best = container.streams.best("video")
+    return best if best in candidates else candidates[0]
+
+
+def probe(path: str) -> dict[str, object]:
+    """Duration (s), nominal fps, size, codec and frame count of the best video stream; for reports and benchmarks."""
+    with open_container(path) as container:
+        stream = _video_stream(container, path)
+        duration = None
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        rate = stream.average_rate or stream.guessed_rate
+        return {
+            "duration_s": duration,
+            "fps": float(rate) if rate else None,
+            "width": stream.codec_context.width,
+            "height": stream.codec_context.height,
+            "codec": stream.codec_context.name,
+            "frames": stream.frames or None,
+        }
+
+
+def _packets(
+    container: av.container.InputContainer, stream: av.VideoStream, source: str, stats: DecodeStats
+) -> Iterator[av.Packet]:
+    """Demux the stream's packets, stepping over damaged ones (a fresh demux() resumes where reading stopped)."""
+    errors_in_a_row = 0
+    while True:
+        try:
+            for packet in container.demux(stream):
+                errors_in_a_row = 0
+                yield packet
+            return
+        except av.error.InvalidDataError as exc:
+            stats.corrupt += 1
+            errors_in_a_row += 1
+            log.debug("%s: damaged data while demuxing: %s", source, exc)
+            if errors_in_a_row >= _MAX_CONSECUTIVE_DEMUX_ERRORS:
+                raise SourceError(f"{source}: unreadable stream ({errors_in_a_row} demux errors in a row)") from exc
+        except av.error.ExitError as exc:
+            raise SourceError(f"{source}: read timed out (no data)") from exc
+        except (av.FFmpegError, OSError) as exc:
+            raise SourceError(f"{source}: read failed: {exc}") from exc
+
+
+def _rgb(frame: av.VideoFrame, max_side: int | None) -> av.VideoFrame:
+    """The frame in RGB, scaled down (area filter, one swscale pass) when its long side exceeds max_side."""
+    w, h = frame.width, frame.height
+    if max_side and max(w, h) > max_side:
+        scale = max_side / max(w, h)
+        # Even sizes keep chroma subsampling exact; never below 2 px.
+        w, h = max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2)
+        return frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA")
+    return frame.reformat(format="rgb24")
+
+
+def iter_sampled_frames(
+    source: str,
+    *,
+    fps: float = 1.0,
+    stream_id: str | None = None,
+    skip_nonref: bool = True,
+    stats: DecodeStats | None = None,
+    max_side: int | None = None,
+    timeout_s: float = 10.0,
+    thread_type: str = "SLICE",
+    max_resync_s: float = 5.0,
+) -> Iterator[SampledFrame]:
+    """Decode the best video stream of a file or URL and yield the frames sampled at `fps` by presentation time.
+
+    Damaged packets are counted in ``stats.corrupt`` and skipped; decoding goes on with the next packet. The frames
+    that follow a decode error carry concealed damage until the next keyframe, so none of them is sampled until a
+    keyframe comes or `max_resync_s` of media time has passed (streams with intra refresh have no keyframes).
+    Frames without a timestamp get the previous frame's time + the nominal frame duration (see TimestampSampler).
+    `wall_ts` is time.time() when the frame came out of the decoder. Raises SourceError when the source cannot be
+    opened, has no video stream, or stops answering.
+
+    thread_type stays PyAV's "SLICE" by default: on a 2-core host, frame threading ("AUTO") cost ~8 % more CPU for
+    an uncertain wall-time gain, and it delays every frame by the thread count, which live sources feel; pass "AUTO"
+    where cores are spare and only one file is decoded at a time.
+    """
+    stats = stats if stats is not None else DecodeStats()
+    stream_id = stream_id or (Path(source).name if not _is_url(source) else source)
+    container = open_container(source, timeout_s=timeout_s)
+    first_t: float | None = None
+    resyncing = False  # a packet failed to decode: wait for a keyframe before sampling again
+    damaged_since: float | None = None  # media time of the last frame before the failure (None: none yet)
+    try:
+        stream = _video_stream(container, source)
+        stream.thread_type = thread_type
+        if skip_nonref:
+            stream.codec_context.skip_frame = "NONREF"
+        rate = stream.average_rate or stream.guessed_rate
+        sampler = TimestampSampler(fps, frame_duration_s=1.0 / float(rate) if rate else None)
+        time_base = float(stream.time_base) if stream.time_base else None
+        for packet in _packets(container, stream, source, stats):
+            if packet.size:
+                stats.packets += 1
+                if skip_nonref and stats.packets == 1 and packet.pts is None and packet.dts is None:
+                    # No timestamps (raw Annex-B .h264): frame times can only be counted, one nominal frame
+                    # duration per decoded frame, and a skipped frame would go uncounted. Decode everything.
+                    skip_nonref = False
+                    stream.codec_context.skip_frame = "DEFAULT"
+            try:
+                frames = packet.decode()  # the final empty packet flushes the decoder's delayed frames
+            except av.FFmpegError as exc:  # InvalidDataError mostly; any decode failure is one bad packet
+                stats.corrupt += 1
+                log.debug("%s: packet at dts %s failed to decode: %s", source, packet.dts, exc)
+                if not resyncing:
+                    resyncing, damaged_since = True, sampler.last_pts_s
+                continue
+            for frame in frames:
+                stats.decoded += 1
+                pts_s = frame.pts * time_base if frame.pts is not None and time_base else None
+                if resyncing:
+                    guess = pts_s if pts_s is not None else sampler.estimate()
+                    if damaged_since is None:
+                        damaged_since = guess
+                    if frame.key_frame or abs(guess - damaged_since) >= max_resync_s:
+                        resyncing = False
+                if not resyncing:
+                    kept = sampler.keep(pts_s)
+                    t = sampler.last_pts_s or 0.0  # the given time, or the estimate for a frame without one
+                else:
+                    kept = False
+                    t = sampler.observe(pts_s)
+                    stats.concealed += 1
+                if first_t is None:
+                    first_t = t
+                stats.duration_s = round(max(0.0, t - first_t) + (sampler.frame_duration_s or 0.0), 6)
+                if not kept:
+                    continue
+                stats.sampled += 1
+                wall_ts = time.time()
+                rgb = _rgb(frame, max_side).to_ndarray()
+                yield SampledFrame(stream_id=stream_id, pts_s=t, wall_ts=wall_ts, rgb=rgb)
+            if skip_nonref:
+                stats.skipped_nonref = max(0, stats.packets - stats.decoded - stats.corrupt)
+            stats.restarts = sampler.restarts
+    finally:
+        container.close()
