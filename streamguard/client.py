@@ -1,0 +1,378 @@
+"""A client for meeting bots: publish each participant's video over WHIP, and follow the event feed.
+
+    pub = await publish("https://sg.example/v1/whip", "call.mp4", participant_id="alice", token=TOKEN)
+    ...
+    await pub.close()                                   # DELETE the WHIP session, close the peer connection
+
+    async for event in events("https://sg.example", token=TOKEN, types=["alert.raised"]):
+        ...                                             # reconnects by itself, resuming after the last seq
+
+Publishing (RFC 9725 WHIP): the offer is POSTed with `Content-Type: application/sdp`, `Authorization: Bearer`, and
+the participant's id and display name both as query parameters (`participant_id`, `name`) and as headers
+(`X-Participant-Id`, `X-Participant-Name`). The server reads both and the header wins; sending both keeps the
+values when a proxy strips one. A display name that is not printable ASCII is sent only as the (UTF-8,
+percent-encoded) query parameter, since HTTP header values are ASCII.
+
+Event feed: a WebSocket on `/v1/events`, one JSON event per message (`{"seq", "ts", "type", ...}`; messages without
+`seq`, such as pings, are skipped). After any disconnect the client reconnects with back-off and `since=<last seq>`,
+and drops any event with seq <= the last one it yielded, so an event is neither missed nor repeated. Auth
+failures (HTTP 401/403 at the handshake, close codes 4401/4403) and other refusals raise instead of retrying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.contrib.media import MediaPlayer
+from aiortc.mediastreams import MediaStreamTrack
+from aiortc.sdp import SessionDescription
+
+log = logging.getLogger(__name__)
+
+Codec = Literal["H264", "VP8"]
+_CODECS: dict[str, str] = {"h264": "video/H264", "vp8": "video/VP8"}
+
+
+class WhipClientError(Exception):
+    """The WHIP endpoint refused the offer (or answered nonsense); `code`/`message` from its JSON error body."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"WHIP {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(eq=False)
+class Publication:
+    """A live WHIP session: the peer connection sending the participant's media and the session's URL."""
+
+    location: str
+    participant_id: str
+    display_name: str | None
+    answer_sdp: str
+    etag: str | None
+    video_codec: str | None
+    pc: RTCPeerConnection = field(repr=False)
+    _http: httpx.AsyncClient = field(repr=False)
+    _owns_http: bool = field(repr=False)
+    _auth: dict[str, str] = field(repr=False)
+    _owned_tracks: list[MediaStreamTrack] = field(default_factory=list, repr=False)
+    closed: bool = False
+
+    @property
+    def session_id(self) -> str:
+        return urlsplit(self.location).path.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def connection_state(self) -> str:
+        return self.pc.connectionState
+
+    async def close(self) -> None:
+        """DELETE the session (best effort: a server that already ended it answers 404), then close everything."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            response = await self._http.delete(self.location, headers=self._auth)
+            if response.status_code >= 400 and response.status_code != 404:
+                log.warning("WHIP DELETE %s: HTTP %s", self.location, response.status_code)
+        except httpx.HTTPError as exc:
+            log.warning("WHIP DELETE %s failed: %s", self.location, exc)
+        finally:
+            await self.pc.close()
+            for track in self._owned_tracks:  # the player's tracks; a caller's track stays the caller's
+                track.stop()
+            if self._owns_http:
+                await self._http.aclose()
+
+    async def __aenter__(self) -> Publication:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def publish(
+    whip_url: str,
+    source: str | MediaStreamTrack,
+    *,
+    participant_id: str,
+    display_name: str | None = None,
+    token: str | None = None,
+    codec: Codec | None = None,
+    audio: bool | MediaStreamTrack = True,
+    loop: bool | None = None,
+    player_format: str | None = None,
+    player_options: dict[str, str] | None = None,
+    ice_servers: Iterable[RTCIceServer] | None = None,
+    connect_timeout_s: float | None = 10.0,
+    http: httpx.AsyncClient | None = None,
+) -> Publication:
+    """Publish a video source as one participant over WHIP; returns once the connection is up.
+
+    source: a file path or URL opened with aiortc's MediaPlayer (`loop` defaults to True for local files, which
+    must be seekable), or a video MediaStreamTrack (left running on close: it is the caller's).
+    audio: True sends the player's audio when it has some, False sends none, a track sends that track.
+    codec: force "H264" or "VP8" (setCodecPreferences); None lets the server pick from aiortc's default order.
+    ice_servers: None means host candidates only (no STUN round trip to a public server before each publish).
+    connect_timeout_s: wait this long for ICE+DTLS to connect (None: return right after the answer is applied).
+    http: an httpx client to use (its timeouts, TLS and proxies); by default one is made and owned.
+    """
+    mime = None
+    if codec is not None:
+        mime = _CODECS.get(str(codec).lower())
+        if mime is None:
+            raise ValueError(f"codec must be H264 or VP8, got {codec!r}")
+    owned: list[MediaStreamTrack] = []
+    if isinstance(source, MediaStreamTrack):
+        if source.kind != "video":
+            raise ValueError(f"source must be a video track, got a {source.kind} track")
+        video = source
+        audio_track = audio if isinstance(audio, MediaStreamTrack) else None
+    else:
+        if loop is None:
+            loop = "://" not in source or source.startswith("file://")
+        player = MediaPlayer(source, format=player_format, options=player_options, loop=loop)
+        owned = [t for t in (player.video, player.audio) if t is not None]
+        if player.video is None:
+            _stop_all(owned)
+            raise ValueError(f"{source}: no video stream")
+        video = player.video
+        audio_track = audio if isinstance(audio, MediaStreamTrack) else (player.audio if audio else None)
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=list(ice_servers or [])))
+    client = http if http is not None else httpx.AsyncClient(timeout=15.0, follow_redirects=True)
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    location: str | None = None
+    try:
+        transceiver = pc.addTransceiver(video, direction="sendonly")
+        if mime is not None:
+            caps = RTCRtpSender.getCapabilities("video").codecs
+            # Keep RTX so NACKed packets can still be retransmitted.
+            transceiver.setCodecPreferences([c for c in caps if c.mimeType in (mime, "video/rtx")])
+        if audio_track is not None:
+            pc.addTransceiver(audio_track, direction="sendonly")
+        await pc.setLocalDescription(await pc.createOffer())  # gathers every candidate: no trickle needed
+
+        headers = {"Content-Type": "application/sdp", "Accept": "application/sdp", **auth}
+        params = {"participant_id": participant_id}
+        headers["X-Participant-Id"] = participant_id
+        if display_name is not None:
+            params["name"] = display_name
+            if display_name.isascii() and display_name.isprintable():
+                headers["X-Participant-Name"] = display_name
+        url = httpx.URL(whip_url).copy_merge_params(params)  # keeps any query the WHIP URL already has
+        response = await client.post(url, content=pc.localDescription.sdp.encode(), headers=headers)
+        if response.status_code != 201:
+            raise _error_from(response)
+        if not response.headers.get("Location"):
+            raise WhipClientError(response.status_code, "no_location", "the 201 response has no Location header")
+        location = str(response.url.join(response.headers["Location"]))
+        answer = response.text
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        publication = Publication(
+            location=location,
+            participant_id=participant_id,
+            display_name=display_name,
+            answer_sdp=answer,
+            etag=response.headers.get("ETag"),
+            video_codec=_sending_video_codec(answer),
+            pc=pc,
+            _http=client,
+            _owns_http=http is None,
+            _auth=auth,
+            _owned_tracks=owned,
+        )
+        if connect_timeout_s is not None:
+            await _wait_connected(pc, connect_timeout_s)
+        return publication
+    except BaseException:
+        if location is not None:  # the server has a session: end it rather than leave it to its watchdog
+            with contextlib.suppress(Exception):
+                await client.delete(location, headers=auth)
+        await pc.close()
+        _stop_all(owned)
+        if http is None:
+            await client.aclose()
+        raise
+
+
+async def _wait_connected(pc: RTCPeerConnection, timeout_s: float) -> None:
+    done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def changed() -> None:
+        if pc.connectionState in ("connected", "failed", "closed") and not done.done():
+            done.set_result(pc.connectionState)
+
+    pc.on("connectionstatechange", changed)
+    changed()
+    try:
+        state = await asyncio.wait_for(done, timeout_s)
+    except TimeoutError:
+        raise ConnectionError(f"WebRTC connection not up after {timeout_s:g} s ({pc.connectionState})") from None
+    finally:
+        pc.remove_listener("connectionstatechange", changed)
+    if state != "connected":
+        raise ConnectionError(f"WebRTC connection {state}")
+
+
+def _error_from(response: httpx.Response) -> WhipClientError:
+    code, message = "http_error", response.text[:200]
+    with contextlib.suppress(ValueError, AttributeError):
+        body = response.json()
+        code, message = str(body.get("error", code)), str(body.get("message", message))
+    return WhipClientError(response.status_code, code, message)
+
+
+def _sending_video_codec(answer_sdp: str) -> str | None:
+    with contextlib.suppress(Exception):
+        for media in SessionDescription.parse(answer_sdp).media:
+            if media.kind == "video" and media.rtp.codecs:
+                return media.rtp.codecs[0].mimeType.split("/", 1)[1]
+    return None
+
+
+def _stop_all(tracks: Iterable[MediaStreamTrack]) -> None:
+    for track in tracks:
+        track.stop()
+
+
+# -- event feed ---------------------------------------------------------------------------------------------------
+
+
+class EventStreamError(Exception):
+    """The event feed refused us for a reason retrying cannot fix (bad filter, cursor ahead, gave up, ...)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code  # WebSocket close code or HTTP status, when there is one
+
+
+class EventAuthError(EventStreamError):
+    """Missing or wrong token (HTTP 401/403 at the handshake, close code 4401/4403)."""
+
+
+AUTH_CLOSE_CODES = frozenset({4401, 4403})
+# Worth a reconnect: normal closes (server restarting), going away, abnormal (network), server errors and
+# restarts (1011-1014), and 4008 (we were too slow: resume from our last seq). Everything else in 1002-1010 and
+# 4000-4999 says our request was wrong, and sending it again would be refused again.
+RETRY_CLOSE_CODES = frozenset({1000, 1001, 1005, 1006, 1011, 1012, 1013, 1014, 4008})
+
+
+async def events(
+    base_url: str,
+    *,
+    token: str | None = None,
+    since: int | None = None,
+    stream_id: str | None = None,
+    participant_id: str | None = None,
+    types: Sequence[str] | None = None,
+    backoff_initial_s: float = 0.5,
+    backoff_max_s: float = 30.0,
+    max_retries: int | None = None,
+    open_timeout_s: float = 10.0,
+    on_reconnect: Callable[[int, float, str], None] | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """Yield every event (a dict) from the service's feed, for ever, resuming after disconnects.
+
+    since: resume after this seq (None: the server's default, live events only; 0: everything it stores). Events
+    that happen while the *first* connection is being made are only replayed when since is given.
+    types: event types to receive, sent as one comma-separated `types` query parameter.
+    max_retries: consecutive failed reconnects before EventStreamError (None: never give up); a connection that
+    delivers an event resets the count.
+    on_reconnect(attempt, delay_s, why): called before each back-off sleep (logging, metrics, tests).
+    The token goes in the Authorization header, never the URL (URLs end up in access logs).
+    """
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+    url = _events_url(base_url)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    filters: dict[str, str] = {}
+    if stream_id is not None:
+        filters["stream_id"] = stream_id
+    if participant_id is not None:
+        filters["participant_id"] = participant_id
+    if types:
+        filters["types"] = ",".join(types)
+    last = since
+    attempt = 0
+    while True:
+        params = dict(filters)
+        if last is not None:
+            params["since"] = str(last)
+        target = str(httpx.URL(url).copy_merge_params(params))
+        try:
+            async with connect(target, additional_headers=headers, open_timeout=open_timeout_s) as ws:
+                async for message in ws:  # ends on a normal close (1000/1001), raises on any other
+                    event = _parse(message)
+                    if event is None:
+                        continue
+                    seq = event["seq"]
+                    if last is not None and seq <= last:
+                        continue  # a replay overlapping what we already have
+                    last = seq
+                    attempt = 0
+                    yield event
+                code, reason = ws.close_code or 1005, ws.close_reason or ""
+        except ConnectionClosed as exc:
+            code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else (1006, "connection lost")
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (401, 403):
+                raise EventAuthError(f"event feed: HTTP {status} (token missing or wrong)", status) from None
+            if 400 <= status < 500 and status not in (408, 429):
+                raise EventStreamError(f"event feed: HTTP {status}", status) from None
+            code, reason = 0, f"HTTP {status}"
+        except InvalidURI:
+            raise
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            code, reason = 0, f"{type(exc).__name__}: {exc}"
+        if code in AUTH_CLOSE_CODES:
+            raise EventAuthError(f"event feed closed {code}: {reason}", code)
+        if code and code not in RETRY_CLOSE_CODES:
+            raise EventStreamError(f"event feed closed {code}: {reason}", code)
+        why = f"closed {code} {reason}".strip() if code else reason
+        attempt += 1
+        if max_retries is not None and attempt > max_retries:
+            raise EventStreamError(f"event feed: gave up after {max_retries} reconnects ({why})", code or None)
+        # Full jitter on an exponential back-off: many bots dropped at once by a restart do not return in step.
+        delay = random.uniform(0.5, 1.0) * min(backoff_max_s, backoff_initial_s * 2 ** (attempt - 1))
+        log.info("event feed: %s; reconnecting in %.1f s with since=%s", why, delay, last)
+        if on_reconnect is not None:
+            on_reconnect(attempt, delay, why)
+        await asyncio.sleep(delay)
+
+
+def _events_url(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None:
+        raise ValueError(f"base_url must be http(s):// or ws(s)://, got {base_url!r}")
+    path = parts.path.rstrip("/")
+    if not path.endswith("/v1/events"):
+        path += "/v1/events"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def _parse(message: str | bytes) -> dict[str, Any] | None:
+    """An event dict, or None for messages that are not events (pings, garbage)."""
+    try:
+        event = json.loads(message)
+    except ValueError:
+        log.warning("event feed: a message that is not JSON was skipped")
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("seq"), int):
+        return None
+    return event
