@@ -86,7 +86,7 @@ def scan(
 
 def _duration(probe, path: Path) -> float | None:
     try:
-        return probe(str(path)).get("duration")
+        return probe(str(path)).get("duration_s")
     except Exception:
         return None
 

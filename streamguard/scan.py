@@ -151,7 +151,7 @@ class Scanner:
         stats: DecodeStats | None,
         on_sample: Callable[[float], None] | None = None,
     ) -> ScanResult:
-        tracker = ParticipantTracker()
+        tracker = ParticipantTracker(crop_margin=self.analyzer.margin)
         logs: dict[str, _ParticipantLog] = {}
         pending: list[tuple[str, FaceCrop]] = []
         sampled = 0

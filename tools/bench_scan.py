@@ -36,7 +36,7 @@ def decode_floor(path: Path, skip_nonref: bool) -> tuple[float, float, int]:
 
 def bench(path: Path, scanner: Scanner, repeat: int) -> None:
     info = probe(str(path))
-    duration = info["duration"]
+    duration = info["duration_s"]
     floors = {mode: min((decode_floor(path, mode == "nonref") for _ in range(repeat)), key=lambda r: r[1])
               for mode in ("full", "nonref")}
     best = None
