@@ -1,0 +1,134 @@
+"""Training augmentations for face crops (numpy/cv2 only), applied alike to real faces and fakes.
+
+They mimic what a live call does to a face before we see it, so the classifier does not read "compressed" or
+"soft" as fake: flips, sensor noise, defocus blur, exposure changes, JPEG re-encoding, and the H.264-like
+downscale-upscale of an adaptive-bitrate stream; plus a small jitter of the crop's scale and position, because
+detector boxes move from frame to frame (DuckDuckGoose: the crop scale matters).
+
+Every function takes a uint8 (H, W, 3) image and an explicit numpy Generator and returns a new uint8 image of the
+same shape, so a sample is reproducible from its seed alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class AugmentConfig:
+    """Probabilities and ranges. The defaults are the field's usual mild settings (SBI, DFDC winners)."""
+
+    p_flip: float = 0.5
+    p_geometry: float = 0.3
+    max_shift: float = 0.03  # of the crop side
+    max_zoom: float = 0.05  # crop scale 1 +- this
+    p_brightness_contrast: float = 0.3
+    p_colour: float = 0.2
+    p_blur: float = 0.1
+    p_noise: float = 0.1
+    p_downscale: float = 0.2
+    min_downscale: float = 0.4
+    p_jpeg: float = 0.5
+    jpeg_quality: tuple[int, int] = (40, 95)
+
+
+def _check(img: np.ndarray) -> None:
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {img.dtype} {img.shape}")
+
+
+def hflip(img: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(img[:, ::-1])
+
+
+def geometry(img: np.ndarray, rng: np.random.Generator, max_shift: float = 0.03, max_zoom: float = 0.05) -> np.ndarray:
+    """Small zoom and shift of the crop (detector box jitter); borders are replicated, not black."""
+    h, w = img.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), 0.0, 1.0 + rng.uniform(-max_zoom, max_zoom))
+    m[:, 2] += (rng.uniform(-max_shift, max_shift) * w, rng.uniform(-max_shift, max_shift) * h)
+    return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def brightness_contrast(img: np.ndarray, rng: np.random.Generator, limit: float = 0.2) -> np.ndarray:
+    alpha = 1.0 + rng.uniform(-limit, limit)
+    beta = rng.uniform(-limit, limit) * 128.0
+    return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def colour(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A global white-balance and saturation change (camera auto white balance), the same over the whole crop."""
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV).astype(np.float32)
+    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-5, 5)) % 180.0
+    hsv[..., 1] *= rng.uniform(0.7, 1.3)
+    out = cv2.cvtColor(np.clip(hsv, 0, [179, 255, 255]).astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+    out *= rng.uniform(0.92, 1.08, 3).astype(np.float32)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def gaussian_blur(img: np.ndarray, rng: np.random.Generator, sigma: tuple[float, float] = (0.3, 1.5)) -> np.ndarray:
+    return cv2.GaussianBlur(img, (0, 0), rng.uniform(*sigma))
+
+
+def gaussian_noise(img: np.ndarray, rng: np.random.Generator, std: tuple[float, float] = (2.0, 8.0)) -> np.ndarray:
+    noise = rng.normal(0.0, rng.uniform(*std), img.shape).astype(np.float32)
+    return np.clip(img.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+
+
+def downscale(img: np.ndarray, rng: np.random.Generator, min_scale: float = 0.4) -> np.ndarray:
+    """Down to a random fraction of the side and back up: a low-resolution camera or a low-bitrate stream layer."""
+    h, w = img.shape[:2]
+    s = rng.uniform(min_scale, 0.9)
+    small = cv2.resize(img, (max(8, round(w * s)), max(8, round(h * s))), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    """Re-encode as JPEG (8x8 DCT blocks and chroma subsampling, like H.264 intra frames)."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def h264_like(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """What a video call does to a frame: downscale-upscale, then block-DCT coding at a random quality."""
+    return jpeg(downscale(img, rng, cfg.min_downscale), int(rng.integers(cfg.jpeg_quality[0], 60)))
+
+
+def augment(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig | None = None) -> np.ndarray:
+    """The training pipeline: geometry and photometric changes first, then the codec, as in a real capture chain."""
+    _check(img)
+    cfg = cfg or AugmentConfig()
+    out = img
+    if rng.random() < cfg.p_flip:
+        out = hflip(out)
+    if rng.random() < cfg.p_geometry:
+        out = geometry(out, rng, cfg.max_shift, cfg.max_zoom)
+    if rng.random() < cfg.p_brightness_contrast:
+        out = brightness_contrast(out, rng)
+    if rng.random() < cfg.p_colour:
+        out = colour(out, rng)
+    if rng.random() < cfg.p_blur:
+        out = gaussian_blur(out, rng)
+    if rng.random() < cfg.p_noise:
+        out = gaussian_noise(out, rng)
+    r = rng.random()
+    if r < cfg.p_downscale / 2:
+        out = downscale(out, rng, cfg.min_downscale)
+    elif r < cfg.p_downscale:
+        out = h264_like(out, rng, cfg)
+    if rng.random() < cfg.p_jpeg:
+        out = jpeg(out, int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1)))
+    return np.ascontiguousarray(out)
+
+
+def resize_to(img: np.ndarray, size: int) -> np.ndarray:
+    """To the model's input side, with the interpolation `square_crop` uses (area when shrinking)."""
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return img
+    interp = cv2.INTER_AREA if size < max(h, w) else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
