@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,7 +12,11 @@ import typer
 from tqdm import tqdm
 
 from streamguard.inference.classifier import Classifier
-from streamguard.inference.models import ENGINES_DIR, ModelNotFound, available_models, load_classifier
+from streamguard.inference.models import ModelNotFound, available_models, load_classifier
+
+# mediapipe's C++ side logs warnings to stderr at every graph start; they are noise to our users.
+os.environ.setdefault("GLOG_minloglevel", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 app = typer.Typer(help="StreamGuard: live deepfake and impostor-face detection.", no_args_is_help=True)
 models_app = typer.Typer(help="List and import models.", no_args_is_help=True)
@@ -78,8 +83,11 @@ def scan(
         scanner.close()
     report = ScanReport(model=model_info(classifier), settings=settings, files=reports)
     if json_out is not None:
-        text = report.model_dump_json(indent=2)
-        sys.stdout.write(text + "\n") if str(json_out) == "-" else json_out.write_text(text + "\n")
+        text = report.model_dump_json(indent=2) + "\n"
+        if str(json_out) == "-":
+            sys.stdout.write(text)
+        else:
+            json_out.write_text(text)
     if any(r.error for r in reports):
         raise typer.Exit(1)
 
@@ -143,6 +151,49 @@ def eval_cmd(
                    f"  TPR {fmt(m.tpr)}  FPR {fmt(m.fpr)}  log loss {m.log_loss:.3f}")
     typer.echo(f"no face: {report.no_face}  errors: {report.errors}  report: {out / 'eval.json'}"
                + (f"  ROC: {out / 'roc.png'}" if has_plot else ""))
+
+
+@app.command()
+def serve(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")] = None,
+    host: Annotated[Optional[str], typer.Option(help="listen address (default 127.0.0.1)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="listen port (default 8080)")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="event store and evidence (default ./streamguard-data)")] = None,
+    model: ModelOption = None,
+    log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning or error")] = None,
+) -> None:
+    """Run the live service: WHIP and RTSP/RTMP/HLS ingest, scoring, alerts over WebSocket, API and console.
+
+    Settings come from --config, then STREAMGUARD_* environment variables (nested with __, e.g.
+    STREAMGUARD_SCORING__WINDOW_S=15), then these flags, each overriding the one before.
+    """
+    import uvicorn
+
+    from streamguard.api.app import create_app
+    from streamguard.config import ConfigError, load_config
+    from streamguard.service import Service
+
+    try:
+        cfg = load_config(config, host=host, port=port, data_dir=data_dir, model=model, log_level=log_level)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("streamguard")
+    if cfg.token is None and not cfg.is_loopback:
+        log.warning("no token configured: refusing to listen on %s, listening on 127.0.0.1 only "
+                    "(set STREAMGUARD_TOKEN to serve other hosts)", cfg.host)
+        cfg = cfg.model_copy(update={"host": "127.0.0.1"})
+    elif cfg.token is None:
+        log.info("no token configured: listening on %s only, without authentication", cfg.host)
+    try:
+        _load_model(cfg.model)  # fail fast, with the flag named, before the server starts
+    except typer.BadParameter as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    uvicorn.run(create_app(Service(cfg)), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                ws_ping_interval=cfg.events.ping_interval_s, ws_ping_timeout=cfg.events.ping_interval_s,
+                timeout_graceful_shutdown=10)
 
 
 @models_app.command("list")

@@ -50,3 +50,39 @@ class FaceAnalyzer:
 
     def close(self) -> None:
         self.detector.close()
+
+
+class FacePool:
+    """Face analysis off the event loop: `threads` workers, each with its own FaceAnalyzer (mediapipe graphs are
+    not thread-safe). Detection is the per-frame CPU cost after decoding, so it gets its own pool and never
+    waits behind model calls."""
+
+    def __init__(self, settings: FaceSettings, input_size: int, card_margin: float, threads: int = 2):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._local = threading.local()
+        self._all: list[FaceAnalyzer] = []
+        self._lock = threading.Lock()
+        self._args = (settings, input_size, card_margin)
+        self.margin = settings.margin or card_margin
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="faces")
+
+    def _analyzer(self) -> FaceAnalyzer:
+        analyzer = getattr(self._local, "analyzer", None)
+        if analyzer is None:
+            analyzer = self._local.analyzer = FaceAnalyzer(*self._args)
+            with self._lock:
+                self._all.append(analyzer)
+        return analyzer
+
+    async def analyze(self, frame: SampledFrame) -> list[FaceCrop]:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: self._analyzer().analyze(frame))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        for analyzer in self._all:
+            analyzer.close()

@@ -1,0 +1,148 @@
+"""One validated service config: YAML file < STREAMGUARD_* environment < command-line flags.
+
+Nested fields use `__` in the environment: STREAMGUARD_SCORING__WINDOW_S=15. Unknown keys are refused, so a typo
+in a config file fails at start with the field named instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from streamguard.pipeline import FaceSettings
+from streamguard.scoring.live import ScoringSettings
+
+PULL_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "file")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingSettings(_Section):
+    fps: float = Field(1.0, gt=0.0, le=30.0, description="samples per second per stream")
+
+
+class BatcherSettings(_Section):
+    max_batch: int = Field(16, ge=1, le=256, description="face crops per model call")
+    max_wait_ms: float = Field(20.0, ge=0.0, le=1000.0, description="longest a crop waits for a fuller batch")
+    workers: int = Field(1, ge=1, le=8, description="model calls in flight at once")
+
+
+class SourceSettings(_Section):
+    """Pull sources (PyAV). Frigate restarts a stream after 20 s without frames; so do we by default."""
+
+    connect_timeout_s: float = Field(10.0, gt=0.0, le=120.0)
+    read_timeout_s: float = Field(10.0, gt=0.0, le=120.0)
+    watchdog_s: float = Field(20.0, gt=0.0, le=600.0, description="no frame for this long: the stream is restarted")
+    backoff_initial_s: float = Field(1.0, gt=0.0, le=60.0)
+    backoff_max_s: float = Field(30.0, gt=0.0, le=600.0)
+    max_attempts: int = Field(0, ge=0, description="reconnects before `failed`; 0: never give up")
+    skip_nonref: bool = Field(True, description="skip decoding non-reference frames between samples")
+
+
+class WhipSettings(_Section):
+    max_sessions: int = Field(64, ge=1, le=10000)
+    max_sdp_bytes: int = Field(64 * 1024, ge=1024, le=1024 * 1024)
+    no_frame_timeout_s: float = Field(15.0, gt=0.0, le=600.0, description="a peer silent this long has left")
+
+
+class ParticipantSettings(_Section):
+    min_samples: int = Field(3, ge=1, le=100, description="consistent samples before a tracked face is a participant")
+    leave_after_s: float = Field(30.0, gt=0.0, le=3600.0, description="a tracked participant unseen this long has left")
+
+
+class EventSettings(_Section):
+    client_queue_size: int = Field(256, ge=8, le=100000, description="events buffered per WebSocket client")
+    ping_interval_s: float = Field(20.0, gt=0.0, le=300.0)
+    publish_scores: bool = Field(False, description="also store and send participant.score at 1 Hz")
+
+
+class StreamSpec(_Section):
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    url: str
+    name: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _scheme_supported(cls, url: str) -> str:
+        scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
+        if scheme not in PULL_SCHEMES:
+            raise ValueError(f"unsupported scheme {scheme!r}; use one of {', '.join(PULL_SCHEMES)}")
+        return url
+
+
+class ServiceConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STREAMGUARD_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to listen on; without a token only loopback is allowed")
+    port: int = Field(8080, ge=1, le=65535)
+    data_dir: Path = Field(Path("streamguard-data"), description="SQLite event store and evidence")
+    token: SecretStr | None = Field(None, description="bearer token for every endpoint, WHIP and the WebSocket")
+    model: str | None = Field(None, description="model name in engines/ or path; default: the shipped model")
+    backend: Literal["auto", "onnxruntime", "cuda", "tensorrt"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    faces: FaceSettings = Field(default_factory=FaceSettings)
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
+    participants: ParticipantSettings = Field(default_factory=ParticipantSettings)
+    batcher: BatcherSettings = Field(default_factory=BatcherSettings)
+    sources: SourceSettings = Field(default_factory=SourceSettings)
+    whip: WhipSettings = Field(default_factory=WhipSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
+    streams: list[StreamSpec] = Field(default_factory=list, description="pull streams started with the service")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (init) beat the environment, which beats the YAML file.
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class ConfigError(ValueError):
+    """A bad config value, with every offending field named."""
+
+
+def load_config(config_file: Path | None = None, **flags: Any) -> ServiceConfig:
+    """Merge the YAML file, the environment and the flags given (None flags are left out) and validate."""
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConfigError(f"--config: {config_file}: no such file")
+
+    class FromFile(ServiceConfig):
+        model_config = SettingsConfigDict(**{**ServiceConfig.model_config, "yaml_file": config_file})
+
+    try:
+        return FromFile(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except Exception as exc:  # malformed YAML
+        raise ConfigError(f"{config_file}: {exc}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        env = "STREAMGUARD_" + "__".join(str(p) for p in err["loc"] if not isinstance(p, int)).upper()
+        value = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict | list) else ""
+        lines.append(f"{field}: {err['msg']}{value} [file key {field}, env {env}]")
+    return "invalid config:\n  " + "\n  ".join(lines)

@@ -1,0 +1,286 @@
+"""The live service: wiring of sources → workers → batcher → events, and its lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from streamguard.config import ServiceConfig, StreamSpec
+from streamguard.events.hub import EventHub
+from streamguard.events.schema import EVIDENCE_MIME, EventType, EvidenceKind, evidence_path
+from streamguard.events.store import EventStore
+from streamguard.inference.batcher import Batcher
+from streamguard.inference.classifier import Classifier
+from streamguard.inference.heatmap import occlusion_map, render_overlay
+from streamguard.inference.models import load_classifier
+from streamguard.ingest.pull import PullSource, StreamState, redact_url
+from streamguard.ingest.webrtc import WhipManager, WhipSession
+from streamguard.metrics import Metrics
+from streamguard.participants import Roster
+from streamguard.pipeline import FacePool
+from streamguard.worker import StreamWorker, WorkerDeps, encode_jpeg
+
+log = logging.getLogger(__name__)
+
+
+class StreamExists(ValueError):
+    pass
+
+
+class StreamInfo(BaseModel):
+    id: str
+    kind: str
+    url: str | None
+    name: str | None
+    state: str
+    reason: str | None = None
+    created_at: float
+    frames_sampled: int
+    frames_dropped: int
+    participants: int
+
+
+class ParticipantInfo(BaseModel):
+    id: str
+    stream_id: str
+    label: str | None
+    state: str
+    alert_active: bool
+    alert_id: str | None
+    p_fake: float | None
+    smoothed: float | None
+    samples: int
+    first_seen_ts: float
+    last_seen_ts: float
+    sparkline: list[tuple[float, float]]
+
+
+def stream_kind(url: str) -> str:
+    scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
+    return {"rtsps": "rtsp", "rtmps": "rtmp", "http": "hls", "https": "hls"}.get(scheme, scheme)
+
+
+class _Stream:
+    def __init__(self, stream_id: str, kind: str, url: str | None, name: str | None, worker: StreamWorker):
+        self.id, self.kind, self.url, self.name, self.worker = stream_id, kind, url, name, worker
+        self.state = StreamState.CONNECTING.value
+        self.reason: str | None = None
+        self.created_at = time.time()
+        self.source: PullSource | None = None
+        self.session: WhipSession | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def info(self) -> StreamInfo:
+        return StreamInfo(
+            id=self.id, kind=self.kind, url=redact_url(self.url) if self.url else None, name=self.name,
+            state=self.state, reason=self.reason, created_at=self.created_at, frames_sampled=self.worker.slot.put_count,
+            frames_dropped=self.worker.slot.dropped, participants=sum(
+                1 for p in self.worker.roster.participants.values() if p.confirmed),
+        )
+
+
+class Service:
+    def __init__(self, config: ServiceConfig, classifier: Classifier | None = None):
+        self.config = config
+        self.metrics = Metrics()
+        self._classifier = classifier
+        self._streams: dict[str, _Stream] = {}
+        self._decoded_retired: Counter[str] = Counter()
+        self._ready = False
+        self._degraded: set[str] = set()
+        self.ws_clients = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.classifier = self._classifier or await asyncio.to_thread(load_classifier, cfg.model)
+        self.metrics.set_info(self.classifier.card.name, self.classifier.backend)
+        self.store = EventStore(cfg.data_dir / "events.sqlite3")
+        self.hub = EventHub(self.store, client_queue_size=cfg.events.client_queue_size)
+        self.batcher = Batcher(self.classifier, max_batch=cfg.batcher.max_batch, max_wait_ms=cfg.batcher.max_wait_ms,
+                               workers=cfg.batcher.workers, on_batch=self.metrics.on_batch)
+        await self.batcher.start()
+        card = self.classifier.card
+        self.faces = FacePool(cfg.faces, self.classifier.input_size, card.preprocess.crop_margin,
+                              threads=min(2, os.cpu_count() or 1))
+        self.deps = WorkerDeps(
+            faces=self.faces, batcher=self.batcher, classifier=self.classifier, hub=self.hub, metrics=self.metrics,
+            make_evidence=self._make_evidence, window_s=cfg.scoring.window_s, publish_scores=cfg.events.publish_scores,
+        )
+        self.whip = WhipManager(
+            fps=cfg.sampling.fps, max_sessions=cfg.whip.max_sessions, max_sdp_bytes=cfg.whip.max_sdp_bytes,
+            no_frame_timeout_s=cfg.whip.no_frame_timeout_s, on_frame=self._on_whip_frame,
+            on_session_end=self._on_whip_end,
+        )
+        self.metrics.watch(self._snapshot)
+        for spec in cfg.streams:
+            await self.add_stream(spec)
+        self._ready = True
+        log.info("streamguard ready: model %s (%s), data in %s", card.name, self.classifier.backend, cfg.data_dir)
+
+    async def stop(self) -> None:
+        """Close every stream (participants leave, streams close), then flush events and close the store."""
+        self._ready = False
+        await self.whip.close_all()
+        await asyncio.gather(*(self.remove_stream(sid) for sid in list(self._streams)), return_exceptions=True)
+        await self.batcher.close()
+        self.faces.close()
+        await self.hub.close()
+        self.store.close()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def degraded(self) -> set[str]:
+        return set(self._degraded)
+
+    # --- pull streams --------------------------------------------------------------------------------------------
+
+    async def add_stream(self, spec: StreamSpec) -> StreamInfo:
+        if spec.id in self._streams:
+            raise StreamExists(f"stream {spec.id!r} exists already")
+        kind = stream_kind(spec.url)
+        stream = self._new_stream(spec.id, kind, spec.url, spec.name, mode="tracked")
+        stream.source = PullSource(
+            spec.id, spec.url, settings=self.config.sources, fps=self.config.sampling.fps,
+            on_frame=stream.worker.put, on_state=lambda state, info: self._on_state(stream, state, info),
+        )
+        stream.task = asyncio.create_task(self._run_source(stream), name=f"source:{spec.id}")
+        return stream.info()
+
+    async def remove_stream(self, stream_id: str) -> None:
+        stream = self._streams.pop(stream_id)  # KeyError: unknown stream
+        if stream.source is not None:
+            await stream.source.close()
+            self._decoded_retired[stream.kind] += stream.source.stats.decoded
+        if stream.task is not None:
+            await asyncio.gather(stream.task, return_exceptions=True)
+        await stream.worker.stop("stream closed")
+        if stream.session is not None:
+            await self._publish_state(stream, StreamState.CLOSED.value, stream.session.end_reason)
+
+    def streams(self) -> list[StreamInfo]:
+        return [s.info() for s in self._streams.values()]
+
+    def stream(self, stream_id: str) -> StreamInfo:
+        return self._streams[stream_id].info()
+
+    async def _run_source(self, stream: _Stream) -> None:
+        try:
+            await stream.source.run()
+        except Exception as exc:  # a source bug must not take the service down
+            log.exception("stream %s: source crashed", stream.id)
+            await self._publish_state(stream, StreamState.FAILED.value, f"internal error: {exc}")
+        # The source ended (end of file, failed, or closed): its participants leave; the stream stays listed with
+        # its final state until it is removed.
+        await stream.worker.stop(f"stream {stream.state}")
+
+    def _on_state(self, stream: _Stream, state: StreamState, info: dict[str, Any]) -> None:
+        if state is StreamState.RECONNECTING:
+            self.metrics.reconnects.labels(stream.kind).inc()
+        asyncio.get_running_loop().create_task(self._publish_state(stream, state.value, info.get("reason"), info))
+
+    async def _publish_state(self, stream: _Stream, state: str, reason: str | None, info: dict | None = None) -> None:
+        stream.state, stream.reason = state, reason
+        data = {"state": state, "reason": reason}
+        if info:
+            # attempt is 1-based and only meaningful while reconnecting; sources report 0 otherwise
+            data |= {k: info[k] for k in ("attempt", "retry_in_s") if info.get(k)}
+        await self.hub.publish(EventType.STREAM_STATE, stream.id, None, data)
+
+    # --- WHIP ----------------------------------------------------------------------------------------------------
+
+    async def whip_publish(self, body: bytes, content_type: str | None, participant_id: str | None,
+                           display_name: str | None) -> WhipSession:
+        session = await self.whip.create_session(body, content_type, participant_id, display_name)
+        stream = self._new_stream(session.stream_id, "webrtc", None, display_name, mode="single",
+                                  participant_id=session.participant_id)
+        stream.session = session
+        await self._publish_state(stream, StreamState.LIVE.value, None)
+        person = stream.worker.roster.start(time.time())
+        await self.hub.publish(EventType.PARTICIPANT_JOINED, stream.id, person.id, {"label": display_name})
+        return session
+
+    def _on_whip_frame(self, stream_id: str, frame) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.worker.put(frame)
+
+    def _on_whip_end(self, session: WhipSession, reason: str) -> None:
+        if session.stream_id in self._streams:
+            asyncio.get_running_loop().create_task(self._end_whip(session, reason))
+
+    async def _end_whip(self, session: WhipSession, reason: str) -> None:
+        stream = self._streams.pop(session.stream_id, None)
+        if stream is None:
+            return
+        await stream.worker.stop(reason)
+        await self._publish_state(stream, StreamState.CLOSED.value, reason)
+
+    # --- shared --------------------------------------------------------------------------------------------------
+
+    def _new_stream(self, stream_id: str, kind: str, url: str | None, name: str | None, *, mode: str,
+                    participant_id: str | None = None) -> _Stream:
+        cfg = self.config
+        roster = Roster(
+            stream_id, mode=mode, scoring=cfg.scoring, card_threshold=self.classifier.card.threshold,
+            min_samples=cfg.participants.min_samples, leave_after_s=cfg.participants.leave_after_s,
+            crop_margin=self.faces.margin, participant_id=participant_id, label=name,
+        )
+        worker = StreamWorker(stream_id, kind, roster, self.deps)
+        stream = _Stream(stream_id, kind, url, name, worker)
+        self._streams[stream_id] = stream
+        worker.start()
+        return stream
+
+    def participants(self, stream_id: str | None = None) -> list[ParticipantInfo]:
+        out = []
+        for stream in self._streams.values():
+            if stream_id is not None and stream.id != stream_id:
+                continue
+            for p in stream.worker.roster.participants.values():
+                if not p.confirmed:
+                    continue
+                s = p.scorer
+                out.append(ParticipantInfo(
+                    id=p.id, stream_id=stream.id, label=p.label, state=s.state.value, alert_active=s.alert_active,
+                    alert_id=p.alert_id, p_fake=p.last_p_fake, smoothed=s.smoothed, samples=len(s.window),
+                    first_seen_ts=p.first_seen_ts, last_seen_ts=p.last_seen_ts, sparkline=s.sparkline(),
+                ))
+        return out
+
+    async def _make_evidence(self, alert_id: str, crop: np.ndarray, p_fake: float) -> dict[EvidenceKind, str]:
+        """Store the face crop and its artefact heatmap; returns their API paths."""
+
+        def build() -> dict[EvidenceKind, bytes]:
+            heat = occlusion_map(self.classifier, crop)
+            return {EvidenceKind.CROP: encode_jpeg(crop), EvidenceKind.HEATMAP: render_overlay(crop, heat, p_fake)}
+
+        images = await asyncio.to_thread(build)
+        for kind, data in images.items():
+            await asyncio.to_thread(self.store.put_evidence, alert_id, kind, EVIDENCE_MIME[kind], data)
+        return {kind: evidence_path(alert_id, kind) for kind in images}
+
+    def _snapshot(self) -> dict:
+        states: Counter[tuple[str, str]] = Counter((s.kind, s.state) for s in self._streams.values())
+        decoded = Counter(self._decoded_retired)
+        for s in self._streams.values():
+            if s.source is not None:
+                decoded[s.kind] += s.source.stats.decoded
+            elif s.session is not None:
+                decoded[s.kind] += s.session.video_frames
+        return {
+            "streams": states, "decoded": decoded, "participants": len(self.participants()),
+            "ws_clients": self.ws_clients, "degraded": 1 if self._degraded else 0,
+        }

@@ -1,0 +1,179 @@
+"""One stream's live loop: newest sampled frame → faces → participants → batched scores → scorer → events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from streamguard.events.hub import EventHub
+from streamguard.events.schema import EventType, EvidenceKind, evidence_path, new_alert_id
+from streamguard.inference.batcher import Batcher
+from streamguard.inference.classifier import Classifier
+from streamguard.ingest.slot import FrameSlot
+from streamguard.metrics import Metrics
+from streamguard.participants import LiveParticipant, Roster
+from streamguard.pipeline import FacePool
+from streamguard.scoring.live import AlertCleared, AlertRaised, Transition
+from streamguard.scoring.verdicts import id_strategy
+from streamguard.types import FaceCrop, SampledFrame
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerDeps:
+    """What every stream worker shares: the service's stages."""
+
+    faces: FacePool
+    batcher: Batcher
+    classifier: Classifier
+    hub: EventHub
+    metrics: Metrics
+    make_evidence: Callable[[str, np.ndarray, float], Awaitable[dict[EvidenceKind, str]]]
+    window_s: float
+    publish_scores: bool = False
+
+
+class MediaClock:
+    """Monotonic media time for a stream whose timestamps restart (reconnects, new sessions)."""
+
+    def __init__(self) -> None:
+        self._offset = 0.0
+        self._last: float | None = None
+
+    def __call__(self, pts_s: float) -> float:
+        ts = pts_s + self._offset
+        if self._last is not None and ts <= self._last:
+            self._offset += self._last - ts + 1e-3
+            ts = pts_s + self._offset
+        self._last = ts
+        return ts
+
+
+class StreamWorker:
+    def __init__(self, stream_id: str, kind: str, roster: Roster, deps: WorkerDeps):
+        self.stream_id = stream_id
+        self.kind = kind
+        self.roster = roster
+        self.deps = deps
+        self.slot = FrameSlot()
+        self.clock = MediaClock()
+        self.frames = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"worker:{self.stream_id}")
+
+    def put(self, frame: SampledFrame) -> None:
+        dropped = self.slot.dropped
+        self.slot.put(frame)
+        self.deps.metrics.frames_sampled.labels(self.kind).inc()
+        if self.slot.dropped > dropped:
+            self.deps.metrics.frames_dropped.labels("worker_busy").inc()
+
+    async def stop(self, reason: str) -> None:
+        """Finish the frame in hand, then every participant leaves with `reason`."""
+        self.slot.close()
+        if self._task:
+            await self._task
+        for person in self.roster.remove_all():
+            await self._leave(person, reason)
+
+    async def _run(self) -> None:
+        while (frame := await self.slot.get()) is not None:
+            try:
+                await self._process(frame)
+            except Exception:  # one bad frame must not end the stream's processing
+                log.exception("stream %s: frame at %.2f s failed", self.stream_id, frame.pts_s)
+                self.deps.metrics.frames_dropped.labels("error").inc()
+
+    async def _process(self, frame: SampledFrame) -> None:
+        self.frames += 1
+        ts = self.clock(frame.pts_s)
+        crops = await self.deps.faces.analyze(frame)
+        self.deps.metrics.faces_detected.inc(len(crops))
+        obs = self.roster.observe(ts, crops)
+        for person in obs.joined:
+            await self.deps.hub.publish(EventType.PARTICIPANT_JOINED, self.stream_id, person.id,
+                                        {"label": person.label, "pts_s": frame.pts_s})
+            await self._apply(person, person.confirm(), None)
+        scorable = [(p, c) for p, c in obs.faces if c.quality.ok]
+        scores = await self.deps.batcher.score_many(np.stack([c.crop for _, c in scorable])) if scorable else []
+        self.deps.metrics.sample_to_score.observe(max(0.0, time.time() - frame.wall_ts))
+        for (person, crop), p in zip(scorable, scores, strict=True):
+            await self._apply(person, person.score(ts, float(p)), crop)
+            await self._publish_score(person, float(p), crop)
+        for person, crop in obs.faces:
+            if not crop.quality.ok:
+                self.deps.metrics.faces_low_quality.labels(crop.quality.verdict.value).inc()
+                await self._apply(person, person.low_quality(ts, crop.quality.verdict.value), None)
+                await self._publish_score(person, None, crop)
+        for person in self.roster.unseen(p for p, _ in obs.faces):
+            await self._apply(person, person.no_face(ts), None)
+        for person in self.roster.expire(ts):
+            await self._leave(person, f"not seen for {self.roster.leave_after_s:.0f} s")
+
+    async def _apply(self, person: LiveParticipant, transitions: list[Transition], crop: FaceCrop | None) -> None:
+        for t in transitions:
+            if isinstance(t, AlertRaised):
+                await self._raise(person, t, crop)
+            elif isinstance(t, AlertCleared) and person.alert_id:
+                await self._clear(person, "score below clear threshold", t.smoothed, t.threshold, t.duration_s)
+
+    async def _raise(self, person: LiveParticipant, t: AlertRaised, crop: FaceCrop | None) -> None:
+        alert_id = new_alert_id()
+        evidence = {}
+        if crop is not None:
+            try:
+                evidence = await self.deps.make_evidence(alert_id, crop.crop, t.p_fake)
+            except Exception:  # evidence is a courtesy: the alert goes out without it
+                log.exception("evidence for alert %s failed", alert_id)
+        person.alert_id = alert_id
+        await self.deps.hub.publish(EventType.ALERT_RAISED, self.stream_id, person.id, {
+            "alert_id": alert_id, "score": t.p_fake, "smoothed": t.smoothed, "threshold": t.threshold,
+            "window_s": self.deps.window_s, "samples": t.samples, "evidence": evidence,
+        })
+        self.deps.metrics.alerts_raised.inc()
+
+    async def _clear(self, person: LiveParticipant, reason: str, smoothed: float | None, threshold: float | None,
+                     duration_s: float) -> None:
+        await self.deps.hub.publish(EventType.ALERT_CLEARED, self.stream_id, person.id, {
+            "alert_id": person.alert_id, "reason": reason, "smoothed": smoothed, "threshold": threshold,
+            "duration_s": max(0.0, duration_s),
+        })
+        person.alert_id = None
+        self.deps.metrics.alerts_cleared.inc()
+
+    async def _leave(self, person: LiveParticipant, reason: str) -> None:
+        if person.alert_id:
+            raised_at = person.scorer.raised_at
+            duration = person.last_seen_ts - raised_at if raised_at is not None else 0.0
+            await self._clear(person, "participant left", person.scorer.smoothed, None, duration)
+        score = id_strategy(person.scores) if person.scores else None
+        await self.deps.hub.publish(EventType.PARTICIPANT_LEFT, self.stream_id, person.id,
+                                    {"reason": reason, "samples": len(person.scores), "score": score})
+
+    async def _publish_score(self, person: LiveParticipant, p: float | None, crop: FaceCrop) -> None:
+        if not (self.deps.publish_scores and person.confirmed):
+            return
+        s = person.scorer
+        await self.deps.hub.publish(EventType.PARTICIPANT_SCORE, self.stream_id, person.id, {
+            "p_fake": p, "smoothed": s.smoothed, "samples": len(s.window), "state": s.state.value,
+            "quality": crop.quality.verdict.value,
+        })
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+__all__ = ["StreamWorker", "WorkerDeps", "MediaClock", "encode_jpeg", "evidence_path"]
