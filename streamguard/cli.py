@@ -56,6 +56,7 @@ def scan(
     fps: Annotated[float, typer.Option(help="samples per second of video")] = 1.0,
     min_samples: Annotated[int, typer.Option(help="scored samples a person needs in a video")] = 3,
     images_are_crops: Annotated[bool, typer.Option(help="images are aligned face crops: skip detection")] = False,
+    heatmaps: Annotated[Optional[Path], typer.Option(help="write an artefact heatmap PNG per flagged participant here")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Scan files for deepfaked faces: a verdict per file and a score per participant."""
@@ -76,6 +77,8 @@ def scan(
                        total=_duration(probe, path), bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s")
             result = scanner.scan(path, on_sample=lambda pts: bar.update(max(0.0, pts - bar.n)))
             bar.close()
+            if heatmaps is not None:
+                result.write_heatmaps(classifier, heatmaps)
             reports.append(result.report)
             if human:
                 _print_file(result.report)
@@ -108,7 +111,7 @@ def _print_file(r) -> None:
     for p in r.participants:
         pscore = "-" if p.score is None else f"{p.score:.3f}"
         typer.echo(f"  {p.id:4s} samples {p.samples:4d}  low-quality {p.low_quality:3d}  P(fake) {pscore}"
-                   f"  seen {p.first_seen_s:.1f}-{p.last_seen_s:.1f} s")
+                   f"  seen {p.first_seen_s:.1f}-{p.last_seen_s:.1f} s" + (f"  heatmap {p.heatmap}" if p.heatmap else ""))
 
 
 @app.command("eval")

@@ -41,6 +41,7 @@ class ParticipantReport(BaseModel):
     first_seen_s: float
     last_seen_s: float
     sample_scores: list[float] = Field(default_factory=list)
+    heatmap: str | None = Field(None, description="artefact heatmap PNG of this person's most suspicious face")
 
 
 class FileReport(BaseModel):
@@ -77,6 +78,23 @@ class ScanResult:
     report: FileReport
     # Each confirmed participant's most suspicious scored crop: (P(fake), crop), for heatmaps and evidence.
     evidence: dict[str, tuple[float, np.ndarray]] = field(default_factory=dict)
+
+    def write_heatmaps(self, classifier: Classifier, out_dir: Path) -> list[Path]:
+        """An occlusion heatmap overlay for each flagged participant's most suspicious face (DuckDuckGoose's
+        "where are the artefacts"); records each file's path in the report."""
+        from streamguard.inference.heatmap import occlusion_map, save_overlay
+
+        written = []
+        for person in self.report.participants:
+            if person.score is None or person.score < classifier.card.threshold or person.id not in self.evidence:
+                continue
+            p_fake, crop = self.evidence[person.id]
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"{Path(self.report.path).stem}_{person.id}.png"
+            save_overlay(path, crop, occlusion_map(classifier, crop), p_fake)
+            person.heatmap = str(path)
+            written.append(path)
+        return written
 
 
 def model_info(classifier: Classifier) -> ModelInfo:

@@ -145,3 +145,21 @@ def test_eval_rejects_bad_labels(tmp_path):
 def test_settings_validate():
     with pytest.raises(ValueError):
         ScanSettings(fps=-1)
+
+
+def test_heatmaps_for_flagged_participants(meso4, shared_data, tmp_path):
+    out = tmp_path / "heat"
+    report_path = tmp_path / "r.json"
+    crops = shared_data / "mesonet" / "test_images"
+    result = runner.invoke(app, ["scan", str(crops), "--images-are-crops", "--model", str(meso4),
+                                 "--heatmaps", str(out), "--json", str(report_path), "-q"])
+    assert result.exit_code == 0, result.output
+    files = {Path(f["path"]).name: f for f in json.loads(report_path.read_text())["files"]}
+    for name, f in files.items():
+        person = f["participants"][0]
+        if name.startswith("df"):  # Meso4_DF flags both deepfakes: each gets a heatmap
+            png = cv2.imread(person["heatmap"])
+            assert png is not None and png.shape[0] == png.shape[1] >= 64
+        else:  # reals are not flagged: no heatmap
+            assert person["heatmap"] is None
+    assert len(list(out.glob("*.png"))) == 2
