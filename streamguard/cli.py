@@ -210,23 +210,35 @@ def models_list() -> None:
                    f"  {card.source[:60]}")
 
 
+IMPORT_KINDS = ("mesonet", "deepware", "selimsef", "icpr2020dfdc", "sbi")
+
+
 @models_app.command("import")
 def models_import(
-    kind: Annotated[str, typer.Argument(help="checkpoint kind: mesonet")],
+    kind: Annotated[str, typer.Argument(help=f"checkpoint kind: {', '.join(IMPORT_KINDS)}")],
     file: Annotated[Path, typer.Argument(help="the checkpoint file")],
-    arch: Annotated[Optional[str], typer.Option(help="architecture, for kinds with several (mesonet: meso4|mesoinception)")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="mesonet only: meso4 or mesoinception")] = None,
     output: Annotated[Optional[Path], typer.Option(help="write the .onnx here (card beside it) instead of engines/")] = None,
     name: Annotated[Optional[str], typer.Option(help="model name (default: from the file name)")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="allow pickled objects in a torch checkpoint (only for files you trust)")] = False,
 ) -> None:
-    """Convert a published checkpoint into an ONNX model + model card."""
-    if kind != "mesonet":
-        raise typer.BadParameter(f"unknown kind {kind!r}; known: mesonet", param_hint="KIND")
-    if arch not in ("meso4", "mesoinception"):
-        raise typer.BadParameter("mesonet needs --arch meso4 or --arch mesoinception", param_hint="--arch")
-    from streamguard.inference.importers.mesonet import import_mesonet
-
+    """Convert a published checkpoint into an ONNX model + model card (output: P(fake)). See engines/IMPORTING.md."""
+    if kind not in IMPORT_KINDS:
+        raise typer.BadParameter(f"unknown kind {kind!r}; known: {', '.join(IMPORT_KINDS)}", param_hint="KIND")
     try:
-        onnx_path, card = import_mesonet(file, arch, output=output, name=name)
+        if kind == "mesonet":
+            if arch not in ("meso4", "mesoinception"):
+                raise typer.BadParameter("mesonet needs --arch meso4 or --arch mesoinception", param_hint="--arch")
+            from streamguard.inference.importers.mesonet import import_mesonet
+
+            onnx_path, _ = import_mesonet(file, arch, output=output, name=name)
+        else:
+            try:
+                from streamguard.inference.importers.checkpoints import import_checkpoint
+            except ImportError:
+                raise typer.BadParameter(f"importing {kind} checkpoints needs torch: pip install -e '.[train]'",
+                                         param_hint="KIND") from None
+            onnx_path, _ = import_checkpoint(kind, file, output=output, name=name, trust_pickle=trust_pickle)
     except (OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="FILE") from None
     typer.echo(f"wrote {onnx_path} and its card {onnx_path.with_suffix('.json').name} (output: P(fake))")
