@@ -22,9 +22,10 @@ class AugmentConfig:
     """Probabilities and ranges. The defaults are the field's usual mild settings (SBI, DFDC winners)."""
 
     p_flip: float = 0.5
-    p_geometry: float = 0.3
-    max_shift: float = 0.03  # of the crop side
-    max_zoom: float = 0.05  # crop scale 1 +- this
+    p_geometry: float = 0.6
+    max_shift: float = 0.05  # of the crop side
+    max_zoom: float = 0.08  # crop scale 1 +- this
+    max_rotate: float = 8.0  # degrees (head roll)
     p_brightness_contrast: float = 0.3
     p_colour: float = 0.2
     p_blur: float = 0.1
@@ -44,12 +45,23 @@ def hflip(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img[:, ::-1])
 
 
-def geometry(img: np.ndarray, rng: np.random.Generator, max_shift: float = 0.03, max_zoom: float = 0.05) -> np.ndarray:
-    """Small zoom and shift of the crop (detector box jitter); borders are replicated, not black."""
-    h, w = img.shape[:2]
-    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), 0.0, 1.0 + rng.uniform(-max_zoom, max_zoom))
+def geometry_matrix(
+    size: tuple[int, int], rng: np.random.Generator, max_shift: float = 0.05, max_zoom: float = 0.08,
+    max_rotate: float = 8.0,
+) -> np.ndarray:
+    """A small zoom, roll and shift of the crop (detector box jitter, head roll) as a 2x3 affine matrix."""
+    h, w = size
+    angle = rng.uniform(-max_rotate, max_rotate)
+    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, 1.0 + rng.uniform(-max_zoom, max_zoom))
     m[:, 2] += (rng.uniform(-max_shift, max_shift) * w, rng.uniform(-max_shift, max_shift) * h)
-    return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return m
+
+
+def geometry(img: np.ndarray, rng: np.random.Generator, max_shift: float = 0.05, max_zoom: float = 0.08,
+             max_rotate: float = 8.0) -> np.ndarray:
+    """Small zoom, roll and shift of the crop; borders are replicated, not black."""
+    m = geometry_matrix(img.shape[:2], rng, max_shift, max_zoom, max_rotate)
+    return cv2.warpAffine(img, m, img.shape[1::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def brightness_contrast(img: np.ndarray, rng: np.random.Generator, limit: float = 0.2) -> np.ndarray:
@@ -100,13 +112,28 @@ def h264_like(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> 
 
 def augment(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig | None = None) -> np.ndarray:
     """The training pipeline: geometry and photometric changes first, then the codec, as in a real capture chain."""
+    return augment_with_mask(img, None, rng, cfg)[0]
+
+
+def augment_with_mask(
+    img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, cfg: AugmentConfig | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`augment`, moving a per-pixel mask (e.g. an SBI blend mask) with the image's flip and geometry.
+
+    The random draws do not depend on the mask, so an image with and without its mask gets the same augmentation.
+    """
     _check(img)
     cfg = cfg or AugmentConfig()
     out = img
     if rng.random() < cfg.p_flip:
         out = hflip(out)
+        mask = None if mask is None else np.ascontiguousarray(mask[:, ::-1])
     if rng.random() < cfg.p_geometry:
-        out = geometry(out, rng, cfg.max_shift, cfg.max_zoom)
+        m = geometry_matrix(out.shape[:2], rng, cfg.max_shift, cfg.max_zoom, cfg.max_rotate)
+        size = out.shape[1::-1]
+        out = cv2.warpAffine(out, m, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        if mask is not None:
+            mask = cv2.warpAffine(mask, m, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     if rng.random() < cfg.p_brightness_contrast:
         out = brightness_contrast(out, rng)
     if rng.random() < cfg.p_colour:
@@ -122,7 +149,7 @@ def augment(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig | None
         out = h264_like(out, rng, cfg)
     if rng.random() < cfg.p_jpeg:
         out = jpeg(out, int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1)))
-    return np.ascontiguousarray(out)
+    return np.ascontiguousarray(out), mask
 
 
 def resize_to(img: np.ndarray, size: int) -> np.ndarray:

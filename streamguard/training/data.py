@@ -1,0 +1,534 @@
+"""Training data: media discovery (dataset layouts), face extraction with a cache, identity split, torch dataset.
+
+Faces come from the same pipeline that serves (`FaceDetector` → `square_crop` at the card's margin), so the model
+trains on the crops it will see. Each crop is cached once at `crop_size` (256 px, more than the model input, so SBI
+blends and codec augmentations happen before the final resize, as they do in a real capture chain), with its 468
+mediapipe face-mesh landmarks for the SBI mask.
+
+Layouts understood by `discover` (labels: 1 fake, 0 real; identities keep the split honest):
+
+- DFDC: `metadata.json` beside the videos (`{"x.mp4": {"label": "FAKE", "original": "y.mp4"}}`); a fake shares its
+  original's identity.
+- FaceForensics++: `original_sequences/**/videos/XXX.mp4` (real) and `manipulated_sequences/<method>/**/videos/
+  XXX_YYY.mp4` (fake: YYY's face on XXX's video); XXX and YYY become one identity group.
+- Celeb-DF: `Celeb-real/idA_NNNN.mp4`, `Celeb-synthesis/idA_idB_NNNN.mp4` (A and B grouped), `YouTube-real/*.mp4`.
+- A CSV `path,label[,identity]` (paths relative to the CSV; labels real/fake or 0/1).
+- A folder of real media (`--real`): identity = file, unless a pairs file (real_faces' `master.csv`:
+  `file_x,file_y,Decision`) says two files show the same person.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from streamguard.training.augment import AugmentConfig, augment_with_mask, resize_to
+from streamguard.training.sbi import self_blend
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+CACHE_VERSION = 1
+N_LANDMARKS = 468
+
+
+@dataclass(frozen=True, slots=True)
+class MediaItem:
+    path: Path
+    label: int  # 1 fake, 0 real
+    identity: str
+
+
+# ---------------------------------------------------------------------------------------------------- identities
+
+
+class _Groups:
+    """Union-find over identity names: people who must stay on the same side of the split."""
+
+    def __init__(self) -> None:
+        self._parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self._parent.setdefault(x, x)
+        while self._parent[x] != x:
+            self._parent[x] = self._parent[self._parent[x]]
+            x = self._parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # The smaller name wins, so a group's name does not depend on the order of the unions.
+            self._parent[max(ra, rb)] = min(ra, rb)
+
+
+def _regroup(items: list[MediaItem], pairs: Iterable[tuple[str, str]]) -> list[MediaItem]:
+    groups = _Groups()
+    for item in items:
+        groups.find(item.identity)
+    for a, b in pairs:
+        groups.union(a, b)
+    return [MediaItem(i.path, i.label, groups.find(i.identity)) for i in items]
+
+
+def _media_files(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+
+
+def same_person_pairs(pairs_csv: Path) -> list[tuple[str, str]]:
+    """`file_x,file_y,Decision` rows whose Decision is Yes: two files that show the same person."""
+    with open(pairs_csv, newline="") as f:
+        return [(r["file_x"], r["file_y"]) for r in csv.DictReader(f) if r.get("Decision", "").strip().lower() == "yes"]
+
+
+def discover_real(root: Path, identity_prefix: str = "") -> list[MediaItem]:
+    """All media under `root` as real; identity = file name (a video is one person), merged by a pairs file."""
+    root = Path(root)
+    items = [MediaItem(p, 0, identity_prefix + p.name) for p in _media_files(root)]
+    pairs_csv = root / "master.csv" if root.is_dir() else None
+    if pairs_csv is not None and pairs_csv.exists():
+        pairs = [(identity_prefix + a, identity_prefix + b) for a, b in same_person_pairs(pairs_csv)]
+        items = _regroup(items, pairs)
+    return items
+
+
+def _label(value: str) -> int:
+    low = value.strip().lower()
+    if low in {"fake", "1", "true", "df", "deepfake", "manipulated"}:
+        return 1
+    if low in {"real", "0", "false", "original", "pristine"}:
+        return 0
+    raise ValueError(f"unknown label {value!r} (use real/fake or 0/1)")
+
+
+def discover_csv(csv_path: Path) -> list[MediaItem]:
+    """A CSV `path,label[,identity]`; relative paths are relative to the CSV's folder."""
+    csv_path = Path(csv_path)
+    items = []
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"{csv_path}: needs the columns path,label[,identity] (found {reader.fieldnames})")
+        for row in reader:
+            path = Path(row["path"])
+            path = path if path.is_absolute() else csv_path.parent / path
+            identity = (row.get("identity") or "").strip() or path.stem
+            items.append(MediaItem(path, _label(row["label"]), identity))
+    return items
+
+
+def discover_dfdc(root: Path) -> list[MediaItem]:
+    """Every `metadata.json` under `root` (DFDC parts); a fake joins its original's identity."""
+    items = []
+    for meta_path in sorted(Path(root).rglob("metadata.json")):
+        meta = json.loads(meta_path.read_text())
+        for name, info in sorted(meta.items()):
+            path = meta_path.parent / name
+            if not path.exists():
+                continue
+            fake = str(info.get("label", "")).upper() == "FAKE"
+            original = info.get("original") or name
+            items.append(MediaItem(path, int(fake), f"dfdc:{Path(original).stem if fake else Path(name).stem}"))
+    return items
+
+
+def discover_ffpp(root: Path) -> list[MediaItem]:
+    """FaceForensics++: originals are real; manipulated XXX_YYY puts YYY's face on XXX's video (both grouped)."""
+    root = Path(root)
+    items, pairs = [], []
+    for p in sorted(root.glob("original_sequences/**/videos/*")):
+        if p.suffix.lower() in VIDEO_SUFFIXES:
+            items.append(MediaItem(p, 0, f"ffpp:{p.stem}"))
+    for p in sorted(root.glob("manipulated_sequences/*/**/videos/*")):
+        if p.suffix.lower() not in VIDEO_SUFFIXES:
+            continue
+        target, _, source = p.stem.partition("_")
+        items.append(MediaItem(p, 1, f"ffpp:{target}"))
+        if source:
+            pairs.append((f"ffpp:{target}", f"ffpp:{source}"))
+    return _regroup(items, pairs)
+
+
+def discover_celebdf(root: Path) -> list[MediaItem]:
+    """Celeb-DF (v1/v2): Celeb-real idA_NNNN, Celeb-synthesis idA_idB_NNNN (A, B grouped), YouTube-real."""
+    root = Path(root)
+    items, pairs = [], []
+    for p in sorted((root / "Celeb-real").glob("*")):
+        if p.suffix.lower() in VIDEO_SUFFIXES:
+            items.append(MediaItem(p, 0, f"celeb:{p.stem.split('_')[0]}"))
+    for p in sorted((root / "YouTube-real").glob("*")):
+        if p.suffix.lower() in VIDEO_SUFFIXES:
+            items.append(MediaItem(p, 0, f"youtube:{p.stem}"))
+    for p in sorted((root / "Celeb-synthesis").glob("*")):
+        if p.suffix.lower() not in VIDEO_SUFFIXES:
+            continue
+        parts = p.stem.split("_")
+        items.append(MediaItem(p, 1, f"celeb:{parts[0]}"))
+        if len(parts) >= 3:
+            pairs.append((f"celeb:{parts[0]}", f"celeb:{parts[1]}"))
+    return _regroup(items, pairs)
+
+
+def discover(source: Path) -> list[MediaItem]:
+    """Labelled media from a CSV or a folder in one of the known layouts (DFDC, FF++, Celeb-DF, real/ + fake/)."""
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return discover_csv(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: not a CSV or a folder")
+    if next(source.rglob("metadata.json"), None) is not None:
+        return discover_dfdc(source)
+    if (source / "original_sequences").is_dir() or (source / "manipulated_sequences").is_dir():
+        return discover_ffpp(source)
+    if any((source / d).is_dir() for d in ("Celeb-real", "Celeb-synthesis", "YouTube-real")):
+        return discover_celebdf(source)
+    items = []
+    for sub, label in (("real", 0), ("fake", 1)):
+        if (source / sub).is_dir():
+            items += [MediaItem(p, label, p.stem) for p in _media_files(source / sub)]
+    if not items:
+        raise ValueError(
+            f"{source}: no known layout (metadata.json, original_sequences/, Celeb-real/, real/ + fake/, or a CSV)"
+        )
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------- face cache
+
+
+@dataclass(slots=True)
+class FaceSet:
+    """Cached face crops and what we know about each."""
+
+    crops: np.ndarray  # (N, S, S, 3) uint8
+    landmarks: np.ndarray  # (N, 468, 2) float32 pixels in the crop; NaN where the face mesh found nothing
+    labels: np.ndarray  # (N,) int64, 1 fake
+    identities: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # "path@pts_s#face"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def empty(cls, size: int) -> FaceSet:
+        return cls(
+            np.zeros((0, size, size, 3), np.uint8), np.zeros((0, N_LANDMARKS, 2), np.float32), np.zeros((0,), np.int64)
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[FaceSet], size: int) -> FaceSet:
+        if not parts:
+            return cls.empty(size)
+        return cls(
+            np.concatenate([p.crops for p in parts]),
+            np.concatenate([p.landmarks for p in parts]),
+            np.concatenate([p.labels for p in parts]),
+            [i for p in parts for i in p.identities],
+            [s for p in parts for s in p.sources],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractConfig:
+    crop_size: int = 256
+    margin: float = 1.65
+    fps: float = 5.0  # frames per second of video to sample for training
+    max_frames: int = 300  # per video
+    min_confidence: float = 0.5
+    min_face_px: float = 40.0  # box long side; smaller faces are not used (the quality gate drops them too)
+    max_faces: int = 8  # per frame, highest detector score first
+
+
+class FaceExtractor:
+    """Detector + crop + face mesh, with one .npz per media file in `cache_dir` (keyed by file and settings)."""
+
+    def __init__(self, cache_dir: Path | None, cfg: ExtractConfig | None = None):
+        self.cfg = cfg or ExtractConfig()
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._detector = None
+        self._mesh = None
+
+    def close(self) -> None:
+        if self._detector is not None:
+            self._detector.close()
+        if self._mesh is not None:
+            self._mesh.close()
+
+    def _models(self) -> tuple:
+        # Created on first use: a run whose crops are all cached never loads mediapipe.
+        if self._detector is None:
+            import mediapipe as mp
+
+            from streamguard.faces.detector import FaceDetector
+
+            self._detector = FaceDetector(min_confidence=self.cfg.min_confidence)
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=True, max_num_faces=1, refine_landmarks=False, min_detection_confidence=0.3
+            )
+        return self._detector, self._mesh
+
+    def _cache_path(self, path: Path) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        st = path.stat()
+        settings = sorted(_cfg_dict(self.cfg).items())
+        key = json.dumps([str(path.resolve()), st.st_size, int(st.st_mtime), CACHE_VERSION, settings])
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        return self.cache_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', path.stem)[:40]}-{digest}.npz"
+
+    def _frames(self, path: Path) -> Iterator[tuple[float, np.ndarray]]:
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            from streamguard.ingest.av_source import iter_sampled_frames
+
+            # All frames decoded (skip_nonref=False): sampling times then do not depend on the GOP structure.
+            for i, frame in enumerate(iter_sampled_frames(str(path), fps=self.cfg.fps, skip_nonref=False)):
+                if i >= self.cfg.max_frames:
+                    break
+                yield frame.pts_s, frame.rgb
+        else:
+            bgr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise ValueError(f"{path}: not a readable image")
+            yield 0.0, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def _extract(self, item: MediaItem) -> FaceSet:
+        from streamguard.faces.crop import square_crop
+
+        detector, mesh = self._models()
+        size = self.cfg.crop_size
+        crops, lms, sources = [], [], []
+        for pts, rgb in self._frames(item.path):
+            dets = [d for d in detector.detect(rgb) if d.box.long_side >= self.cfg.min_face_px][: self.cfg.max_faces]
+            for k, det in enumerate(dets):
+                crop = square_crop(rgb, det.box, margin=self.cfg.margin, out_size=size)
+                result = mesh.process(crop)
+                if result.multi_face_landmarks:
+                    lm = np.array([(p.x * size, p.y * size) for p in result.multi_face_landmarks[0].landmark],
+                                  np.float32)
+                else:
+                    lm = np.full((N_LANDMARKS, 2), np.nan, np.float32)
+                crops.append(crop)
+                lms.append(lm)
+                sources.append(f"{item.path}@{pts:.3f}#{k}")
+        if not crops:
+            return FaceSet.empty(size)
+        n = len(crops)
+        return FaceSet(np.stack(crops), np.stack(lms), np.full(n, item.label, np.int64), [item.identity] * n, sources)
+
+    def faces(self, item: MediaItem) -> FaceSet:
+        """The item's faces, from the cache when it has them. Label and identity come from the item, not the cache."""
+        cache = self._cache_path(item.path)
+        if cache is not None and cache.exists():
+            with np.load(cache) as z:
+                crops, lms, sources = z["crops"], z["landmarks"], [str(s) for s in z["sources"]]
+        else:
+            fs = self._extract(item)
+            crops, lms, sources = fs.crops, fs.landmarks, fs.sources
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(".tmp.npz")
+                np.savez(tmp, crops=crops, landmarks=lms, sources=np.array(sources, dtype=str))
+                tmp.replace(cache)
+        n = len(crops)
+        return FaceSet(crops, lms, np.full(n, item.label, np.int64), [item.identity] * n, sources)
+
+    def extract_all(self, items: Sequence[MediaItem], progress: bool = True) -> FaceSet:
+        from tqdm import tqdm
+
+        parts = []
+        for item in tqdm(items, desc="faces", unit="file", disable=not progress):
+            try:
+                parts.append(self.faces(item))
+            except Exception as exc:  # one bad file must not end a long extraction
+                log.warning("%s: skipped (%s)", item.path, exc)
+        return FaceSet.concat(parts, self.cfg.crop_size)
+
+
+def _cfg_dict(cfg: ExtractConfig) -> dict:
+    return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+
+
+# ---------------------------------------------------------------------------------------------------- split
+
+
+def split_by_identity(
+    identities: Sequence[str], val_fraction: float, seed: int, keep_in_train: Iterable[str] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) such that no identity is on both sides; `val_fraction` of the identities go to val.
+
+    `keep_in_train` identities never go to val (e.g. one video's 150 frames would swamp a validation set of photos).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    keep = set(keep_in_train)
+    candidates = sorted(set(identities) - keep)
+    rng = np.random.default_rng(seed)
+    n_val = int(round(val_fraction * len(candidates)))
+    val_ids = set(rng.permutation(candidates)[:n_val].tolist()) if n_val else set()
+    is_val = np.array([i in val_ids for i in identities], bool)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+# ---------------------------------------------------------------------------------------------------- torch side
+
+# A sample key: (face index, whether to make an SBI fake of it, the sample's own seed). Every random choice of a
+# sample derives from its key, so a run is reproducible whatever the number of DataLoader workers.
+SampleKey = tuple[int, int, int]
+
+
+class IdentityBalancedSampler(Sampler[SampleKey]):
+    """Deepware's sampler: pick an identity uniformly, then real or fake with equal odds, then one of its faces.
+
+    A fake is one of the identity's labelled fakes when it has some (with probability 1 - `sbi_share`) and otherwise
+    an SBI made from one of its real faces. An identity with no real face gives its real draw to a random identity
+    that has one.
+
+    `paired=True` yields two keys per draw, a real and a fake of the same identity: for an SBI, the real face it is
+    made from, with the same seed, so both get the same augmentation and differ only by the blend (the SBI paper's
+    batches); the halves stay together in batches of even size. The draws depend on (seed, epoch) only: call
+    `set_epoch` before each epoch.
+    """
+
+    def __init__(self, labels: np.ndarray, identities: Sequence[str], indices: Sequence[int], num_samples: int,
+                 seed: int, sbi: bool = True, sbi_share: float = 0.5, paired: bool = False):
+        self.num_samples = int(num_samples)
+        self.seed, self.epoch, self.sbi, self.sbi_share, self.paired = int(seed), 0, sbi, sbi_share, paired
+        reals: dict[str, list[int]] = defaultdict(list)
+        fakes: dict[str, list[int]] = defaultdict(list)
+        for i in indices:
+            (fakes if labels[i] == 1 else reals)[identities[i]].append(int(i))
+        self.identities = sorted(set(reals) | set(fakes))
+        self.reals, self.fakes = dict(reals), dict(fakes)
+        self._with_reals = sorted(reals)
+        if not self._with_reals:
+            raise ValueError("no real faces to sample from")
+        if not self.fakes and not sbi:
+            raise ValueError("no fake faces, and SBI is off")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _real(self, ident: str, rng: np.random.Generator) -> int:
+        if ident not in self.reals:
+            ident = self._with_reals[rng.integers(len(self._with_reals))]
+        pool = self.reals[ident]
+        return pool[rng.integers(len(pool))]
+
+    def _fake(self, ident: str, rng: np.random.Generator) -> tuple[int, int]:
+        """(face index, make_sbi) of a fake of `ident`."""
+        labelled = self.fakes.get(ident)
+        if labelled and (not self.sbi or ident not in self.reals or rng.random() >= self.sbi_share):
+            return labelled[rng.integers(len(labelled))], 0
+        if not self.sbi:  # this identity has no labelled fake: someone else's
+            pool = self.fakes[sorted(self.fakes)[rng.integers(len(self.fakes))]]
+            return pool[rng.integers(len(pool))], 0
+        return self._real(ident, rng), 1
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        produced = 0
+        while produced < self.num_samples:
+            ident = self.identities[rng.integers(len(self.identities))]
+            seed = int(rng.integers(2**31))
+            if self.paired:
+                fake, sbi = self._fake(ident, rng)
+                real = fake if sbi else self._real(ident, rng)
+                keys: list[SampleKey] = [(real, 0, seed), (fake, sbi, seed)]
+            elif rng.random() < 0.5:
+                keys = [(self._real(ident, rng), 0, seed)]
+            else:
+                keys = [(*self._fake(ident, rng), seed)]
+            for key in keys[: self.num_samples - produced]:
+                yield key
+            produced += len(keys)
+
+
+def to_tensor(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (S, S, 3) RGB → float32 (3, S, S), normalised as the model card says: (x / 255 - mean) / std."""
+    x = img.astype(np.float32) * (1.0 / 255.0)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+class FaceDataset(Dataset):
+    """Maps a SampleKey to (input tensor, label, blend-map target, whether the target is known).
+
+    The target is the SBI blend region (mask / its peak, moved with the augmentation) area-averaged to the model's
+    map size (input_size / map_stride): zeros for a real face, unknown (weight 0) for a labelled fake, whose blend
+    region we do not have. `train` applies the augmentations; eval only blends and resizes.
+    """
+
+    def __init__(self, faces: FaceSet, input_size: int, mean: Sequence[float], std: Sequence[float],
+                 train: bool = True, augment_cfg: AugmentConfig | None = None, map_stride: int = 16):
+        self.faces, self.input_size, self.mean, self.std = faces, input_size, tuple(mean), tuple(std)
+        self.train, self.map_stride = train, map_stride
+        self.augment_cfg = augment_cfg or AugmentConfig()
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def sample(self, key: SampleKey) -> tuple[np.ndarray, int, np.ndarray | None]:
+        """The sample as a uint8 crop at input size, its label, and its blend mask at input size (None: unknown)."""
+        index, make_sbi, seed = key
+        img = self.faces.crops[index]
+        label = int(self.faces.labels[index])
+        mask: np.ndarray | None = None if label == 1 else np.zeros(img.shape[:2], np.float32)
+        if make_sbi:
+            blend = self_blend(img, self.faces.landmarks[index], np.random.default_rng([seed, 1]))
+            img, label = blend.fake, 1
+            peak = float(blend.mask.max())
+            mask = blend.mask / peak if peak > 0 else blend.mask
+        if self.train:
+            # Its own stream: a real face and its SBI with the same seed get the very same augmentation.
+            img, mask = augment_with_mask(img, mask, np.random.default_rng([seed, 2]), self.augment_cfg)
+        img = resize_to(img, self.input_size)
+        if mask is not None:
+            mask = cv2.resize(mask, (self.input_size, self.input_size), interpolation=cv2.INTER_AREA)
+        return img, label, mask
+
+    def image(self, key: SampleKey) -> tuple[np.ndarray, int]:
+        img, label, _ = self.sample(key)
+        return img, label
+
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        img, label, mask = self.sample(key)
+        side = self.input_size // self.map_stride
+        if mask is None:
+            target, known = np.zeros((side, side), np.float32), 0.0
+        else:
+            target, known = cv2.resize(mask, (side, side), interpolation=cv2.INTER_AREA), 1.0
+        return (
+            to_tensor(img, self.mean, self.std),
+            torch.tensor(float(label)),
+            torch.from_numpy(np.clip(target, 0.0, 1.0)[None]),
+            torch.tensor(known),
+        )
+
+
+def eval_keys(faces: FaceSet, indices: Sequence[int], sbi_per_face: int, seed: int) -> list[SampleKey]:
+    """A fixed validation set: every face as it is, plus `sbi_per_face` fresh SBI fakes of each real face."""
+    rng = np.random.default_rng([seed, 7919])
+    keys: list[SampleKey] = []
+    for i in indices:
+        keys.append((int(i), 0, int(rng.integers(2**31))))
+        if faces.labels[i] == 0:
+            keys += [(int(i), 1, int(rng.integers(2**31))) for _ in range(sbi_per_face)]
+    return keys

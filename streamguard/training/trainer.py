@@ -1,0 +1,278 @@
+"""The training loop: identity-balanced SBI batches, AdamW + warmup-cosine, per-epoch validation AUC, checkpoints.
+
+Reproducibility: every random draw derives from the run seed — sample keys from (seed, epoch) (see
+`IdentityBalancedSampler`), each sample's augmentation from its own key, dropout from torch's generator re-seeded at
+each epoch — and torch runs with deterministic algorithms and a fixed thread count. So the same command gives the
+same weights, and a run resumed from a checkpoint continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader
+
+from streamguard.training.augment import AugmentConfig
+from streamguard.training.data import FaceDataset, FaceSet, IdentityBalancedSampler, SampleKey, eval_keys
+from streamguard.training.model import DEFAULT_BLOCKS, DEFAULT_WIDTHS, build_model
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    epochs: int = 12
+    samples_per_epoch: int = 2048
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    input_size: int = 160
+    widths: tuple[int, ...] = DEFAULT_WIDTHS
+    blocks: tuple[int, ...] = DEFAULT_BLOCKS
+    dropout: float = 0.1
+    topk_fraction: float = 0.1  # image logit = mean of the top 10 % cells of the blend map
+    map_weight: float = 1.0  # weight of the per-cell blend-map loss beside the image loss
+    seed: int = 0
+    val_sbi_per_face: int = 4
+    num_workers: int = 1
+    threads: int = 2
+    sbi_share: float = 0.5
+    paired: bool = True  # real + its SBI in the same batch (batch_size must then be even)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(slots=True)
+class EpochStats:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float | None
+    val_auc: float | None
+    lr: float
+    seconds: float
+
+
+@dataclass(slots=True)
+class TrainResult:
+    model: torch.nn.Module
+    history: list[EpochStats] = field(default_factory=list)
+    val_keys: list[SampleKey] = field(default_factory=list)
+    val_scores: np.ndarray | None = None  # P(fake) of each val key, after the last epoch
+    val_labels: np.ndarray | None = None
+    seconds: float = 0.0
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    """Seeds and settings that make CPU training repeatable (same thread count, deterministic kernels)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _worker_init(_: int) -> None:
+    # Workers only blend and augment (numpy/cv2): one thread each, so they do not fight the training threads.
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def predict(model: torch.nn.Module, dataset: FaceDataset, keys: Sequence[SampleKey], batch_size: int = 64,
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """P(fake) and labels of `keys`, in order, with the model in eval mode."""
+    model.eval()
+    scores, labels = [], []
+    with torch.inference_mode():
+        for i in range(0, len(keys), batch_size):
+            batch = [dataset[k][:2] for k in keys[i : i + batch_size]]
+            x = torch.stack([b[0] for b in batch]).contiguous(memory_format=torch.channels_last)
+            scores.append(torch.sigmoid(model(x)).flatten().numpy())
+            labels.append(np.array([float(b[1]) for b in batch]))
+    if not scores:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return np.concatenate(scores).astype(np.float32), np.concatenate(labels).astype(np.float32)
+
+
+def _bce(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a run killed while saving keeps the previous checkpoint
+
+
+def train(
+    faces: FaceSet,
+    train_idx: Sequence[int],
+    val_idx: Sequence[int],
+    cfg: TrainConfig,
+    out_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on faces[train_idx] (+ SBI fakes), validate on faces[val_idx] (+ fresh SBI fakes) after each epoch."""
+    from tqdm import tqdm
+
+    if cfg.paired and cfg.batch_size % 2:
+        raise ValueError("paired batches need an even batch_size")
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed, cfg.threads)
+
+    model = build_model(cfg.widths, cfg.blocks, cfg.dropout, cfg.topk_fraction).to(memory_format=torch.channels_last)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    steps_per_epoch = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+
+    history: list[EpochStats] = []
+    start_epoch = 0
+    ckpt_path = out_dir / CHECKPOINT
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{ckpt_path} was written with other settings; use another --out or drop --resume")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history = [EpochStats(**h) for h in state["history"]]
+        start_epoch = state["epoch"] + 1
+        log.info("resumed from %s after epoch %d", ckpt_path, state["epoch"])
+
+    if cfg.input_size % model.stride:
+        raise ValueError(f"input_size must be a multiple of {model.stride}")
+    train_ds = FaceDataset(faces, cfg.input_size, cfg.mean, cfg.std, train=True, augment_cfg=AugmentConfig(),
+                           map_stride=model.stride)
+    val_ds = FaceDataset(faces, cfg.input_size, cfg.mean, cfg.std, train=False, map_stride=model.stride)
+    sampler = IdentityBalancedSampler(
+        faces.labels, faces.identities, train_idx, cfg.samples_per_epoch, cfg.seed, sbi=True, sbi_share=cfg.sbi_share,
+        paired=cfg.paired,
+    )
+    loader = DataLoader(
+        train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        worker_init_fn=_worker_init if cfg.num_workers else None, persistent_workers=cfg.num_workers > 0,
+        drop_last=False,
+    )
+    keys = eval_keys(faces, val_idx, cfg.val_sbi_per_face, cfg.seed)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    val_scores = val_labels = None
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        sampler.set_epoch(epoch)
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: the same per epoch, with or without a resume
+        model.train()
+        total, correct, loss_sum = 0, 0, 0.0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
+        for step, (x, y, target, known) in enumerate(bar):
+            global_step = epoch * steps_per_epoch + step
+            lr = lr_at(global_step, total_steps, warmup, cfg.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = x.contiguous(memory_format=torch.channels_last)
+            fake_map = model.forward_map(x)
+            logit = model.pool(fake_map).flatten()
+            # Dense supervision: where the blend is, not just whether. Faces whose blend region is unknown
+            # (labelled fakes) weigh 0 in it.
+            cell_loss = F.binary_cross_entropy_with_logits(fake_map, target, reduction="none").mean(dim=(1, 2, 3))
+            map_loss = (cell_loss * known).sum() / known.sum().clamp(min=1.0)
+            loss = loss_fn(logit, y) + cfg.map_weight * map_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n = len(y)
+            total += n
+            loss_sum += loss.item() * n
+            correct += int(((logit > 0).float() == y).sum())
+            bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.3f}")
+        val_auc = val_loss = None
+        if keys:
+            val_scores, val_labels = predict(model, val_ds, keys)
+            val_loss = _bce(val_scores, val_labels)
+            if len(set(val_labels.tolist())) == 2:
+                val_auc = float(roc_auc_score(val_labels, val_scores))
+        stats = EpochStats(epoch + 1, loss_sum / max(1, total), correct / max(1, total), val_loss, val_auc, lr,
+                           round(time.perf_counter() - t0, 2))
+        history.append(stats)
+        log.info("epoch %d: train loss %.4f acc %.3f, val loss %s auc %s (%.0f s)", stats.epoch, stats.train_loss,
+                 stats.train_acc, _fmt(val_loss), _fmt(val_auc), stats.seconds)
+        if progress:
+            tqdm.write(f"epoch {stats.epoch}: train loss {stats.train_loss:.4f} acc {stats.train_acc:.3f}  "
+                       f"val loss {_fmt(val_loss)} auc {_fmt(val_auc)}  ({stats.seconds:.0f} s)")
+        _save_checkpoint(ckpt_path, {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "history": [asdict(h) for h in history], "config": asdict(cfg),
+        })
+
+    if val_scores is None and keys:  # resumed after the last epoch: validate the loaded weights
+        val_scores, val_labels = predict(model, val_ds, keys)
+    model.eval()
+    return TrainResult(model, history, keys, val_scores, val_labels, time.perf_counter() - t_start)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def save_history(history: Sequence[EpochStats], json_path: Path, png_path: Path | None) -> None:
+    """The curves as JSON, and as a PNG (loss and AUC per epoch) when matplotlib is there."""
+    Path(json_path).write_text(json.dumps([asdict(h) for h in history], indent=2) + "\n")
+    if png_path is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h.epoch for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(ep, [h.train_loss for h in history], "o-", label="train (augmented, SBI)")
+    if any(h.val_loss is not None for h in history):
+        a1.plot(ep, [h.val_loss for h in history], "s-", label="held-out identities (fresh SBI)")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("BCE loss")
+    a1.legend()
+    a1.grid(alpha=0.3)
+    if any(h.val_auc is not None for h in history):
+        a2.plot(ep, [h.val_auc for h in history], "s-", color="C1")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("AUC, held-out identities: real vs SBI")
+    a2.set_ylim(0.4, 1.0)
+    a2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

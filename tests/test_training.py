@@ -1,0 +1,258 @@
+"""Training pieces: SBI, augmentations, identity split, balanced sampler, a tiny end-to-end run with ONNX export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="training needs torch: pip install -e .[train]")
+
+from streamguard.training import augment as aug  # noqa: E402
+from streamguard.training.data import (  # noqa: E402
+    FaceDataset,
+    FaceExtractor,
+    FaceSet,
+    IdentityBalancedSampler,
+    MediaItem,
+    discover,
+    discover_real,
+    eval_keys,
+    split_by_identity,
+)
+from streamguard.training.sbi import ellipse_landmarks, self_blend  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_FACES = SHARED / "real_faces"
+needs_shared = pytest.mark.skipif(not REAL_FACES.is_dir(), reason=f"needs the shared test data at {SHARED}")
+
+
+@pytest.fixture(scope="module")
+def face_crops() -> FaceSet:
+    """A few real faces through the real pipeline (detector, square crop, face mesh), or synthetic faces without
+    the shared data."""
+    if REAL_FACES.is_dir():
+        items = [MediaItem(REAL_FACES / n, 0, n) for n in ("img1.jpg", "img13.jpg", "img20.jpg", "img30.jpg")]
+        extractor = FaceExtractor(None)
+        try:
+            faces = extractor.extract_all(items, progress=False)
+        finally:
+            extractor.close()
+        assert len(faces) >= 4
+        return faces
+    rng = np.random.default_rng(0)
+    crops = []
+    for _ in range(4):
+        img = np.full((256, 256, 3), rng.integers(60, 200, 3), np.uint8)
+        cv2.ellipse(img, (128, 136), (62, 85), 0, 0, 360, tuple(int(v) for v in rng.integers(120, 240, 3)), -1)
+        crops.append(cv2.add(img, rng.integers(0, 20, img.shape, dtype=np.uint8)))
+    lms = np.full((4, 468, 2), np.nan, np.float32)
+    return FaceSet(np.stack(crops), lms, np.zeros(4, np.int64), [f"id{i}" for i in range(4)], ["x"] * 4)
+
+
+class TestSelfBlend:
+    @pytest.mark.parametrize("seed", range(6))
+    def test_changes_only_inside_the_mask(self, face_crops: FaceSet, seed: int):
+        img, lm = face_crops.crops[0], face_crops.landmarks[0]
+        out = self_blend(img, lm, np.random.default_rng(seed), augment_side="source")
+        assert out.fake.shape == img.shape and out.fake.dtype == np.uint8
+        # With the source side altered, the target is the input itself.
+        assert np.array_equal(out.target, img)
+        inside = cv2.dilate((out.mask > 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        changed = np.any(out.fake != img, axis=2)
+        assert changed.any(), "the blend changed nothing"
+        assert not (changed & ~inside).any(), "pixels changed outside the (dilated) blend mask"
+        # A face-sized mask: not empty, not the whole crop.
+        area = float((out.mask > 0.05).mean())
+        assert 0.05 < area < 0.8
+        assert out.mask.max() <= 1.0 + 1e-6
+
+    def test_target_side_blend_equals_target_outside_mask(self, face_crops: FaceSet):
+        out = self_blend(face_crops.crops[1], face_crops.landmarks[1], np.random.default_rng(3), "target")
+        outside = out.mask == 0
+        assert np.array_equal(out.fake[outside], out.target[outside])
+
+    def test_reproducible_from_seed(self, face_crops: FaceSet):
+        a = self_blend(face_crops.crops[0], face_crops.landmarks[0], np.random.default_rng(11))
+        b = self_blend(face_crops.crops[0], face_crops.landmarks[0], np.random.default_rng(11))
+        assert np.array_equal(a.fake, b.fake)
+
+    def test_without_landmarks_uses_an_ellipse(self, face_crops: FaceSet):
+        out = self_blend(face_crops.crops[0], None, np.random.default_rng(0), "source")
+        assert (out.mask > 0).any()
+        assert ellipse_landmarks(256).shape == (36, 2)
+
+    def test_rejects_non_uint8(self):
+        with pytest.raises(ValueError):
+            self_blend(np.zeros((64, 64, 3), np.float32), None, np.random.default_rng(0))
+
+
+class TestAugment:
+    @pytest.mark.parametrize("seed", range(10))
+    def test_pipeline_keeps_shape_and_dtype(self, face_crops: FaceSet, seed: int):
+        img = face_crops.crops[seed % len(face_crops)]
+        out = aug.augment(img, np.random.default_rng(seed))
+        assert out.shape == img.shape and out.dtype == np.uint8 and out.flags.c_contiguous
+
+    def test_each_augmentation_keeps_shape_and_dtype(self, face_crops: FaceSet):
+        img = face_crops.crops[0]
+        rng = np.random.default_rng(0)
+        outs = [
+            aug.hflip(img), aug.geometry(img, rng), aug.brightness_contrast(img, rng), aug.colour(img, rng),
+            aug.gaussian_blur(img, rng), aug.gaussian_noise(img, rng), aug.downscale(img, rng), aug.jpeg(img, 40),
+            aug.h264_like(img, rng, aug.AugmentConfig()),
+        ]
+        for out in outs:
+            assert out.shape == img.shape and out.dtype == np.uint8
+        assert not np.array_equal(aug.jpeg(img, 30), img)
+
+    def test_resize_to(self, face_crops: FaceSet):
+        assert aug.resize_to(face_crops.crops[0], 160).shape == (160, 160, 3)
+
+
+class TestSplitAndSampler:
+    def test_split_has_no_identity_on_both_sides(self):
+        ids = [f"p{i % 17}" for i in range(200)] + ["video"] * 50
+        train, val = split_by_identity(ids, 0.3, seed=1, keep_in_train=["video"])
+        assert set(train) | set(val) == set(range(len(ids))) and not set(train) & set(val)
+        train_ids, val_ids = {ids[i] for i in train}, {ids[i] for i in val}
+        assert not train_ids & val_ids
+        assert "video" in train_ids
+        assert len(val_ids) == round(0.3 * 17)
+        assert split_by_identity(ids, 0.3, seed=1, keep_in_train=["video"])[1].tolist() == val.tolist()
+
+    @needs_shared
+    def test_real_faces_identities_follow_master_csv(self):
+        items = {i.path.name: i.identity for i in discover_real(REAL_FACES)}
+        # master.csv: img1, img2, img4, ... are one person; img8 and img9 another; img13 alone is not img8.
+        assert items["img1.jpg"] == items["img2.jpg"] == items["img11.jpg"]
+        assert items["img8.jpg"] == items["img9.jpg"] != items["img1.jpg"]
+        assert items["img26.jpg"] == "img26.jpg"
+        faces_ids = [items[n] for n in sorted(items)]
+        train, val = split_by_identity(faces_ids, 0.25, seed=0)
+        assert not {faces_ids[i] for i in train} & {faces_ids[i] for i in val}
+
+    @pytest.mark.parametrize("paired", [False, True])
+    def test_balanced_sampler_draws_half_fakes(self, paired: bool):
+        # Unbalanced on purpose: one identity has 100 reals, others a few reals and some labelled fakes.
+        labels = np.array([0] * 100 + [0, 0, 1, 1, 1, 1, 1, 1] * 5)
+        ids = ["big"] * 100 + [f"p{i // 8}" for i in range(40)]
+        sampler = IdentityBalancedSampler(labels, ids, range(len(labels)), 4000, seed=0, paired=paired)
+        keys = list(sampler)
+        assert len(keys) == 4000
+        fake = np.array([labels[i] == 1 or sbi == 1 for i, sbi, _ in keys])
+        assert abs(fake.mean() - 0.5) < 0.03
+        # Identity-balanced: the identity with 100 faces is not drawn 100/140 of the time.
+        share_big = np.mean([ids[i] == "big" for i, _, _ in keys])
+        assert share_big < 0.3
+        if paired:  # a real and its fake side by side, sharing a seed
+            assert all(keys[k][2] == keys[k + 1][2] for k in range(0, len(keys), 2))
+        sampler.set_epoch(1)
+        assert list(sampler) != keys
+        sampler.set_epoch(0)
+        assert list(sampler) == keys
+
+
+class TestDiscover:
+    def test_csv_and_layouts(self, tmp_path: Path):
+        (tmp_path / "a.mp4").write_bytes(b"")
+        (tmp_path / "b.mp4").write_bytes(b"")
+        (tmp_path / "labels.csv").write_text("path,label,identity\na.mp4,real,alice\nb.mp4,fake,alice\n")
+        items = discover(tmp_path / "labels.csv")
+        assert [(i.path.name, i.label, i.identity) for i in items] == [("a.mp4", 0, "alice"), ("b.mp4", 1, "alice")]
+
+        ff = tmp_path / "ffpp"
+        (ff / "original_sequences/youtube/c23/videos").mkdir(parents=True)
+        (ff / "manipulated_sequences/Deepfakes/c23/videos").mkdir(parents=True)
+        for p in ("original_sequences/youtube/c23/videos/519.mp4", "original_sequences/youtube/c23/videos/515.mp4",
+                  "original_sequences/youtube/c23/videos/700.mp4",
+                  "manipulated_sequences/Deepfakes/c23/videos/519_515.mp4"):
+            (ff / p).write_bytes(b"")
+        got = {i.path.name: (i.label, i.identity) for i in discover(ff)}
+        assert got["519_515.mp4"][0] == 1
+        assert got["519.mp4"][1] == got["515.mp4"][1] == got["519_515.mp4"][1] != got["700.mp4"][1]
+
+        celeb = tmp_path / "celeb"
+        for sub, name in (("Celeb-real", "id0_0001.mp4"), ("Celeb-synthesis", "id0_id1_0001.mp4"),
+                          ("YouTube-real", "00001.mp4"), ("Celeb-real", "id1_0003.mp4")):
+            (celeb / sub).mkdir(parents=True, exist_ok=True)
+            (celeb / sub / name).write_bytes(b"")
+        got = {i.path.name: (i.label, i.identity) for i in discover(celeb)}
+        assert got["id0_id1_0001.mp4"] == (1, got["id0_0001.mp4"][1]) and got["id1_0003.mp4"][1] == got["id0_0001.mp4"][1]
+        assert got["00001.mp4"][0] == 0
+
+        dfdc = tmp_path / "dfdc"
+        dfdc.mkdir()
+        for n in ("r.mp4", "f.mp4"):
+            (dfdc / n).write_bytes(b"")
+        (dfdc / "metadata.json").write_text(
+            '{"r.mp4": {"label": "REAL"}, "f.mp4": {"label": "FAKE", "original": "r.mp4"}}'
+        )
+        got = {i.path.name: (i.label, i.identity) for i in discover(dfdc)}
+        assert got["f.mp4"] == (1, got["r.mp4"][1]) and got["r.mp4"][0] == 0
+
+
+class TestTinyTraining:
+    def test_one_epoch_checkpoint_and_onnx_export(self, face_crops: FaceSet, tmp_path: Path):
+        import onnx
+        import onnxruntime as ort
+
+        from streamguard.training.export import check_onnx, export_onnx, write_card
+        from streamguard.training.trainer import CHECKPOINT, TrainConfig, train
+
+        faces = face_crops
+        cfg = TrainConfig(epochs=1, samples_per_epoch=16, batch_size=8, input_size=64, widths=(8, 16, 16, 32),
+                          val_sbi_per_face=1, num_workers=0, seed=3)
+        idx = np.arange(len(faces))
+        result = train(faces, idx[:-1], idx[-1:], cfg, tmp_path, progress=False)
+        assert (tmp_path / CHECKPOINT).exists()
+        assert len(result.history) == 1 and np.isfinite(result.history[0].train_loss)
+        assert result.val_scores is not None and len(result.val_scores) == 2
+
+        # Resuming after the last epoch loads the weights and trains nothing more.
+        again = train(faces, idx[:-1], idx[-1:], cfg, tmp_path, resume=True, progress=False)
+        for (k, a), b in zip(result.model.state_dict().items(), again.model.state_dict().values(), strict=True):
+            assert torch.equal(a, b), k
+
+        onnx_path = export_onnx(result.model, tmp_path / "tiny.onnx", cfg.input_size)
+        assert check_onnx(result.model, onnx_path, cfg.input_size, batch=5) < 1e-4
+        dims = onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim
+        assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, 64, 64]
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((7, 3, 64, 64)).astype(np.float32)
+        p, fake_map = session.run(None, {"input": x})
+        assert fake_map.shape == (7, 1, 4, 4)
+        assert p.shape == (7, 1) and np.all((p >= 0) & (p <= 1))
+        with torch.no_grad():
+            want = torch.sigmoid(result.model(torch.from_numpy(x))).numpy()
+        np.testing.assert_allclose(p, want, atol=1e-4)
+
+        card = write_card(onnx_path, name="tiny", architecture="sgnet", input_size=64, mean=cfg.mean, std=cfg.std,
+                          threshold=0.6, training="test", metrics={})
+        from streamguard.inference.models import load_classifier
+
+        clf = load_classifier(str(onnx_path))
+        assert clf.card == card
+        assert clf.predict(np.zeros((3, 64, 64, 3), np.uint8)).shape == (3,)
+
+    def test_training_is_reproducible(self, face_crops: FaceSet, tmp_path: Path):
+        from streamguard.training.trainer import TrainConfig, train
+
+        cfg = TrainConfig(epochs=1, samples_per_epoch=16, batch_size=8, input_size=48, widths=(8, 8, 16, 16),
+                          val_sbi_per_face=1, num_workers=0, seed=5)
+        idx = np.arange(len(face_crops))
+        a = train(face_crops, idx[:-1], idx[-1:], cfg, tmp_path / "a", progress=False)
+        b = train(face_crops, idx[:-1], idx[-1:], cfg, tmp_path / "b", progress=False)
+        for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+            assert torch.equal(x, y), k
+
+    def test_eval_keys_and_dataset(self, face_crops: FaceSet):
+        keys = eval_keys(face_crops, [0, 1], sbi_per_face=3, seed=0)
+        assert len(keys) == 8 and sum(k[1] for k in keys) == 6
+        ds = FaceDataset(face_crops, 96, (0.5,) * 3, (0.5,) * 3, train=False)
+        x, y, target, known = ds[keys[1]]
+        assert x.shape == (3, 96, 96) and x.dtype == torch.float32 and float(y) == 1.0
+        # Eval samples are fixed: the same key gives the same tensor.
+        assert torch.equal(ds[keys[1]][0], x)
