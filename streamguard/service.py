@@ -195,8 +195,12 @@ class Service:
         stream.state, stream.reason = state, reason
         data = {"state": state, "reason": reason}
         if info:
-            # attempt is 1-based and only meaningful while reconnecting; sources report 0 otherwise
-            data |= {k: info[k] for k in ("attempt", "retry_in_s") if info.get(k)}
+            # attempt is 1-based and only meaningful while reconnecting; sources report 0 otherwise. The source
+            # calls the wait before the next attempt delay_s; the event schema calls it retry_in_s.
+            if info.get("attempt"):
+                data["attempt"] = info["attempt"]
+            if info.get("delay_s") is not None:
+                data["retry_in_s"] = info["delay_s"]
         await self.hub.publish(EventType.STREAM_STATE, stream.id, None, data)
 
     # --- WHIP ----------------------------------------------------------------------------------------------------
