@@ -10,10 +10,10 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +30,7 @@ from streamguard.service import ParticipantInfo, Service, StreamExists, StreamIn
 
 STATIC = Path(__file__).parent / "static"
 CLOSE_UNAUTHORIZED = 4401
+T = TypeVar("T")
 
 
 class ApiError(HTTPException):
@@ -187,21 +188,24 @@ def create_app(service: Service) -> FastAPI:
         stream_id: str | None = None,
         participant_id: str | None = None,
         type: Annotated[list[str] | None, Query()] = None,  # noqa: A002 - the query parameter's public name
+        types: str | None = None,
         access_token: str | None = None,
     ) -> None:
-        """Events with seq > since from the store, then live. Browsers pass the token as `access_token`."""
+        """Events with seq > since from the store, then live. Browsers pass the token as `access_token`.
+        Type filter: repeated `type=` parameters and/or one comma-separated `types=` (what streamguard.client sends)."""
         header = ws.headers.get("authorization")
         given = header[7:] if header and header.lower().startswith("bearer ") else access_token
         await ws.accept()
         if not authorized(given):
             await ws.close(code=CLOSE_UNAUTHORIZED, reason="a valid bearer token is required")
             return
+        names = [*(type or []), *(t.strip() for t in (types or "").split(",") if t.strip())]
         try:
-            types = [EventType(t) for t in type] if type else None
+            wanted = [EventType(t) for t in names] if names else None
         except ValueError as exc:
             await ws.close(code=1008, reason=f"bad type filter: {exc}")
             return
-        await _stream_events(ws, service, since, stream_id, participant_id, types)
+        await _stream_events(ws, service, since, stream_id, participant_id, wanted)
 
     @app.get("/", include_in_schema=False)
     async def console() -> Response:
@@ -225,11 +229,24 @@ async def _stream_events(ws: WebSocket, service: Service, since: int | None, str
                     return
 
     reader = asyncio.create_task(watch_disconnect())
+    ping_s = service.config.events.ping_interval_s
     try:
-        while not reader.done():
-            event = await sub.get(timeout=service.config.events.ping_interval_s)
-            if event is not None:  # None: idle; uvicorn sends protocol-level pings meanwhile
-                await ws.send_text(event.model_dump_json())
+        while True:
+            # Wait for the next event *or* the client leaving: an idle feed must not keep a gone client's handler
+            # (and uvicorn's graceful shutdown) waiting for the next event or ping tick.
+            got = await _until_gone(sub.get(timeout=ping_s), reader)
+            if got is _GONE:
+                return
+            if got is None:  # idle; uvicorn sends protocol-level pings meanwhile
+                continue
+            # A send blocks while a client does not read (its TCP window is full). The hub drops such a
+            # subscriber when its queue overflows; notice that during the send and close with 4008 rather than
+            # wait for a client that may never read again.
+            sent = await _until_gone(ws.send_text(got.model_dump_json()), reader, lambda: sub.ended is not None)
+            if sent is _GONE:
+                if sub.ended is None:
+                    return
+                raise sub.ended
     except SubscriptionEnded as end:
         with contextlib.suppress(Exception):
             await ws.close(code=end.close_code, reason=end.reason[:120])
@@ -239,6 +256,27 @@ async def _stream_events(ws: WebSocket, service: Service, since: int | None, str
         reader.cancel()
         sub.close()
         service.ws_clients -= 1
+
+
+_GONE = object()
+
+
+async def _until_gone(aw: Awaitable[T], reader: asyncio.Task[None], give_up: Callable[[], bool] | None = None,
+                      poll_s: float = 0.25) -> T | object:
+    """aw's result, or _GONE (aw cancelled) once the client disconnected or give_up() says so."""
+    task = asyncio.ensure_future(aw)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task, reader}, timeout=poll_s if give_up else None,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            if reader.done() or (give_up is not None and give_up()):
+                return _GONE
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # let it unwind; its CancelledError stays with it
 
 
 def _install_error_handlers(app: FastAPI) -> None:
