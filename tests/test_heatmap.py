@@ -1,0 +1,166 @@
+"""Heatmaps on a real ONNX classifier whose P(fake) depends only on a known region of the crop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from streamguard.inference.card import ModelCard, Preprocess
+from streamguard.inference.heatmap import (
+    occlusion_cost,
+    occlusion_map,
+    occlusion_positions,
+    render_overlay,
+    save_overlay,
+)
+from streamguard.inference.onnx import OnnxClassifier
+
+SIZE = 64
+HALF = SIZE // 2
+
+
+def _card() -> ModelCard:
+    return ModelCard(
+        name="texture-top-left",
+        architecture="test: sigmoid(k · (mean((x − 0.5)²) over the top-left quadrant − c))",
+        preprocess=Preprocess(input_size=SIZE, crop_margin=1.5),
+        source="built in tests/test_heatmap.py",
+    )
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> OnnxClassifier:
+    """P(fake) rises with the texture energy (variance around mid-grey) of the top-left quadrant only: the
+    stand-in for a detector that keys on blending artefacts in one place."""
+    const = lambda name, value: numpy_helper.from_array(np.asarray(value), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Sub", ["input", "half"], ["centred"]),
+        helper.make_node("Mul", ["centred", "centred"], ["energy"]),
+        helper.make_node("Slice", ["energy", "starts", "ends", "axes"], ["quadrant"]),
+        helper.make_node("ReduceMean", ["quadrant"], ["mean"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Sub", ["mean", "offset"], ["shifted"]),
+        helper.make_node("Mul", ["shifted", "gain"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["p_fake"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "texture_top_left",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("p_fake", TensorProto.FLOAT, ["batch"])],
+        initializer=[
+            const("half", np.float32(0.5)),
+            const("starts", np.array([0, 0], np.int64)),
+            const("ends", np.array([HALF, HALF], np.int64)),
+            const("axes", np.array([2, 3], np.int64)),
+            const("offset", np.float32(0.1)),  # energy of a flat grey quadrant is 0, of ±0.5 noise 0.25
+            const("gain", np.float32(20.0)),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = tmp_path_factory.mktemp("heatmap") / "texture.onnx"
+    onnx.save(model, str(path))
+    return OnnxClassifier(path, _card(), threads=1)
+
+
+def _crop() -> np.ndarray:
+    """Flat grey face with a salt-and-pepper top-left quadrant: the only thing the model reacts to."""
+    crop = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    rng = np.random.default_rng(0)
+    crop[:HALF, :HALF] = rng.choice(np.array([0, 255], np.uint8), size=(HALF, HALF, 1))
+    return crop
+
+
+class CountingClassifier:
+    def __init__(self, inner: OnnxClassifier):
+        self.inner, self.card, self.backend, self.calls = inner, inner.card, inner.backend, 0
+
+    @property
+    def input_size(self) -> int:
+        return self.inner.input_size
+
+    def predict(self, crops: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return self.inner.predict(crops)
+
+
+@pytest.mark.parametrize("fill", ["grey", "blur"])
+def test_occlusion_map_is_hottest_where_the_model_looks(classifier: OnnxClassifier, fill: str) -> None:
+    crop = _crop()
+    assert classifier.predict(crop[None])[0] > 0.9
+    counting = CountingClassifier(classifier)
+    heat = occlusion_map(counting, crop, patch=16, stride=8, batch=10, fill=fill)  # type: ignore[arg-type]
+
+    assert heat.shape == (SIZE, SIZE) and heat.dtype == np.float32
+    assert 0.0 <= heat.min() and heat.max() <= 1.0
+    peak = np.unravel_index(np.argmax(heat), heat.shape)
+    assert peak[0] < HALF and peak[1] < HALF
+    inside = heat[: HALF - 8, : HALF - 8].mean()  # away from patches that straddle the quadrant's edge
+    outside = heat[HALF + 8 :, :].mean()
+    assert inside > 0.02 and outside < 1e-6 and inside > 100 * max(outside, 1e-9)
+    # documented cost: 7 positions per side → 1 + 49 crops in batches of 10 → 5 calls
+    assert occlusion_positions(SIZE, 16, 8) == [0, 8, 16, 24, 32, 40, 48]
+    assert counting.calls == occlusion_cost(SIZE, 16, 8, 10) == 5
+
+
+def test_occlusion_map_covers_edges_and_resizes_to_the_crop(classifier: OnnxClassifier) -> None:
+    assert occlusion_positions(64, 24, 16) == [0, 16, 32, 40]  # the last patch sits flush with the edge
+    big = cv2.resize(_crop(), (96, 96), interpolation=cv2.INTER_NEAREST)
+    heat = occlusion_map(classifier, big, patch=16, stride=8, fill="grey")
+    assert heat.shape == (96, 96)
+    assert heat[:40, :40].mean() > 10 * heat[60:, 60:].mean() + 1e-6
+
+
+def test_occlusion_map_rejects_bad_arguments(classifier: OnnxClassifier) -> None:
+    with pytest.raises(ValueError, match="patch"):
+        occlusion_map(classifier, _crop(), patch=SIZE + 1)
+    with pytest.raises(ValueError, match="uint8"):
+        occlusion_map(classifier, _crop().astype(np.float32))
+    with pytest.raises(ValueError, match="fill"):
+        occlusion_map(classifier, _crop(), fill="pink")  # type: ignore[arg-type]
+
+
+def test_overlay_png_decodes_at_the_crop_size(classifier: OnnxClassifier, tmp_path: Path) -> None:
+    crop = cv2.resize(_crop(), (120, 90))  # not square: the overlay follows the crop, whatever its shape
+    heat = np.zeros((90, 120), np.float32)
+    heat[:45, :60] = 0.3
+    png = render_overlay(crop, heat, score=0.93)
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape == (90, 120, 3)
+    # the hot quadrant is tinted warmer (more red in BGR) than the cold one
+    assert image[10:40, 5:50, 2].mean() > image[60:85, 60:100, 2].mean()
+
+    written = save_overlay(tmp_path / "nested" / "face.png", crop, heat, 0.93)
+    assert written.exists()
+    assert cv2.imread(str(written)).shape == (90, 120, 3)
+    assert render_overlay(crop, np.zeros((10, 10), np.float32), colormap="inferno")  # flat map, resized: no error
+
+
+def test_gradcam_map_points_at_the_region_that_drives_the_score() -> None:
+    torch = pytest.importorskip("torch")
+
+    class TopLeftEnergy(torch.nn.Module):
+        """Texture energy → 1×1 conv (the Grad-CAM layer) → mean over the top-left quadrant only."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+            torch.nn.init.constant_(self.conv.weight, 0.25)
+            torch.nn.init.zeros_(self.conv.bias)
+            self.gradcam_layer = self.conv
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.conv((x - 0.5) ** 2)
+            return torch.sigmoid(a[:, :, :HALF, :HALF].mean(dim=(1, 2, 3)) * 20 - 2)
+
+    from streamguard.inference.heatmap import gradcam_map
+
+    heat = gradcam_map(TopLeftEnergy(), _crop(), _card())
+    assert heat.shape == (SIZE, SIZE) and heat.max() == pytest.approx(1.0)
+    assert heat[:HALF, :HALF].mean() > 0.5 and heat[HALF:, HALF:].max() < 1e-3  # grey 128 is 0.502, not 0.5
