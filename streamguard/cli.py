@@ -221,6 +221,7 @@ def models_import(
     output: Annotated[Optional[Path], typer.Option(help="write the .onnx here (card beside it) instead of engines/")] = None,
     name: Annotated[Optional[str], typer.Option(help="model name (default: from the file name)")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="allow pickled objects in a torch checkpoint (only for files you trust)")] = False,
+    padding: Annotated[Optional[str], typer.Option(help="icpr2020dfdc/sbi: efficientnet_pytorch padding, per_layer or global")] = None,
 ) -> None:
     """Convert a published checkpoint into an ONNX model + model card (output: P(fake)). See engines/IMPORTING.md."""
     if kind not in IMPORT_KINDS:
@@ -238,7 +239,10 @@ def models_import(
             except ImportError:
                 raise typer.BadParameter(f"importing {kind} checkpoints needs torch: pip install -e '.[train]'",
                                          param_hint="KIND") from None
-            onnx_path, _ = import_checkpoint(kind, file, output=output, name=name, trust_pickle=trust_pickle)
+            if padding not in (None, "per_layer", "global"):
+                raise typer.BadParameter("use per_layer or global", param_hint="--padding")
+            onnx_path, _ = import_checkpoint(kind, file, output=output, name=name, trust_pickle=trust_pickle,
+                                             lukemelas_padding=padding)
     except (OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="FILE") from None
     typer.echo(f"wrote {onnx_path} and its card {onnx_path.with_suffix('.json').name} (output: P(fake))")
