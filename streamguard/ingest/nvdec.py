@@ -1,0 +1,98 @@
+"""Optional NVDEC decoding for pull sources: FFmpeg's NVIDIA decoders through PyAV, when the GPU and build have them.
+
+Two ways in, both opt-in and both checked before use:
+
+* `nvdec_hwaccel()` -> an `av.codec.hwaccel.HWAccel("cuda")` to pass as `av.open(url, hwaccel=...)` (PyAV >= 14):
+  FFmpeg's generic hwaccel path; it keeps the stream's own decoder (so `skip_frame` and threading settings still
+  apply), decodes on NVDEC where the codec and GPU support it, copies frames back to system memory for the sampler,
+  and falls back to software by itself (`allow_software_fallback`). This is the one to use.
+* `nvdec_decoder_name(codec)` -> "h264_cuvid"-style decoder names, for code that creates a decoder by name
+  (`av.CodecContext.create(name, "r")`); these fail at open time without a GPU, so `probe_nvdec` opens one first.
+
+At 1 FPS most decoded frames are thrown away, so decode is where a many-stream host spends its CPU; NVDEC moves
+that work to the GPU's video engines, which inference does not use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+# FFmpeg codec name (as PyAV's codec_context.name reports it) -> FFmpeg's NVDEC (cuvid) decoder.
+_CUVID: dict[str, str] = {
+    "h264": "h264_cuvid",
+    "hevc": "hevc_cuvid",
+    "h265": "hevc_cuvid",
+    "av1": "av1_cuvid",
+    "vp8": "vp8_cuvid",
+    "vp9": "vp9_cuvid",
+    "mpeg1video": "mpeg1_cuvid",
+    "mpeg2video": "mpeg2_cuvid",
+    "mpeg4": "mpeg4_cuvid",
+    "vc1": "vc1_cuvid",
+    "mjpeg": "mjpeg_cuvid",
+}
+
+
+def nvdec_codec_name(codec: str) -> str | None:
+    """FFmpeg's NVDEC decoder for a codec name ("h264" -> "h264_cuvid"), or None where NVDEC has none."""
+    return _CUVID.get(codec.strip().lower())
+
+
+def nvdec_decoder_name(codec: str, available: Collection[str] | None = None) -> str | None:
+    """The NVDEC decoder for `codec` if this FFmpeg build has it (`av.codecs_available` by default), else None."""
+    name = nvdec_codec_name(codec)
+    if name is None:
+        return None
+    if available is None:
+        import av
+
+        available = av.codecs_available
+    return name if name in available else None
+
+
+@dataclass(frozen=True, slots=True)
+class NvdecStatus:
+    usable: bool
+    reason: str  # why not, or what will be used
+
+
+def probe_nvdec(codec: str = "h264") -> NvdecStatus:
+    """Whether NVDEC can decode `codec` here: the decoder is in FFmpeg's build and opens on a GPU."""
+    import av
+
+    name = nvdec_decoder_name(codec)
+    if name is None:
+        have = nvdec_codec_name(codec)
+        why = f"this FFmpeg build has no {have}" if have else f"NVDEC has no decoder for {codec!r}"
+        return NvdecStatus(False, why)
+    try:
+        ctx = av.CodecContext.create(name, "r")
+        ctx.open()
+    except Exception as exc:  # no GPU, no libnvcuvid, a driver too old: all surface here
+        return NvdecStatus(False, f"{name} does not open ({exc}): no NVIDIA GPU or driver decode library")
+    finally:
+        try:
+            ctx.close()  # type: ignore[possibly-undefined]
+        except Exception:
+            pass
+    return NvdecStatus(True, f"{name} opens")
+
+
+def nvdec_hwaccel(device: str | None = None, allow_software_fallback: bool = True) -> Any | None:
+    """An `HWAccel` for `av.open(..., hwaccel=...)` when this FFmpeg has the CUDA device type and the NVIDIA driver
+    reports a GPU, else None. (Without a GPU, `av.open` with a CUDA hwaccel raises instead of falling back, so the
+    GPU is checked here; callers should still fall back to plain `av.open` if opening with it fails.)"""
+    try:
+        from av.codec.hwaccel import HWAccel, hwdevices_available
+    except ImportError:  # PyAV < 14
+        return None
+    if "cuda" not in hwdevices_available():
+        return None
+    from streamguard.inference.gpu import driver_gpus
+
+    gpus, _ = driver_gpus()
+    if not gpus:
+        return None
+    return HWAccel(device_type="cuda", device=device, allow_software_fallback=allow_software_fallback)
