@@ -392,3 +392,20 @@ def test_calibration_crops_come_from_real_photos_through_the_face_pipeline(tmp_p
     assert sha2 == sha and np.array_equal(again, crops)
     calib, holdout = split_holdout(crops, every=3)
     assert len(calib) == 4 and len(holdout) == 2
+
+
+def test_build_engine_tool_exits_2_with_the_reason_without_a_gpu(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from streamguard.inference.gpu import probe_availability
+
+    if probe_availability().has_cuda_gpu:
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "build_engine.py"), str(MESO4), "--cache-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "cannot build a TensorRT engine here: no CUDA GPU found" in proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "build_engine.py"), "no-such-model"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "not found" in proc.stderr
