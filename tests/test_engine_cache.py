@@ -336,8 +336,8 @@ def _aligned_crops(shared: Path) -> Path:
 @pytest.mark.shared
 def test_int8_kept_only_where_it_holds_accuracy(tmp_path: Path, shared_data: Path):
     """INT8 engines are checked on held-out real crops; a checker stands in for running the engine."""
-    from streamguard.inference.onnx import OnnxClassifier
     from streamguard.inference.models import resolve_model
+    from streamguard.inference.onnx import OnnxClassifier
 
     onnx_path, card = resolve_model(str(MESO4))
     reference = OnnxClassifier(onnx_path, card)

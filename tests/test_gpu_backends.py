@@ -22,7 +22,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from streamguard.inference.backends import load_backend, select_backend, unavailable_reason
-from streamguard.inference.card import ModelCard, Preprocess
+from streamguard.inference.card import ModelCard
 from streamguard.inference.engine_cache import Profile, compare_scores
 from streamguard.inference.flops import count_macs
 from streamguard.inference.gpu import (

@@ -154,7 +154,9 @@ def device_name(avail, backend: str) -> str:
     return f"CPU: {cpu}, {os.cpu_count()} logical cores"
 
 
-def summarize(rows: list[dict], budget_ms: float, fps: float, gflops_per_face: float, peak_tflops: float | None) -> dict:
+def summarize(
+    rows: list[dict], budget_ms: float, fps: float, gflops_per_face: float, peak_tflops: float | None
+) -> dict:
     within = [r for r in rows if r["p99_ms"] <= budget_ms]
     best = max(within, key=lambda r: r["faces_per_s"]) if within else None
     floor = None
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{'batch':>6} {'p50 ms':>9} {'p99 ms':>9} {'faces/s':>10} {'ms/face':>9}")
     for r in rows:
-        print(f"{r['batch']:>6} {r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['faces_per_s']:>10.1f} {r['per_face_ms']:>9.3f}")
+        print(f"{r['batch']:>6} {r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['faces_per_s']:>10.1f} "
+              f"{r['per_face_ms']:>9.3f}")
     if peak.get("tflops"):
         print(f"peak: {peak['tflops']} TFLOP/s ({peak['dtype']} matmul, {peak['via']})")
     if summary["floor"]:

@@ -181,7 +181,7 @@ def load_backend(
     return sel.classifier, sel.warnings
 
 
-# -- the real loaders ---------------------------------------------------------------------------------------------------
+# -- the real loaders --------------------------------------------------------------------------------------------------
 
 
 def _load_onnxruntime(onnx_path: Path, card: ModelCard, avail: Availability, opts: BackendOptions,

@@ -74,8 +74,10 @@ class TorchCudaClassifier:
         p = card.preprocess
         self._dtype = torch.float16 if precision == "fp16" else torch.float32
         self._channels_last = self.device.type == "cuda" and p.layout == "NCHW"
-        module = OnnxTorchModule(self.path).eval().to(self.device)
-        self._module = module.to(self._dtype)
+        module = OnnxTorchModule(self.path).eval().to(self.device, self._dtype)
+        if self._channels_last:  # 4-D weights in NHWC order too: cuDNN's tensor-core convolutions want both
+            module = module.to(memory_format=torch.channels_last)
+        self._module = module
         self._mean = torch.tensor(p.mean, dtype=torch.float32, device=self.device)
         self._inv_std = 1.0 / torch.tensor(p.std, dtype=torch.float32, device=self.device)
         self.profile: Profile = choose_profile(max_batch)
@@ -86,7 +88,8 @@ class TorchCudaClassifier:
         self._staging = torch.empty((self.profile.max_batch, size, size, 3), dtype=torch.uint8, pin_memory=on_gpu)
         self._stream = torch.cuda.Stream(self.device) if on_gpu else None
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}  # batch -> (CUDAGraph, static input, static output)
-        self.graph_sizes: tuple[int, ...] = graph_batch_sizes(self.profile, graph_max_batch) if on_gpu and cuda_graphs else ()
+        use_graphs = on_gpu and cuda_graphs
+        self.graph_sizes: tuple[int, ...] = graph_batch_sizes(self.profile, graph_max_batch) if use_graphs else ()
         if self.graph_sizes:
             self._capture_graphs()
 

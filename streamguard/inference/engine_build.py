@@ -30,8 +30,8 @@ from streamguard.inference.engine_cache import (
     Profile,
     calibration_batches,
     choose_profile,
-    crops_sha256,
     compare_scores,
+    crops_sha256,
     default_cache_dir,
 )
 from streamguard.inference.gpu import (

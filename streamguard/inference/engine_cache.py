@@ -75,7 +75,7 @@ def choose_profile(max_batch: int = DEFAULT_MAX_BATCH, typical_batch: int | None
     return Profile(1, min(opt, max_batch), max_batch)
 
 
-# -- CUDA graphs: which batch sizes get one, and how a batch is run ---------------------------------------------------
+# -- CUDA graphs: which batch sizes get one, and how a batch is run ----------------------------------------------------
 
 
 def graph_batch_sizes(profile: Profile, graph_max_batch: int = DEFAULT_GRAPH_MAX_BATCH) -> tuple[int, ...]:
@@ -118,7 +118,7 @@ def split_batches(n: int, max_batch: int) -> list[tuple[int, int]]:
     return [(i, min(i + max_batch, n)) for i in range(0, n, max_batch)]
 
 
-# -- the engine cache ---------------------------------------------------------------------------------------------------
+# -- the engine cache --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,7 +302,7 @@ def default_cache_dir(engines_dir: Path) -> Path:
     return Path(engines_dir) / "cache"
 
 
-# -- INT8 calibration data ----------------------------------------------------------------------------------------------
+# -- INT8 calibration data ---------------------------------------------------------------------------------------------
 
 
 def calibration_batches(crops: np.ndarray, card: ModelCard, batch_size: int) -> list[np.ndarray]:
@@ -328,7 +328,7 @@ def crops_sha256(crops: np.ndarray) -> str:
     return h.hexdigest()
 
 
-# -- parity: does a GPU backend (or an INT8 engine) hold the reference's accuracy? ----------------------------------
+# -- parity: does a GPU backend (or an INT8 engine) hold the reference's accuracy? -------------------------------------
 
 
 @dataclass(frozen=True, slots=True)

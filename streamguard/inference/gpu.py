@@ -187,8 +187,9 @@ def import_cudart() -> ModuleType:
 def precision_problem(precision: str, compute_capability: tuple[int, int]) -> str | None:
     """Why a precision cannot run fast on this GPU, or None. FP16 tensor cores: sm70+; INT8 (DP4A/IMMA): sm61+.
     (TensorRT 10.5 deprecated platform_has_fast_fp16/int8 in favour of asking CUDA, which is this.)"""
+    sm = f"sm{compute_capability[0]}{compute_capability[1]}"
     if precision == "fp16" and compute_capability < (5, 3):
-        return f"FP16 needs compute capability 5.3 or later, this GPU is sm{compute_capability[0]}{compute_capability[1]}"
+        return f"FP16 needs compute capability 5.3 or later, this GPU is {sm}"
     if precision == "int8" and compute_capability < (6, 1):
-        return f"INT8 needs compute capability 6.1 or later, this GPU is sm{compute_capability[0]}{compute_capability[1]}"
+        return f"INT8 needs compute capability 6.1 or later, this GPU is {sm}"
     return None

@@ -68,11 +68,13 @@ def _const_input(inputs: Sequence[Tensor | None], i: int) -> Tensor | None:
     return inputs[i] if len(inputs) > i else None
 
 
-# -- operators ----------------------------------------------------------------------------------------------------------
+# -- operators ---------------------------------------------------------------------------------------------------------
 # Each takes (ctx, inputs, attrs) and returns one tensor or a tuple of them.
 
 
-def _pads_2d(attrs: dict, x: Tensor, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]) -> list[int]:
+def _pads_2d(
+    attrs: dict, x: Tensor, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
+) -> list[int]:
     """ONNX pads [h_begin, w_begin, h_end, w_end], from `pads` or `auto_pad` (SAME_* from the input's size)."""
     auto = attrs.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto

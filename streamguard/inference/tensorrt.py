@@ -46,7 +46,7 @@ class EngineBuildError(RuntimeError):
     """TensorRT could not parse or build the model; the message carries the parser's or builder's words."""
 
 
-# -- cuda-python helpers ------------------------------------------------------------------------------------------------
+# -- cuda-python helpers -----------------------------------------------------------------------------------------------
 
 
 def _check(cudart: Any, result: Any) -> Any:
@@ -86,7 +86,7 @@ class _Buffer:
             self.host_ptr = 0
 
 
-# -- building -----------------------------------------------------------------------------------------------------------
+# -- building ----------------------------------------------------------------------------------------------------------
 
 
 def build_serialized_engine(
@@ -187,7 +187,7 @@ def _make_calibrator(trt: Any, cudart: Any, batches: Sequence[np.ndarray], cache
     return Calibrator()
 
 
-# -- running ------------------------------------------------------------------------------------------------------------
+# -- running -----------------------------------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -246,7 +246,8 @@ class TensorRTClassifier:
         self._input, self._output, self._io_names = inputs[0], outputs[0], names
         lo, opt, hi = (tuple(s) for s in engine.get_tensor_profile_shape(self._input, 0))
         self.profile = Profile(int(lo[0]), int(opt[0]), int(hi[0]))
-        self._stream = _check(cudart, cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
+        non_blocking = getattr(cudart, "cudaStreamNonBlocking", 1)  # a macro in cuda.h; 1 in every CUDA version
+        self._stream = _check(cudart, cudart.cudaStreamCreateWithFlags(non_blocking))
 
         # Contexts share one activation block sized for the largest profile shape (TensorRT >= 10.0).
         strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
@@ -258,7 +259,7 @@ class TensorRTClassifier:
             self._scratch_size = max(size, 1)
 
         def new_context() -> Any:
-            ctx = engine.create_execution_context(strategy.USER_MANAGED) if shared else engine.create_execution_context()
+            ctx = engine.create_execution_context(*([strategy.USER_MANAGED] if shared else []))
             if ctx is None:
                 raise BackendUnavailable("TensorRT could not create an execution context (GPU memory?)")
             if shared:
@@ -269,7 +270,7 @@ class TensorRTClassifier:
             return ctx
 
         self._context = new_context()
-        self._context.set_input_shape(self._input, tuple(hi))
+        self._set_shape(self._context, int(hi[0]))
         for name in names:  # buffers at the max batch, allocated once
             shape = tuple(self._context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
@@ -294,8 +295,10 @@ class TensorRTClassifier:
             if not ctx.set_tensor_address(name, self._buf[name].device):
                 raise BackendUnavailable(f"TensorRT refused the address of tensor {name}")
 
-    def _shape(self, batch: int) -> tuple[int, ...]:
-        return (batch, *self._buf[self._input].shape[1:])
+    def _set_shape(self, ctx: Any, batch: int) -> None:
+        shape = (batch, *tuple(self._engine.get_tensor_shape(self._input))[1:])
+        if not ctx.set_input_shape(self._input, shape):
+            raise RuntimeError(f"TensorRT refused input shape {shape} (profile {self.profile.tag})")
 
     def _enqueue(self, ctx: Any, batch: int) -> None:
         """Copy in, run, copy out: all asynchronous on the stream."""
@@ -309,7 +312,7 @@ class TensorRTClassifier:
 
     def _capture(self, ctx: Any, batch: int) -> _GraphExec:
         cudart = self._cudart
-        ctx.set_input_shape(self._input, self._shape(batch))
+        self._set_shape(ctx, batch)
         self._bind(ctx)
         # One plain run first: TensorRT finishes deferred work (shape-dependent setup) outside the capture.
         self._enqueue(ctx, batch)
@@ -338,7 +341,7 @@ class TensorRTClassifier:
                     # Rows n..run_batch hold earlier crops: scored and thrown away (rows are independent).
                     _check(cudart, cudart.cudaGraphLaunch(self._graphs[plan.run_batch].exec, self._stream))
                 else:
-                    self._context.set_input_shape(self._input, self._shape(plan.run_batch))
+                    self._set_shape(self._context, plan.run_batch)
                     self._enqueue(self._context, plan.run_batch)
                 _check(cudart, cudart.cudaStreamSynchronize(self._stream))
                 results.append(np.array(out.host[:n], np.float32).reshape(n, -1))
