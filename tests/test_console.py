@@ -120,6 +120,13 @@ def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 90
     pytest.fail(f"streamguard serve not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def add_stream(base: str, spec: dict) -> None:
+    req = urllib.request.Request(base + "/v1/streams", data=json.dumps(spec).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 201
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -133,6 +140,7 @@ def stop(proc: subprocess.Popen) -> None:
 def test_console_monitor_my_camera(tmp_path: Path, shared_data: Path) -> None:
     _need_browser()
     video = shared_data / "ffpp_smoke" / "real_519.mp4"
+    fake = shared_data / "ffpp_smoke" / "fake_deepfakes_519_515.mp4"
     if not video.is_file():
         pytest.skip(f"needs {video}")
     ARTIFACTS.mkdir(exist_ok=True)
@@ -155,6 +163,8 @@ def test_console_monitor_my_camera(tmp_path: Path, shared_data: Path) -> None:
     try:
         wait_ready(base, proc, server_log)
         ready_s = time.monotonic() - t0
+        if fake.is_file():  # a second stream, pulled from a file: the console shows a pull stream's health and alert
+            add_stream(base, {"id": "sample-file", "url": str(fake), "name": "Deepfake sample (file)"})
         driver = ["node", "console.mjs", "--url", base + "/", "--video", str(y4m), "--screenshot", str(shot),
                   "--token", TOKEN, "--timeout", "90", "--chromium", CHROMIUM]
         if not host_ice:
