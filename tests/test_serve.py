@@ -1,0 +1,628 @@
+"""The live service end to end, with real parts only: the app on a real uvicorn server (in-process in a thread, or
+`streamguard serve` as a subprocess), GStreamer's RTSP server in a subprocess, aiortc peers publishing over WHIP,
+a local http.server, and real WebSocket clients on /v1/events.
+
+Model: engines/streamguard-sbi.onnx (the default) once it exists; until then `mesonet-meso4-df` (see serve_helpers).
+Timeouts are small (watchdog 2 s, backoff 0.2-1 s, WHIP no-frame 5 s) so the file runs in a few minutes.
+Needs ../shared/data (real face photos, the FF++ pair); tests skip with the reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from serve_helpers import (
+    MODEL,
+    SHARED,
+    Feed,
+    LiveServer,
+    RawWebSocket,
+    RtspServer,
+    ServeProcess,
+    face_photos,
+    fast_settings,
+    free_port,
+    gst_available,
+    http_folder,
+    is_,
+    media_tool,
+    state,
+    stored_events,
+    until,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+FFPP = SHARED / "ffpp_smoke"
+FAKE = FFPP / "fake_deepfakes_519_515.mp4"
+REAL = FFPP / "real_519.mp4"
+
+
+# --- fixtures ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def slides_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 s of 640x480 H.264 at 25 fps made from 4 real face photos, 4 s each (one face at a time)."""
+    photos = face_photos(4)
+    if len(photos) < 4:
+        pytest.skip(f"needs real face photos in {SHARED / 'real_faces'} (../shared is absent in a user's clone)")
+    out = tmp_path_factory.mktemp("serve") / "slides.mp4"
+    return media_tool().make_slideshow(photos, out, fps=25, seconds_per_image=4.0, size=(640, 480))
+
+
+@pytest.fixture(scope="session")
+def ffpp() -> dict[str, Path]:
+    if not (FAKE.is_file() and REAL.is_file()):
+        pytest.skip(f"needs the FF++ smoke pair in {FFPP} (../shared is absent in a user's clone)")
+    return {"real": REAL, "fake": FAKE}
+
+
+@pytest.fixture
+def gst() -> None:
+    if not gst_available():
+        pytest.skip("/usr/bin/python3 cannot import gi/GstRtspServer (apt: python3-gi gir1.2-gst-rtsp-server-1.0)")
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[..., LiveServer]]:
+    """Starts in-process servers (settings dict → LiveServer); every one still running is stopped at teardown."""
+    started: list[LiveServer] = []
+
+    def start(settings: dict[str, Any], **kwargs: Any) -> LiveServer:
+        server = LiveServer(settings, **kwargs)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def rtsp_servers() -> Iterator[Callable[..., RtspServer]]:
+    started: list[RtspServer] = []
+
+    def start(mounts: dict[str, Path], port: int | None = None) -> RtspServer:
+        server = RtspServer(mounts, port)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aioice gathers no 127.0.0.1 candidate; make both peers (same process) use loopback only (as test_webrtc)."""
+    import aioice.ice
+
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+
+
+def scored(stream_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: (e["type"] == "participant.score" and e["stream_id"] == stream_id
+                      and e["data"]["p_fake"] is not None)
+
+
+def check_order(events: list[dict[str, Any]]) -> list[int]:
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(set(seqs)), "events out of order or repeated"
+    return seqs
+
+
+# --- RTSP ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_rtsp_streams_go_live_with_participants_and_scores(tmp_path, gst, slides_mp4, servers, rtsp_servers):
+    mounts = {"slides": slides_mp4}
+    if FAKE.is_file() and REAL.is_file():
+        mounts |= {"real": REAL, "fake": FAKE}
+    rtsp = rtsp_servers(mounts)
+    srv = servers(fast_settings(tmp_path / "data"))
+    async with Feed(srv.url, since=0) as feed, httpx.AsyncClient(base_url=srv.url, timeout=10) as http:
+        for name in mounts:
+            r = await http.post("/v1/streams", json={"id": name, "url": rtsp.url(name), "name": f"cam {name}"})
+            assert r.status_code == 201, r.text
+            assert r.json()["kind"] == "rtsp" and r.json()["state"] == "connecting"
+        for name in mounts:
+            await feed.wait_for(state(name, "connecting"), 5, f"{name} connecting")
+            await feed.wait_for(state(name, "live"), 15, f"{name} live")
+            joined = await feed.wait_for(is_("participant.joined", name), 20, f"{name} participant.joined")
+            assert joined["participant_id"].startswith(f"{name}/")
+        for name in mounts:
+            await feed.wait_count(scored(name), 3, 20, f"{name} scores")
+        for e in feed.of(lambda e: e["type"] == "participant.score"):
+            assert e["data"]["p_fake"] is None or 0.0 <= e["data"]["p_fake"] <= 1.0
+            assert e["data"]["state"] in ("warming_up", "ok", "suspicious", "alert", "low_quality", "no_face")
+
+        people = (await http.get("/v1/participants")).json()
+        by_stream = {p["stream_id"]: p for p in people}
+        assert set(by_stream) == set(mounts), people
+        for p in people:
+            assert p["samples"] >= 1 and 0.0 <= p["p_fake"] <= 1.0 and p["state"] in ("warming_up", "ok", "suspicious",
+                                                                                         "alert", "no_face")
+            assert p["sparkline"] and all(0.0 <= v <= 1.0 for _, v in p["sparkline"])
+        assert [p["id"] for p in (await http.get("/v1/participants", params={"stream_id": "slides"})).json()] == [
+            by_stream["slides"]["id"]]
+        streams = {s["id"]: s for s in (await http.get("/v1/streams")).json()}
+        assert all(streams[n]["state"] == "live" and streams[n]["participants"] >= 1 for n in mounts), streams
+        assert (await http.get("/v1/streams/slides")).json()["frames_sampled"] >= 3
+        metrics = (await http.get("/metrics")).text
+        assert 'streamguard_frames_sampled_total{kind="rtsp"}' in metrics
+        assert f'streamguard_streams{{kind="rtsp",state="live"}} {len(mounts)}.0' in metrics
+        assert "streamguard_sample_to_score_seconds_count" in metrics
+        check_order(feed.events)
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+async def test_rtsp_server_killed_and_restarted_stream_recovers(tmp_path, gst, slides_mp4, servers, rtsp_servers):
+    video = REAL if REAL.is_file() else slides_mp4  # 30 s: the file's end (the server closes at EOF) stays away
+    rtsp = rtsp_servers({"cam": video})
+    srv = servers(fast_settings(tmp_path / "data"))
+    async with Feed(srv.url, since=0, stream_id="cam") as feed, httpx.AsyncClient(base_url=srv.url) as http:
+        assert (await http.post("/v1/streams", json={"id": "cam", "url": rtsp.url("cam")})).status_code == 201
+        await feed.wait_for(state("cam", "live"), 15, "live")
+        await feed.wait_count(scored("cam"), 2, 20, "first scores")
+
+        mark = len(feed.events)
+        rtsp.kill()
+        stalled = await feed.wait_for(state("cam", "stalled"), 10, "stalled", after=mark)
+        assert stalled["data"]["reason"]
+        retry = await feed.wait_for(state("cam", "reconnecting"), 5, "reconnecting", after=mark)
+        assert retry["data"]["attempt"] >= 1 and retry["data"]["reason"] and retry["data"]["retry_in_s"] > 0
+        # While the server is down the attempts fail and say why.
+        refused = await feed.wait_for(lambda e: state("cam", "reconnecting")(e) and e["data"]["attempt"] >= 2, 10,
+                                      "a failed reconnect attempt", after=mark)
+        assert refused["data"]["reason"]
+
+        mark = len(feed.events)
+        rtsp_servers({"cam": video}, port=rtsp.port)
+        live = await feed.wait_for(state("cam", "live"), 15, "live again", after=mark)
+        resumed = await feed.wait_for(scored("cam"), 15, "scores after the restart", after=feed.events.index(live))
+        assert resumed["seq"] > live["seq"]
+        assert (await http.get("/v1/streams/cam")).json()["state"] == "live"
+        metrics = (await http.get("/metrics")).text
+        assert 'streamguard_reconnects_total{kind="rtsp"}' in metrics
+        check_order(feed.events)
+
+
+# --- WHIP ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_whip_publisher_joins_is_scored_and_leaves(tmp_path, loopback_ice, slides_mp4, servers):
+    from streamguard.client import publish
+
+    video = REAL if REAL.is_file() else slides_mp4
+    srv = servers(fast_settings(tmp_path / "data"))
+    async with (Feed(srv.url, since=0) as feed, Feed(srv.url, since=0, types="participant.joined,participant.left")
+                as roster, httpx.AsyncClient(base_url=srv.url) as http):
+        pub = await publish(f"{srv.url}/v1/whip", str(video), participant_id="alice", display_name="Alice Example",
+                            connect_timeout_s=20)
+        try:
+            joined = await feed.wait_for(is_("participant.joined"), 10, "participant.joined")
+            assert joined["participant_id"] == "alice" and joined["data"]["label"] == "Alice Example"
+            stream_id = joined["stream_id"]
+            assert stream_id == f"whip:{pub.session_id}"
+            assert (await feed.wait_for(is_("stream.state", stream_id), 5, "stream state"))["data"]["state"] == "live"
+            scores = await feed.wait_count(scored(stream_id), 3, 30, "scores")
+            assert all(e["participant_id"] == "alice" for e in scores)
+            people = (await http.get("/v1/participants")).json()
+            assert [(p["id"], p["label"], p["stream_id"]) for p in people] == [("alice", "Alice Example", stream_id)]
+            assert people[0]["samples"] >= 3 and people[0]["p_fake"] is not None
+
+            r = await http.delete(f"/v1/whip/{pub.session_id}")
+            assert r.status_code == 200
+            left = await feed.wait_for(is_("participant.left"), 10, "participant.left")
+            assert left["participant_id"] == "alice" and left["data"]["reason"] == "deleted by client"
+            assert left["data"]["samples"] >= 3 and 0.0 <= left["data"]["score"] <= 1.0
+            closed = await feed.wait_for(state(stream_id, "closed"), 5, "stream closed")
+            assert closed["seq"] > left["seq"]
+            assert (await http.get("/v1/participants")).json() == []
+            assert (await http.delete(f"/v1/whip/{pub.session_id}")).status_code == 404
+        finally:
+            await pub.close()
+        check_order(feed.events)
+        # A type filter (streamguard.client's comma-separated form) gets just those types.
+        await roster.wait_count(is_("participant.left"), 1, 5, "filtered left")
+        assert [e["type"] for e in roster.events] == ["participant.joined", "participant.left"]
+
+
+# --- resume with since ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+async def test_resume_with_since_gets_every_missed_event_once_across_a_restart(tmp_path, slides_mp4, servers):
+    from streamguard.client import events
+
+    settings = fast_settings(tmp_path / "data")
+    srv = servers(settings)
+    got: list[dict[str, Any]] = []
+    reconnects: list[str] = []
+
+    async def follow() -> None:  # the bot client: reconnects by itself, resuming after its last seq
+        async for event in events(srv.url, since=0, backoff_initial_s=0.2, backoff_max_s=1.0,
+                                  on_reconnect=lambda n, d, why: reconnects.append(why)):
+            got.append(event)
+
+    follower = asyncio.create_task(follow())
+    try:
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            async with Feed(srv.url, since=0) as early:
+                assert (await http.post("/v1/streams", json={"id": "a", "url": str(slides_mp4)})).status_code == 201
+                await early.wait_count(scored("a"), 2, 20, "scores on a")
+                cut = early.last_seq
+            assert cut is not None
+            # While `early` is away: more scores, then a restart (graceful: a closes, its participant leaves).
+            await until(lambda: sum(1 for e in got if scored("a")(e)) >= 4, 20, "more scores on a")
+            before_stop = len(got)
+            await srv.astop()
+        first_run = stored_events(tmp_path / "data")
+        last_first_run = first_run[-1]["seq"]
+        assert [e["data"]["state"] for e in first_run if e["type"] == "stream.state"][-1] == "closed"
+
+        srv2 = servers(settings)  # same port, same data dir
+        async with httpx.AsyncClient(base_url=srv2.url) as http:
+            assert (await http.post("/v1/streams", json={"id": "b", "url": str(slides_mp4)})).status_code == 201
+            await until(lambda: any(scored("b")(e) for e in got), 30, "the follower to get scores of b")
+            async with Feed(srv2.url, since=cut) as resumed:
+                await resumed.wait_for(scored("b"), 10, "replay up to b's scores")
+                await asyncio.sleep(0.5)
+            reference = resumed.events
+            async with Feed(srv2.url, since=0) as everything:
+                await until(lambda: everything.last_seq is not None and everything.last_seq >= reference[-1]["seq"],
+                            10, "a full replay")
+        # seq continues across the restart
+        b_events = [e for e in reference if e["stream_id"] == "b"]
+        assert b_events[0]["seq"] == last_first_run + 1
+        # The resumed client got exactly the events after `cut`, once each, in order, as stored.
+        full = everything.events
+        assert check_order(reference) == [e["seq"] for e in full if cut < e["seq"] <= reference[-1]["seq"]]
+        assert reference == [e for e in full if cut < e["seq"] <= reference[-1]["seq"]]
+        assert [e["seq"] for e in full] == list(range(1, full[-1]["seq"] + 1))  # no gap in the store either
+        # The follower was disconnected by the restart, came back with since=<its last seq> and missed nothing,
+        # including the events stored during shutdown after its connection was closed.
+        assert reconnects, "the follower was never disconnected"
+        n = len(got)
+        assert check_order(got) == [e["seq"] for e in full[:n]] and got == full[:n]
+        assert any(e["type"] == "participant.left" and e["stream_id"] == "a" for e in got[before_stop:])
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+
+
+# --- alerts --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+async def test_alert_on_the_ffpp_fake_and_none_on_its_real(tmp_path, ffpp, servers):
+    """Default thresholds, default model: the deepfake raises an alert, the real video of the same scene does not.
+
+    Both 30 s files play concurrently in real time (file paths). The truth is asserted either way: the smoothed
+    scores seen are recorded, and if the model misses, the test is an xfail carrying those numbers.
+    """
+    srv = servers(fast_settings(tmp_path / "data"))
+    async with Feed(srv.url, since=0) as feed, httpx.AsyncClient(base_url=srv.url) as http:
+        for name, path in ffpp.items():
+            assert (await http.post("/v1/streams", json={"id": name, "url": f"file://{path}"})).status_code == 201
+        for name in ffpp:
+            await feed.wait_for(state(name, "closed"), 60, f"{name} to play to its end")
+        await feed.wait_count(is_("participant.left"), 2, 10, "both participants to leave")
+
+        def smoothed(name: str) -> list[float]:
+            return [e["data"]["smoothed"] for e in feed.of(scored(name)) if e["data"]["smoothed"] is not None]
+
+        summary = {name: {"samples": len(feed.of(scored(name))), "max_smoothed": round(max(smoothed(name)), 3),
+                          "median_smoothed": round(sorted(smoothed(name))[len(smoothed(name)) // 2], 3),
+                          "alerts": len(feed.of(is_("alert.raised", name)))} for name in ffpp}
+        print("ffpp alert run:", MODEL or "default model", json.dumps(summary))
+        assert summary["real"]["samples"] >= 25 and summary["fake"]["samples"] >= 25, summary
+        assert summary["real"]["alerts"] == 0, f"a false alert on the real video: {summary}"
+        page = (await http.get("/v1/alerts")).json()
+        assert {a["stream_id"] for a in page["items"]} <= {"fake"}
+        if summary["fake"]["alerts"] == 0:
+            pytest.xfail(f"{MODEL or 'the default model'} raises no alert on the FF++ deepfake at default "
+                         f"thresholds: {summary}")
+        raised = feed.of(is_("alert.raised", "fake"))[0]
+        assert raised["data"]["smoothed"] >= raised["data"]["threshold"]
+        assert any(a["alert_id"] == raised["data"]["alert_id"] for a in page["items"])
+        await check_evidence(http, raised)
+
+
+async def check_evidence(http: httpx.AsyncClient, raised: dict[str, Any]) -> None:
+    evidence = raised["data"]["evidence"]
+    assert set(evidence) == {"crop", "heatmap"}, raised
+    crop = await http.get(evidence["crop"])
+    assert crop.status_code == 200 and crop.headers["content-type"] == "image/jpeg" and crop.content[:2] == b"\xff\xd8"
+    heat = await http.get(evidence["heatmap"])
+    assert heat.status_code == 200 and heat.headers["content-type"] == "image/png" and heat.content[:4] == b"\x89PNG"
+    alert = (await http.get(f"/v1/alerts/{raised['data']['alert_id']}")).json()
+    assert alert["participant_id"] == raised["participant_id"] and alert["raised_seq"] == raised["seq"]
+    assert alert["evidence"] == ["crop", "heatmap"]
+
+
+@pytest.mark.asyncio
+async def test_alert_evidence_end_to_end(tmp_path, slides_mp4, servers):
+    """The alert path itself, independent of any model's calibration: thresholds low enough that every face alerts."""
+    settings = fast_settings(tmp_path / "data", scoring={"raise_threshold": 1e-6, "clear_threshold": 5e-7,
+                                                          "min_window_samples": 2, "raise_after": 1})
+    srv = servers(settings)
+    async with Feed(srv.url, since=0) as feed, httpx.AsyncClient(base_url=srv.url) as http:
+        assert (await http.post("/v1/streams", json={"id": "cam", "url": str(slides_mp4)})).status_code == 201
+        raised = await feed.wait_for(is_("alert.raised", "cam"), 20, "alert.raised")
+        assert raised["participant_id"].startswith("cam/")
+        page = (await http.get("/v1/alerts")).json()
+        assert [a["alert_id"] for a in page["items"]] == [raised["data"]["alert_id"]]
+        assert page["items"][0]["cleared_seq"] is None
+        await check_evidence(http, raised)
+        people = (await http.get("/v1/participants")).json()
+        assert any(p["alert_active"] and p["alert_id"] == raised["data"]["alert_id"] for p in people)
+        # Removing the stream clears the open alert (participant left) and closes the stream.
+        assert (await http.delete("/v1/streams/cam")).status_code == 204
+        cleared = await feed.wait_for(is_("alert.cleared", "cam"), 10, "alert.cleared")
+        assert cleared["data"]["alert_id"] == raised["data"]["alert_id"]
+        assert (await http.get("/v1/alerts", params={"open_only": True})).json()["items"] == []
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+
+def offer_sdp() -> str:
+    """A real offer from an aiortc peer (what a WHIP client sends)."""
+    from aiortc import RTCPeerConnection
+    from aiortc.mediastreams import VideoStreamTrack
+
+    async def make() -> str:
+        pc = RTCPeerConnection()
+        pc.addTransceiver(VideoStreamTrack(), direction="sendonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+
+    return asyncio.run(make())
+
+
+def assert_json_error(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    body = r.json()
+    assert body["error"] and body["message"], body
+    if code is not None:
+        assert body["error"] == code, body
+    return body
+
+
+@pytest.mark.asyncio
+async def test_bad_requests_are_refused_with_json_and_bad_streams_say_why(tmp_path, loopback_ice, slides_mp4,
+                                                                          servers):
+    sdp = await asyncio.to_thread(offer_sdp)
+    srv = servers(fast_settings(tmp_path / "data", whip={"max_sdp_bytes": 16 * 1024}))
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "readme.txt").write_text("this is a text file, not a video\n" * 100)
+    dead_port = free_port()  # nothing listens there
+    with http_folder(tmp_path / "site") as site:
+        async with Feed(srv.url, since=0) as feed, httpx.AsyncClient(base_url=srv.url) as http:
+            # A good stream first: it must keep serving through everything below.
+            assert (await http.post("/v1/streams", json={"id": "good", "url": str(slides_mp4)})).status_code == 201
+
+            # WHIP
+            whip = {"Content-Type": "application/sdp"}
+            assert_json_error(await http.post("/v1/whip", content=b"v=0\r\nthis is not sdp\r\n", headers=whip), 400)
+            assert_json_error(await http.post("/v1/whip", content=b"hello", headers=whip), 400, "malformed_sdp")
+            assert_json_error(await http.post("/v1/whip", content=sdp.encode(), headers={"Content-Type": "text/plain"}),
+                              415, "unsupported_media_type")
+            big = sdp + "a=x-padding:" + "x" * 20000 + "\r\n"
+            assert_json_error(await http.post("/v1/whip", content=big.encode(), headers=whip), 413)
+            assert_json_error(await http.delete("/v1/whip/nope"), 404)
+
+            # Streams API
+            body = assert_json_error(await http.post("/v1/streams", json={"id": "f", "url": "ftp://example.com/x"}),
+                                     400)
+            assert "url" in body["message"] and "ftp" in body["message"], body
+            r = await http.post("/v1/streams", content=b'{"id": "x", "url": ', headers={"Content-Type":
+                                                                                          "application/json"})
+            assert_json_error(r, 400, "invalid_json")
+            assert_json_error(await http.post("/v1/streams", json={"url": "rtsp://h/x"}), 400, "invalid_request")
+            assert_json_error(await http.post("/v1/streams", json={"id": "good", "url": str(slides_mp4)}), 409,
+                              "stream_exists")
+            assert_json_error(await http.get("/v1/streams/nope"), 404, "not_found")
+            assert_json_error(await http.delete("/v1/streams/nope"), 404, "not_found")
+            assert_json_error(await http.get("/v1/alerts/nope"), 404, "not_found")
+            assert_json_error(await http.get("/v1/alerts/nope/evidence/crop"), 404, "not_found")
+
+            # Streams that cannot work say why, and keep trying (network) or fail (nothing to retry).
+            for sid, url in [("text", f"{site}/readme.txt"), ("dead", f"rtsp://127.0.0.1:{dead_port}/cam"),
+                             ("missing", str(tmp_path / "no such file.mp4"))]:
+                assert (await http.post("/v1/streams", json={"id": sid, "url": url})).status_code == 201
+            text = await feed.wait_for(lambda e: e["stream_id"] == "text" and e["data"].get("state") in
+                                       ("reconnecting", "failed"), 10, "text: reconnecting or failed")
+            assert "not a video" in text["data"]["reason"], text
+            dead = await feed.wait_for(state("dead", "reconnecting"), 10, "dead: reconnecting")
+            assert dead["data"]["reason"] and dead["data"]["attempt"] == 1 and dead["data"]["retry_in_s"] > 0, dead
+            missing = await feed.wait_for(state("missing", "failed"), 10, "missing: failed")
+            assert "no such file" in missing["data"]["reason"].lower(), missing
+            info = (await http.get("/v1/streams/dead")).json()
+            assert info["state"] in ("reconnecting", "connecting") and info["reason"] in (None, dead["data"]["reason"])
+
+            # ... and the good stream was scored all along.
+            mark = len(feed.events)
+            await feed.wait_for(scored("good"), 10, "a score on the good stream", after=mark)
+            assert (await http.get("/healthz")).json() == {"status": "ok"}
+            for sid in ("text", "dead", "missing"):
+                assert (await http.delete(f"/v1/streams/{sid}")).status_code == 204
+            closed = await feed.wait_for(state("dead", "closed"), 10, "dead closed")
+            assert closed["data"]["reason"]
+
+
+@pytest.mark.asyncio
+async def test_token_guards_http_websocket_and_whip(tmp_path, servers):
+    from websockets.asyncio.client import connect
+
+    from streamguard.client import EventAuthError, WhipClientError, events, publish
+
+    srv = servers(fast_settings(tmp_path / "data", token="s3cret-token"))
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        assert (await http.get("/healthz")).status_code == 200  # probes stay open
+        assert (await http.get("/readyz")).status_code == 200
+        for method, path in [("GET", "/v1/streams"), ("GET", "/v1/participants"), ("GET", "/v1/alerts"),
+                             ("GET", "/metrics"), ("POST", "/v1/streams"), ("DELETE", "/v1/streams/x")]:
+            r = await http.request(method, path, headers={"Authorization": "Bearer wrong"})
+            assert_json_error(r, 401, "unauthorized")
+            assert r.headers["www-authenticate"] == "Bearer"
+            assert_json_error(await http.request(method, path), 401, "unauthorized")
+        r = await http.post("/v1/whip", content=b"v=0\r\n", headers={"Content-Type": "application/sdp"})
+        assert_json_error(r, 401, "unauthorized")
+        ok = await http.get("/v1/streams", headers={"Authorization": "Bearer s3cret-token"})
+        assert ok.status_code == 200 and ok.json() == []
+
+    ws_url = srv.url.replace("http://", "ws://") + "/v1/events"
+    for headers, query in [(None, ""), ({"Authorization": "Bearer wrong"}, ""), (None, "?access_token=wrong")]:
+        async with connect(ws_url + query, additional_headers=headers) as ws:
+            with pytest.raises(Exception):
+                await asyncio.wait_for(ws.recv(), 5)
+            assert ws.close_code == 4401
+    async with Feed(srv.url, since=0, access_token="s3cret-token") as feed:  # a browser's way
+        await asyncio.sleep(0.3)
+        assert feed.close_code is None
+    with pytest.raises(EventAuthError):
+        async for _ in events(srv.url, token="wrong", since=0):
+            pass
+    with pytest.raises(WhipClientError) as err:
+        await publish(f"{srv.url}/v1/whip", str(REAL if REAL.is_file() else "testsrc"), participant_id="bob",
+                      token="wrong", connect_timeout_s=5,
+                      **({} if REAL.is_file() else {"player_format": "lavfi"}))
+    assert err.value.status == 401
+
+
+# --- event feed backpressure ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_slow_websocket_client_is_closed_with_4008_while_others_get_everything(tmp_path, servers):
+    dead_port = free_port()
+    # Streams failing fast (nothing listens on their port): ~100 real stream.state events a second. The queue is
+    # small, yet holds what arrives during a loop stall of half a second: the hub hands a subscriber whole commit
+    # batches at once, and a burst larger than the queue drops even a client that reads at once.
+    srv = servers(fast_settings(tmp_path / "data", events={"client_queue_size": 64},
+                                sources={"backoff_initial_s": 0.05, "backoff_max_s": 0.1}), sndbuf=4096)
+    slow = await RawWebSocket.connect("127.0.0.1", srv.config.port, "/v1/events?since=0")  # and never reads
+    try:
+        async with Feed(srv.url, since=0) as fast, httpx.AsyncClient(base_url=srv.url) as http:
+            for i in range(5):
+                url = f"rtsp://127.0.0.1:{dead_port}/cam{i}"
+                assert (await http.post("/v1/streams", json={"id": f"s{i}", "url": url})).status_code == 201
+            await until(lambda: srv.service.hub.dropped_subscribers >= 1, 30, "the slow client to be dropped")
+            assert fast.close_code is None and not fast.closed.is_set()
+            for i in range(5):
+                assert (await http.delete(f"/v1/streams/s{i}")).status_code == 204
+            await fast.wait_count(state("s4", "closed"), 1, 10, "the last stream's closed event")
+            assert srv.service.hub.dropped_subscribers == 1 and fast.close_code is None
+            # The slow client, reading at last, finds a close frame with 4008 after what was already in flight.
+            code, reason, received = await slow.read_until_close(10)
+            assert code == 4008 and "since=" in reason, (code, reason)
+    finally:
+        slow.close()
+    # The fast client got every event, in order, none twice.
+    seqs = check_order(fast.events)
+    assert seqs == list(range(1, seqs[-1] + 1)) and len(seqs) > 100
+    assert received < len(seqs)
+
+
+# --- config and process lifecycle (`streamguard serve` subprocesses) ----------------------------------------------
+
+
+BAD_CONFIGS = [  # (environment, YAML file, the field the error must name)
+    ({"STREAMGUARD_PORT": "abc"}, None, "port"),
+    ({}, "scoring:\n  window_s: -1\n", "scoring.window_s"),
+    ({}, "sources:\n  watchdog_sec: 5\n", "sources.watchdog_sec"),  # a typo is refused, not ignored
+]
+
+
+def test_bad_config_is_refused_at_start_with_the_field_named(tmp_path):
+    # All at once: each process start costs seconds on a busy 2-core host.
+    procs = [ServeProcess(tmp_path / str(i), env=env, config_text=text, args=["--data-dir", str(tmp_path / f"d{i}")])
+             .start() for i, (env, text, _) in enumerate(BAD_CONFIGS)]
+    try:
+        for i, (proc, (_, _, field)) in enumerate(zip(procs, BAD_CONFIGS, strict=True)):
+            assert proc.wait(60) == 2, proc.stderr
+            assert field in proc.stderr and "invalid config" in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr
+            assert not (tmp_path / f"d{i}").exists()  # nothing was started
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
+def _non_loopback_ipv4() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the outgoing interface
+            addr = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if addr.startswith("127.") else addr
+
+
+def test_no_token_and_a_public_host_listens_on_loopback_only(tmp_path):
+    port = free_port()
+    settings = fast_settings(tmp_path / "data", port=port)
+    proc = ServeProcess(tmp_path, settings, args=["--host", "0.0.0.0"]).start()
+    try:
+        proc.wait_ready()
+        assert "127.0.0.1 only" in proc.stderr and "0.0.0.0" in proc.stderr, proc.stderr
+        other = _non_loopback_ipv4()
+        if other is not None:
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://{other}:{port}/healthz", timeout=3)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        proc.kill()
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="exit code -15: uvicorn re-raises the captured SIGTERM after its graceful "
+                   "shutdown (Server.capture_signals) with the default handler; cli.serve must handle it (see report)")
+async def test_sigterm_closes_streams_participants_leave_and_exit_0(tmp_path, slides_mp4):
+    settings = fast_settings(tmp_path / "data", streams=[{"id": "cam", "url": str(slides_mp4)},
+                                                         {"id": "cam2", "url": str(slides_mp4)}])
+    proc = ServeProcess(tmp_path, settings).start()
+    try:
+        await asyncio.to_thread(proc.wait_ready)
+        async with Feed(proc.url, since=0) as feed:
+            for sid in ("cam", "cam2"):
+                await feed.wait_for(is_("participant.joined", sid), 20, f"{sid}: participant.joined")
+            proc.terminate()
+            code = await asyncio.to_thread(proc.wait, 30)
+            await asyncio.wait_for(feed.closed.wait(), 5)
+        assert "Traceback" not in proc.stderr, proc.stderr
+    finally:
+        proc.kill()
+    events = stored_events(tmp_path / "data")
+    check_order(events)
+    for sid in ("cam", "cam2"):
+        mine = [e for e in events if e["stream_id"] == sid]
+        joined = {e["participant_id"] for e in mine if e["type"] == "participant.joined"}
+        left = {e["participant_id"] for e in mine if e["type"] == "participant.left"}
+        assert joined and joined == left, (sid, joined, left)
+        assert mine[-1]["type"] in ("stream.state", "participant.left")
+        closed = [e for e in mine if e["type"] == "stream.state" and e["data"]["state"] == "closed"]
+        assert len(closed) == 1 and closed[0]["data"]["reason"], mine[-4:]
+        assert all(e["type"] != "participant.score" for e in mine[mine.index(closed[0]):])
+    assert code == 0, f"exit code {code} after a graceful shutdown"
