@@ -358,6 +358,36 @@ def test_torch_classifier_splits_batches_larger_than_its_profile():
         clf.predict(crops[:, :100])
 
 
+def test_torch_classifier_bucket_replay_logic_on_the_cpu():
+    """The CUDA-graph path of predict with CPU stand-ins for the graphs: padding into buckets, static buffers reused,
+    stale rows never returned."""
+    from streamguard.inference.cuda import TorchCudaClassifier
+
+    _, card = resolve_model(str(MESO4))
+    clf = TorchCudaClassifier(MESO4, card, device="cpu", precision="fp32", max_batch=8)
+    replays: list[int] = []
+
+    class CpuGraph:
+        def __init__(self, static_in, static_out):
+            self.static_in, self.static_out = static_in, static_out
+
+        def replay(self):
+            replays.append(len(self.static_in))
+            self.static_out.copy_(clf._forward(self.static_in))
+
+    for b in (1, 2, 4):
+        static_in = torch.full((b, 256, 256, 3), 255, dtype=torch.uint8)  # stale content in the padding rows
+        static_out = clf._forward(static_in).clone()
+        clf._graphs[b] = (CpuGraph(static_in, static_out), static_in, static_out)
+    clf.graph_sizes = (1, 2, 4)
+    crops = RNG.integers(0, 256, (7, 256, 256, 3), dtype=np.uint8)
+    ref = OnnxClassifier(MESO4, card).predict(crops)
+    np.testing.assert_allclose(clf.predict(crops[:3]), ref[:3], atol=1e-5)  # bucket 4, one padding row
+    np.testing.assert_allclose(clf.predict(crops[:1]), ref[:1], atol=1e-5)
+    np.testing.assert_allclose(clf.predict(crops), ref, atol=1e-5)  # 7 > the largest graph: eager
+    assert replays == [4, 1]
+
+
 # ------------------------------------------------------------------ FLOPs and the benchmark
 
 
