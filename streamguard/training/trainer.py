@@ -37,7 +37,7 @@ CHECKPOINT = "checkpoint.pt"
 
 @dataclass(slots=True)
 class TrainConfig:
-    epochs: int = 12
+    epochs: int = 16
     samples_per_epoch: int = 2048
     batch_size: int = 32
     lr: float = 2e-3

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Per-face CPU latency of a model with ONNX Runtime, at batch 1 and batch 16 (p50 / p95 over repeated runs).
+
+    python tools/bench_model.py                       # the default model (engines/streamguard-sbi)
+    python tools/bench_model.py mesonet4-df --threads 2 --runs 200
+
+Inputs are real-sized random crops through the card's preprocessing; the numbers are the classifier call only
+(preprocess + session.run), not face detection. Other processes on the machine add noise: compare runs taken
+back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from streamguard.inference.models import resolve_model  # noqa: E402
+from streamguard.inference.onnx import OnnxClassifier  # noqa: E402
+
+
+def bench(classifier: OnnxClassifier, batch: int, runs: int, warmup: int, seed: int = 0) -> dict:
+    size = classifier.input_size
+    crops = np.random.default_rng(seed).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    for _ in range(warmup):
+        classifier.predict(crops)
+    times = np.empty(runs)
+    for i in range(runs):
+        t = time.perf_counter()
+        classifier.predict(crops)
+        times[i] = time.perf_counter() - t
+    per_face = times * 1000.0 / batch
+    return {
+        "batch": batch,
+        "runs": runs,
+        "call_p50_ms": round(float(np.percentile(times * 1000.0, 50)), 3),
+        "per_face_p50_ms": round(float(np.percentile(per_face, 50)), 3),
+        "per_face_p95_ms": round(float(np.percentile(per_face, 95)), 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=None, help="name in engines/ or path to an .onnx (default model)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    p.add_argument("--runs", type=int, default=100, help="timed calls per batch size")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    args = p.parse_args(argv)
+
+    onnx_path, card = resolve_model(args.model)
+    classifier = OnnxClassifier(onnx_path, card, threads=args.threads)
+    results = {
+        "model": card.name,
+        "onnx": str(onnx_path),
+        "onnx_bytes": onnx_path.stat().st_size,
+        "input_size": card.preprocess.input_size,
+        "threads": args.threads,
+        "results": [bench(classifier, b, args.runs, args.warmup) for b in args.batches],
+    }
+    for r in results["results"]:
+        print(f"{card.name}: batch {r['batch']:>3}: per face p50 {r['per_face_p50_ms']:.2f} ms, "
+              f"p95 {r['per_face_p95_ms']:.2f} ms (call p50 {r['call_p50_ms']:.2f} ms, {r['runs']} runs)")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
