@@ -184,6 +184,13 @@ def test_engine_without_a_readable_sidecar_is_never_used(tmp_path: Path):
     assert not cache.lookup("m", key()).hit
 
 
+def test_cache_dir_follows_the_environment(tmp_path: Path):
+    from streamguard.inference.engine_cache import default_cache_dir
+
+    assert default_cache_dir(tmp_path, environ={}) == tmp_path / "cache"
+    assert default_cache_dir(tmp_path, environ={"STREAMGUARD_ENGINE_CACHE": "/data/engines"}) == Path("/data/engines")
+
+
 def test_store_leaves_no_temp_files(tmp_path: Path):
     EngineCache(tmp_path).store("m", key(), b"x" * 1000)
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".engine", ".json"]

@@ -46,6 +46,7 @@ class BackendOptions:
     cuda_engine: CudaEngine = "auto"
     threads: int = 0  # ONNX Runtime CPU intra-op threads (0: all cores)
     device_index: int = 0
+    engine_cache_dir: Path | None = None  # default: $STREAMGUARD_ENGINE_CACHE, else engines/cache
 
 
 Loader = Callable[[Path, ModelCard, Availability, BackendOptions, Path], Classifier]
@@ -207,7 +208,7 @@ def _load_tensorrt(onnx_path: Path, card: ModelCard, avail: Availability, opts: 
     from streamguard.inference.engine_cache import DEFAULT_MAX_BATCH, EngineCache, default_cache_dir
     from streamguard.inference.tensorrt import TensorRTClassifier
 
-    cache = EngineCache(default_cache_dir(engines_dir))
+    cache = EngineCache(opts.engine_cache_dir or default_cache_dir(engines_dir))
     path = find_cached_engine(cache, card.name, onnx_path, avail, opts.precision, opts.max_batch)
     if path is None:
         hint = f"`streamguard engine build {onnx_path} --precision {opts.precision} --max-batch {opts.max_batch}`"
@@ -217,7 +218,7 @@ def _load_tensorrt(onnx_path: Path, card: ModelCard, avail: Availability, opts: 
                     card.name)
         result = build_engine(onnx_path, precision=opts.precision, max_batch=max(opts.max_batch, DEFAULT_MAX_BATCH),
                               opt_batch=min(opts.max_batch, DEFAULT_MAX_BATCH), engines_dir=engines_dir,
-                              availability=avail)
+                              cache_dir=cache.directory, availability=avail)
         path = result.path
     return TensorRTClassifier(path, card)
 

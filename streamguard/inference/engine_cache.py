@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -298,8 +298,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def default_cache_dir(engines_dir: Path) -> Path:
-    return Path(engines_dir) / "cache"
+CACHE_ENV = "STREAMGUARD_ENGINE_CACHE"
+
+
+def default_cache_dir(engines_dir: Path, environ: Mapping[str, str] | None = None) -> Path:
+    """$STREAMGUARD_ENGINE_CACHE if set (a writable place where engines/ is read-only, as in a container image),
+    else engines/cache."""
+    env = os.environ if environ is None else environ
+    return Path(env[CACHE_ENV]) if env.get(CACHE_ENV) else Path(engines_dir) / "cache"
 
 
 # -- INT8 calibration data ---------------------------------------------------------------------------------------------
