@@ -21,6 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 app = typer.Typer(help="StreamGuard: live deepfake and impostor-face detection.", no_args_is_help=True)
 models_app = typer.Typer(help="List and import models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+engine_app = typer.Typer(help="TensorRT engines for NVIDIA GPUs.", no_args_is_help=True)
+app.add_typer(engine_app, name="engine")
 
 ModelOption = Annotated[
     Optional[str], typer.Option("--model", "-m", help="a model name in engines/ or a path to its .onnx")
@@ -246,6 +248,45 @@ def models_import(
     except (OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="FILE") from None
     typer.echo(f"wrote {onnx_path} and its card {onnx_path.with_suffix('.json').name} (output: P(fake))")
+
+
+@engine_app.command("build")
+def engine_build(
+    model: Annotated[Optional[str], typer.Argument(help="name in engines/ or path to an .onnx (default model)")] = None,
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8")] = "fp16",
+    max_batch: Annotated[int, typer.Option(help="largest batch the engine runs")] = 64,
+    opt_batch: Annotated[Optional[int], typer.Option(help="batch TensorRT tunes for (default: the batcher's 16)")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(help="INT8: folder of real face photos")] = None,
+    calibration_are_crops: Annotated[bool, typer.Option(help="the calibration images are aligned crops")] = False,
+    tolerance: Annotated[float, typer.Option(help="INT8: max |dP(fake)| against ONNX Runtime")] = 0.02,
+    no_int8_fallback: Annotated[bool, typer.Option(help="fail instead of building FP16 when INT8 loses accuracy")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="default: engines/cache or $STREAMGUARD_ENGINE_CACHE")] = None,
+    force: Annotated[bool, typer.Option(help="rebuild even when a matching engine is cached")] = False,
+    workspace_gb: Annotated[Optional[float], typer.Option(help="TensorRT builder workspace limit")] = None,
+) -> None:
+    """Build (or reuse) a TensorRT engine, cached under (model hash, TensorRT version, GPU, precision, profile).
+
+    Exit status: 0 built or reused, 1 the model or the build failed, 2 this machine cannot build (no GPU/TensorRT).
+    """
+    from streamguard.inference.engine_build import EngineBuildError, build_engine
+    from streamguard.inference.gpu import BackendUnavailable
+
+    if precision not in ("fp32", "fp16", "int8"):
+        raise typer.BadParameter("use fp32, fp16 or int8", param_hint="--precision")
+    try:
+        result = build_engine(
+            model, precision=precision, max_batch=max_batch, opt_batch=opt_batch, calibration=calibration,
+            calibration_images_are_crops=calibration_are_crops, tolerance=tolerance,
+            int8_fallback=not no_int8_fallback, cache_dir=cache_dir, force=force,
+            workspace_bytes=int(workspace_gb * (1 << 30)) if workspace_gb else None,
+        )
+    except BackendUnavailable as exc:
+        typer.echo(f"error: cannot build a TensorRT engine here: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except (ModelNotFound, EngineBuildError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(result.summary())
 
 
 if __name__ == "__main__":
