@@ -83,12 +83,18 @@ try {
   mark("camera_live");
   // which addresses the media flows between (host candidates: the machine's interface, or loopback)
   result.icePair = await page.evaluate(async () => {
-    const stats = await window.streamguard.camera.pc.getStats();
-    const byId = new Map([...stats.values()].map((s) => [s.id, s]));
-    const pair = [...stats.values()].find((s) => s.type === "candidate-pair" && s.nominated && s.state === "succeeded");
-    if (!pair) return null;
-    const l = byId.get(pair.localCandidateId), r = byId.get(pair.remoteCandidateId);
-    return `${l.address}:${l.port} (${l.candidateType}) -> ${r.address}:${r.port} (${r.candidateType})`;
+    for (let i = 0; i < 50; i++) {
+      const stats = await window.streamguard.camera.pc.getStats();
+      const byId = new Map([...stats.values()].map((s) => [s.id, s]));
+      const transport = [...stats.values()].find((s) => s.type === "transport" && s.selectedCandidatePairId);
+      const pair = transport && byId.get(transport.selectedCandidatePairId);
+      if (pair) {
+        const l = byId.get(pair.localCandidateId), r = byId.get(pair.remoteCandidateId);
+        return `${l.address}:${l.port} (${l.candidateType}) -> ${r.address}:${r.port} (${r.candidateType})`;
+      }
+      await new Promise((done) => setTimeout(done, 100));
+    }
+    return null;
   });
 
   step = "participant scores";
