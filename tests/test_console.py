@@ -1,8 +1,10 @@
 """The operator console in a real browser: headless Chromium (Debian's) driven by Playwright, against a real server.
 
 `streamguard serve` runs as a subprocess (the real CLI, a free port, a temp data dir, a bearer token, the meso4
-model unless the shipped SBI model exists) with scoring thresholds low enough that a *real* face raises an alert: the
-alert comes through the whole live pipeline (WHIP → sampler → faces → classifier → scorer → store → feed).
+model unless the shipped SBI model exists) with scoring thresholds low enough that a *real* face raises an alert
+under meso4: the alert comes through the whole live pipeline (WHIP → sampler → faces → classifier → scorer → store
+→ feed). A second stream pulls the FaceForensics++ deepfake of the same clip from its file; with a model other
+than meso4 (which may rightly never flag the real face), its alert is the one the test waits for.
 Chromium's fake camera plays the first 10 s of a real FaceForensics++ face video (converted to .y4m with PyAV) and
 `tests/browser/console.mjs` clicks through the console; see that script for the steps it checks, among them a
 cut event feed that must resume with `since=<last seq>` without a gap in the seqs it received.
@@ -150,8 +152,9 @@ def test_console_monitor_my_camera(tmp_path: Path, shared_data: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     host_ice = os.environ.get("STREAMGUARD_CONSOLE_TEST_ICE") == "host"
+    model = os.environ.get("STREAMGUARD_CONSOLE_TEST_MODEL") or model_name()
     args = ["serve", "--config", str(config), "--port", str(port), "--data-dir", str(tmp_path / "data"),
-            "--model", model_name(), "--log-level", "info"]
+            "--model", model, "--log-level", "info"]
     cmd = [sys.executable, "-m", "streamguard.cli", *args] if host_ice else [sys.executable, "-c", LOOPBACK_ICE_SHIM, *args]
     env = {**os.environ, "STREAMGUARD_TOKEN": TOKEN}
     server_log = ARTIFACTS / "console-server.log"
@@ -169,6 +172,10 @@ def test_console_monitor_my_camera(tmp_path: Path, shared_data: Path) -> None:
                   "--token", TOKEN, "--timeout", "90", "--chromium", CHROMIUM]
         if not host_ice:
             driver += ["--chromium-args", "--allow-loopback-in-peer-connection"]
+        # meso4 scores this real face ~0.3, so with these thresholds it alerts; a better model may rightly not:
+        # then the pulled deepfake's alert is the one to see (and the screenshot shows it)
+        mine_must_alert = model == "mesonet-meso4-df" or not fake.is_file()
+        driver += ["--alert-of", "mine" if mine_must_alert else "any"]
         run = subprocess.run(driver, cwd=BROWSER_DIR, capture_output=True, text=True, timeout=200)
     finally:
         stop(proc)
@@ -185,8 +192,8 @@ def test_console_monitor_my_camera(tmp_path: Path, shared_data: Path) -> None:
     assert result["gaps"] == 0 and result["reconnects"] >= 1
     since = [u for u in result["wsUrls"][1:] if "since=" in u]
     assert since and all("access_token=" in u for u in result["wsUrls"]), result["wsUrls"]
-    mine = [a for a in result["alerts"] if a["participant"] and a["participant"].startswith("console-")]
-    assert mine and set(mine[0]["evidence"]) == {"crop", "heatmap"}, result["alerts"]
+    shown = [a for a in result["alerts"] if not mine_must_alert or (a["participant"] or "").startswith("console-")]
+    assert shown and set(shown[0]["evidence"]) == {"crop", "heatmap"}, result["alerts"]
     assert any(w.startswith("DELETE /v1/whip/") for w in result["whip"]), result["whip"]
     assert not [c for c in result["console"] if c.startswith("pageerror")], result["console"]
     assert shot.is_file() and shot.stat().st_size > 10_000

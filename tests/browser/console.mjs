@@ -24,6 +24,8 @@ const token = arg("token", null);
 const timeoutMs = Number(arg("timeout", "90")) * 1000;
 const chromiumPath = arg("chromium", "/usr/bin/chromium");
 const dropMs = Number(arg("drop-ms", "4000"));
+// whose alert to wait for: "mine" (the fake camera's participant) or "any" (also the pulled file's)
+const alertOf = arg("alert-of", "mine");
 const extraArgs = (arg("chromium-args", "") || "").split(" ").filter(Boolean);
 if (!url || !video) {
   console.error("usage: node console.mjs --url URL --video FILE.y4m [--screenshot PNG] [--token T]");
@@ -121,16 +123,16 @@ try {
   if (resumeUrls.length < 2) throw new Error(`expected refused reconnects during the outage, got ${resumeUrls.length} attempts`);
 
   step = "alert with evidence";
-  await page.waitForFunction(() => {
+  await page.waitForFunction((alertOf) => {
     const cam = window.streamguard.camera;
     const alert = [...document.querySelectorAll("#alerts .alert-card")].find((el) => {
       const a = window.streamguard.alerts.get(el.dataset.alertId);
-      return a && cam && a.participant_id === cam.participantId;
+      return a && cam && (alertOf === "any" || a.participant_id === cam.participantId);
     });
     if (!alert) return false;
     const imgs = [...alert.querySelectorAll(".evidence img")];
     return imgs.length === 2 && imgs.every((i) => i.complete && i.naturalWidth > 0);
-  }, null, { timeout: timeoutMs, polling: 250 });
+  }, alertOf, { timeout: timeoutMs, polling: 250 });
   mark("alert_shown");
   // let the next poll paint the participant in its alert state
   await page.waitForTimeout(1200);
