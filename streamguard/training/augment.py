@@ -2,8 +2,9 @@
 
 They mimic what a live call does to a face before we see it, so the classifier does not read "compressed" or
 "soft" as fake: flips, sensor noise, defocus blur, exposure changes, JPEG re-encoding, and the H.264-like
-downscale-upscale of an adaptive-bitrate stream; plus a small jitter of the crop's scale and position, because
-detector boxes move from frame to frame (DuckDuckGoose: the crop scale matters).
+downscale-upscale of an adaptive-bitrate stream; plus a small jitter of the crop's scale, position and roll, because
+detector boxes move from frame to frame and heads tilt (DuckDuckGoose: the crop scale matters). The jitter also
+keeps a small training set from being memorised image by image.
 
 Every function takes a uint8 (H, W, 3) image and an explicit numpy Generator and returns a new uint8 image of the
 same shape, so a sample is reproducible from its seed alone.

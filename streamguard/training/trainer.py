@@ -186,6 +186,9 @@ def train(
         train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
         worker_init_fn=_worker_init if cfg.num_workers else None, persistent_workers=cfg.num_workers > 0,
         drop_last=False,
+        # spawn, not fork: a worker forked after mediapipe / ONNX Runtime started their threads (face extraction
+        # in this process) can deadlock on a lock held by a thread that does not exist in the child.
+        multiprocessing_context="spawn" if cfg.num_workers else None,
     )
     keys = eval_keys(faces, val_idx, cfg.val_sbi_per_face, cfg.seed)
     loss_fn = torch.nn.BCEWithLogitsLoss()
