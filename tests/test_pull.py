@@ -134,28 +134,6 @@ def rtsp(gst_ok, faces_mp4) -> Iterator[Callable[[], RtspServer]]:
 
 
 @pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A TCP port that accepts connections and never answers: a hung camera (loopback only)."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        try:
-            while True:
-                held.append(server.accept()[0])
-        except OSError:
-            pass
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
-    for conn in held:
-        conn.close()
-
-
-@pytest.fixture
 def http_dir(tmp_path) -> Iterator[tuple[str, Path]]:
     """A local HTTP server (http.server in a thread) over a temporary folder: (base URL, folder)."""
 
