@@ -95,6 +95,7 @@ class Service:
         self._decoded_retired: Counter[str] = Counter()
         self._ready = False
         self._degraded: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # event publications and WHIP endings in flight
         self.ws_clients = 0
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
@@ -103,6 +104,10 @@ class Service:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.classifier = self._classifier or await asyncio.to_thread(load_classifier, cfg.model)
+        try:  # thresholds derived from the card may not fit it (card 0.88 + margin 0.2 > 1): refuse now, not per frame
+            cfg.scoring.thresholds(self.classifier.card.threshold)
+        except ValueError as exc:
+            raise ValueError(f"scoring: {exc} (model {self.classifier.card.name})") from None
         self.metrics.set_info(self.classifier.card.name, self.classifier.backend)
         self.store = EventStore(cfg.data_dir / "events.sqlite3")
         self.hub = EventHub(self.store, client_queue_size=cfg.events.client_queue_size)
@@ -131,11 +136,23 @@ class Service:
         """Close every stream (participants leave, streams close), then flush events and close the store."""
         self._ready = False
         await self.whip.close_all()
+        await self._settle()  # WHIP streams end: their participants leave, their streams close
         await asyncio.gather(*(self.remove_stream(sid) for sid in list(self._streams)), return_exceptions=True)
+        await self._settle()  # the sources' last state events
         await self.batcher.close()
         self.faces.close()
         await self.hub.close()
         self.store.close()
+
+    def _spawn(self, coro: Any) -> None:
+        """Run coro as a task that stop() waits for (a bare create_task may be collected, or cut off by stop)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     @property
     def ready(self) -> bool:
@@ -161,6 +178,10 @@ class Service:
 
     async def remove_stream(self, stream_id: str) -> None:
         stream = self._streams.pop(stream_id)  # KeyError: unknown stream
+        if stream.session is not None and not stream.session.ended:
+            # A WHIP stream removed through the streams API: end its peer connection too, or it would keep
+            # sending frames to nobody until the publisher gives up.
+            await self.whip.end(stream.session, "stream removed")
         if stream.source is not None:
             await stream.source.close()
             self._decoded_retired[stream.kind] += stream.source.stats.decoded
@@ -189,7 +210,10 @@ class Service:
     def _on_state(self, stream: _Stream, state: StreamState, info: dict[str, Any]) -> None:
         if state is StreamState.RECONNECTING:
             self.metrics.reconnects.labels(stream.kind).inc()
-        asyncio.get_running_loop().create_task(self._publish_state(stream, state.value, info.get("reason"), info))
+        # The state is current at once (the source's end reads it for the participants' leave reason); the event
+        # follows in order: tasks start in creation order and publish_nowait queues synchronously.
+        stream.state, stream.reason = state.value, info.get("reason")
+        self._spawn(self._publish_state(stream, state.value, info.get("reason"), info))
 
     async def _publish_state(self, stream: _Stream, state: str, reason: str | None, info: dict | None = None) -> None:
         stream.state, stream.reason = state, reason
@@ -223,7 +247,7 @@ class Service:
 
     def _on_whip_end(self, session: WhipSession, reason: str) -> None:
         if session.stream_id in self._streams:
-            asyncio.get_running_loop().create_task(self._end_whip(session, reason))
+            self._spawn(self._end_whip(session, reason))
 
     async def _end_whip(self, session: WhipSession, reason: str) -> None:
         stream = self._streams.pop(session.stream_id, None)
