@@ -96,6 +96,15 @@ class ServiceConfig(BaseSettings):
     events: EventSettings = Field(default_factory=EventSettings)
     streams: list[StreamSpec] = Field(default_factory=list, description="pull streams started with the service")
 
+    @field_validator("token")
+    @classmethod
+    def _token_not_blank(cls, token: SecretStr | None) -> SecretStr | None:
+        # An empty token (STREAMGUARD_TOKEN= set but blank) would count as "a token is configured": the service
+        # would listen publicly and accept "Authorization: Bearer " as valid.
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("must not be empty; leave it unset to run without one (loopback only)")
+        return token
+
     @classmethod
     def settings_customise_sources(
         cls,
