@@ -38,7 +38,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SYSTEM_PYTHON = "/usr/bin/python3"
 DEFAULT_ENGINE = REPO / "engines" / "streamguard-sbi.onnx"
 # None: the service's default model. Until engines/streamguard-sbi.onnx exists, the imported MesoNet stands in.
-MODEL: str | None = None if DEFAULT_ENGINE.exists() else "mesonet-meso4-df"
+# STREAMGUARD_TEST_MODEL=<name> picks another (e.g. to tell a model's failures from the service's).
+MODEL: str | None = os.environ.get("STREAMGUARD_TEST_MODEL") or (None if DEFAULT_ENGINE.exists() else
+                                                                 "mesonet-meso4-df")
 
 
 def free_port() -> int:

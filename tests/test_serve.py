@@ -20,7 +20,6 @@ import httpx
 import pytest
 
 from serve_helpers import (
-    MODEL,
     SHARED,
     Feed,
     LiveServer,
@@ -240,6 +239,39 @@ async def test_whip_publisher_joins_is_scored_and_leaves(tmp_path, loopback_ice,
         assert [e["type"] for e in roster.events] == ["participant.joined", "participant.left"]
 
 
+@pytest.mark.asyncio
+async def test_whip_sessions_end_cleanly_on_stream_removal_and_on_shutdown(tmp_path, loopback_ice, slides_mp4,
+                                                                           servers):
+    from streamguard.client import publish
+
+    srv = servers(fast_settings(tmp_path / "data"))
+    whip = f"{srv.url}/v1/whip"
+    async with Feed(srv.url, since=0) as feed, httpx.AsyncClient(base_url=srv.url) as http:
+        carol = await publish(whip, str(slides_mp4), participant_id="carol", connect_timeout_s=20)
+        bob = await publish(whip, str(slides_mp4), participant_id="bob", connect_timeout_s=20)
+        try:
+            carol_stream, bob_stream = f"whip:{carol.session_id}", f"whip:{bob.session_id}"
+            for sid in (carol_stream, bob_stream):
+                await feed.wait_for(scored(sid), 30, f"{sid} scored")
+            # Removing a WHIP stream through the streams API ends its session too (no orphaned peer connection).
+            assert (await http.delete(f"/v1/streams/{carol_stream}")).status_code == 204
+            left = await feed.wait_for(is_("participant.left", carol_stream), 10, "carol left")
+            assert left["participant_id"] == "carol"
+            await feed.wait_for(state(carol_stream, "closed"), 10, "carol's stream closed")
+            assert carol.session_id not in srv.service.whip.sessions
+            assert (await http.delete(f"/v1/whip/{carol.session_id}")).status_code == 404
+            # Shutdown with bob still publishing: he leaves and his stream closes, both stored.
+            await srv.astop()
+        finally:
+            await asyncio.gather(carol.close(), bob.close())
+    events = stored_events(tmp_path / "data")
+    mine = [e for e in events if e["stream_id"] == bob_stream]
+    assert [e["data"].get("reason") for e in mine if e["type"] == "participant.left"] == ["server shutdown"], mine[-3:]
+    assert mine[-1]["type"] == "stream.state" and mine[-1]["data"] == {
+        "state": "closed", "reason": "server shutdown", "attempt": None, "retry_in_s": None}
+    check_order(events)
+
+
 # --- resume with since ---------------------------------------------------------------------------------------------
 
 
@@ -321,7 +353,8 @@ async def test_alert_on_the_ffpp_fake_and_none_on_its_real(tmp_path, ffpp, serve
             assert (await http.post("/v1/streams", json={"id": name, "url": f"file://{path}"})).status_code == 201
         for name in ffpp:
             await feed.wait_for(state(name, "closed"), 60, f"{name} to play to its end")
-        await feed.wait_count(is_("participant.left"), 2, 10, "both participants to leave")
+        left = await feed.wait_count(is_("participant.left"), 2, 10, "both participants to leave")
+        assert all(e["data"]["reason"] == "stream closed" for e in left), left  # the file's end
 
         def smoothed(name: str) -> list[float]:
             return [e["data"]["smoothed"] for e in feed.of(scored(name)) if e["data"]["smoothed"] is not None]
@@ -329,14 +362,16 @@ async def test_alert_on_the_ffpp_fake_and_none_on_its_real(tmp_path, ffpp, serve
         summary = {name: {"samples": len(feed.of(scored(name))), "max_smoothed": round(max(smoothed(name)), 3),
                           "median_smoothed": round(sorted(smoothed(name))[len(smoothed(name)) // 2], 3),
                           "alerts": len(feed.of(is_("alert.raised", name)))} for name in ffpp}
-        print("ffpp alert run:", MODEL or "default model", json.dumps(summary))
+        raise_at, clear_at = srv.config.scoring.thresholds(srv.service.classifier.card.threshold)
+        summary["thresholds"] = {"raise": round(raise_at, 3), "clear": round(clear_at, 3)}  # type: ignore[assignment]
+        print("ffpp alert run:", srv.service.classifier.card.name, json.dumps(summary))
         assert summary["real"]["samples"] >= 25 and summary["fake"]["samples"] >= 25, summary
         assert summary["real"]["alerts"] == 0, f"a false alert on the real video: {summary}"
         page = (await http.get("/v1/alerts")).json()
         assert {a["stream_id"] for a in page["items"]} <= {"fake"}
         if summary["fake"]["alerts"] == 0:
-            pytest.xfail(f"{MODEL or 'the default model'} raises no alert on the FF++ deepfake at default "
-                         f"thresholds: {summary}")
+            pytest.xfail(f"{srv.service.classifier.card.name} raises no alert on the FF++ deepfake at the default "
+                         f"thresholds for its card: {summary}")
         raised = feed.of(is_("alert.raised", "fake"))[0]
         assert raised["data"]["smoothed"] >= raised["data"]["threshold"]
         assert any(a["alert_id"] == raised["data"]["alert_id"] for a in page["items"])
@@ -566,6 +601,16 @@ def test_bad_config_is_refused_at_start_with_the_field_named(tmp_path):
     finally:
         for proc in procs:
             proc.kill()
+
+
+@pytest.mark.parametrize("token", ["", "   "])
+def test_blank_token_is_refused(monkeypatch, token):
+    """A blank STREAMGUARD_TOKEN must not count as a token: it would open a public bind to 'Bearer ' requests."""
+    from streamguard.config import ConfigError, load_config
+
+    monkeypatch.setenv("STREAMGUARD_TOKEN", token)
+    with pytest.raises(ConfigError, match="token"):
+        load_config(host="0.0.0.0")
 
 
 def _non_loopback_ipv4() -> str | None:
