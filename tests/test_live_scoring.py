@@ -43,7 +43,8 @@ class TestSettings:
     def test_default_thresholds_follow_the_model_card(self):
         s = ScoringSettings()
         assert s.thresholds(0.5) == pytest.approx((0.7, 0.5))  # Frigate's 0.7 for a 0.5 card
-        assert s.thresholds(0.3) == pytest.approx((0.5, 0.3))
+        assert s.thresholds(0.3) == pytest.approx((0.58, 0.3))  # 0.3 + 0.4 x 0.7
+        assert s.thresholds(0.9) == pytest.approx((0.94, 0.9))  # a strict card still leaves room to raise
         assert ParticipantScorer(s, card_threshold=0.4).raise_threshold == pytest.approx(0.6)
 
     def test_explicit_thresholds_win(self):
@@ -54,7 +55,7 @@ class TestSettings:
         with pytest.raises(ValidationError):
             ScoringSettings(raise_threshold=0.6, clear_threshold=0.6)
         with pytest.raises(ValueError, match="clear_threshold"):
-            ScoringSettings().thresholds(0.9)  # 0.9 + 0.2 is no probability
+            ScoringSettings(clear_threshold=0.95).thresholds(0.9)  # clear above the derived raise (0.94)
         with pytest.raises(ValueError):
             ParticipantScorer(ScoringSettings(raise_threshold=0.4))  # clear defaults to the card's 0.5
 

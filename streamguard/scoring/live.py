@@ -47,7 +47,9 @@ class ScoringSettings(BaseModel):
     """Thresholds and window of the live scorer; one block of the service config.
 
     Thresholds default to the model card's own threshold, so a recalibrated model keeps its meaning:
-    `raise_threshold` = card threshold + `raise_margin` (0.5 + 0.2 = 0.7, Frigate's median threshold),
+    `raise_threshold` = card threshold + `raise_margin` × (1 − card threshold): the margin is a share of the room
+    left above the card's threshold (0.5 + 0.4 × 0.5 = 0.7, Frigate's median threshold; a card calibrated to 0.88
+    for few false positives gets 0.928), so the raise threshold always lies in (card threshold, 1),
     `clear_threshold` = card threshold (0.5). The 0.2 gap is the hysteresis band. Set either to a number to pin it.
     """
 
@@ -59,13 +61,15 @@ class ScoringSettings(BaseModel):
     )
     raise_threshold: float | None = Field(
         None, gt=0, lt=1, description="smoothed P(fake) at or above which samples count toward an alert; "
-        "None: the model card threshold + raise_margin"
+        "None: the model card threshold + raise_margin x (1 - card threshold)"
     )
     clear_threshold: float | None = Field(
         None, gt=0, lt=1, description="smoothed P(fake) below which samples count toward clearing; "
         "None: the model card threshold"
     )
-    raise_margin: float = Field(0.2, ge=0, lt=1, description="raise threshold above the card threshold")
+    raise_margin: float = Field(
+        0.4, gt=0, lt=1, description="share of the room between the card threshold and 1 added for the raise threshold"
+    )
     raise_after: int = Field(3, ge=1, description="consecutive scored samples over the raise threshold to raise")
     clear_after: int = Field(5, ge=1, description="consecutive scored samples under the clear threshold to clear")
     min_window_samples: int = Field(
@@ -86,7 +90,7 @@ class ScoringSettings(BaseModel):
 
     def thresholds(self, card_threshold: float = 0.5) -> tuple[float, float]:
         """(raise, clear) for a model whose card says `card_threshold`."""
-        raise_at = self.raise_threshold if self.raise_threshold is not None else card_threshold + self.raise_margin
+        raise_at = self.raise_threshold if self.raise_threshold is not None else card_threshold + self.raise_margin * (1.0 - card_threshold)
         clear_at = self.clear_threshold if self.clear_threshold is not None else card_threshold
         if not 0 < clear_at < raise_at < 1:
             raise ValueError(
