@@ -45,7 +45,7 @@ class TestSettings:
         assert s.thresholds(0.5) == pytest.approx((0.7, 0.5))  # Frigate's 0.7 for a 0.5 card
         assert s.thresholds(0.3) == pytest.approx((0.58, 0.3))  # 0.3 + 0.4 x 0.7
         assert s.thresholds(0.9) == pytest.approx((0.94, 0.9))  # a strict card still leaves room to raise
-        assert ParticipantScorer(s, card_threshold=0.4).raise_threshold == pytest.approx(0.6)
+        assert ParticipantScorer(s, card_threshold=0.4).raise_threshold == pytest.approx(0.64)
 
     def test_explicit_thresholds_win(self):
         s = ScoringSettings(raise_threshold=0.8, clear_threshold=0.3)
