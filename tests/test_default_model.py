@@ -8,7 +8,12 @@ import numpy as np
 import onnx
 import pytest
 
-from streamguard.inference.models import DEFAULT_MODEL, ENGINES_DIR, file_sha256, load_classifier
+from streamguard.inference.models import (
+    DEFAULT_MODEL,
+    ENGINES_DIR,
+    file_sha256,
+    load_classifier,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_FACES = SHARED / "real_faces"

@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="training needs torch: pip install -e .[train]")
 
-from streamguard.training import augment as aug  # noqa: E402
-from streamguard.training.data import (  # noqa: E402
+from streamguard.training import augment as aug
+from streamguard.training.data import (
     FaceDataset,
     FaceExtractor,
     FaceSet,
@@ -22,7 +22,7 @@ from streamguard.training.data import (  # noqa: E402
     eval_keys,
     split_by_identity,
 )
-from streamguard.training.sbi import ellipse_landmarks, self_blend  # noqa: E402
+from streamguard.training.sbi import ellipse_landmarks, self_blend
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_FACES = SHARED / "real_faces"
@@ -254,5 +254,7 @@ class TestTinyTraining:
         ds = FaceDataset(face_crops, 96, (0.5,) * 3, (0.5,) * 3, train=False)
         x, y, target, known = ds[keys[1]]
         assert x.shape == (3, 96, 96) and x.dtype == torch.float32 and float(y) == 1.0
+        # An SBI's blend-map target is known and marks part of the 6x6 map (stride 16).
+        assert float(known) == 1.0 and target.shape == (1, 6, 6) and 0 < float(target.max()) <= 1.0
         # Eval samples are fixed: the same key gives the same tensor.
         assert torch.equal(ds[keys[1]][0], x)

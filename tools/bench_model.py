@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streamguard.inference.models import resolve_model  # noqa: E402
-from streamguard.inference.onnx import OnnxClassifier  # noqa: E402
+from streamguard.inference.models import resolve_model
+from streamguard.inference.onnx import OnnxClassifier
 
 
 def bench(classifier: OnnxClassifier, batch: int, runs: int, warmup: int, seed: int = 0) -> dict:

@@ -25,22 +25,22 @@ import os
 # cores); passive waiting keeps 2 threads as fast as 1 under load and faster when the cores are free.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import hashlib
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from streamguard.training.data import (  # noqa: E402
+from streamguard.training.data import (
     ExtractConfig,
     FaceExtractor,
     MediaItem,
@@ -48,7 +48,7 @@ from streamguard.training.data import (  # noqa: E402
     discover_real,
     split_by_identity,
 )
-from streamguard.training.trainer import TrainConfig, save_history, train  # noqa: E402
+from streamguard.training.trainer import TrainConfig, save_history, train
 
 log = logging.getLogger("train")
 DEFAULTS = TrainConfig()
@@ -146,7 +146,13 @@ def evaluate_external(args, classifier, heldout_ids: set[str]) -> tuple[float, d
     from sklearn.metrics import roc_auc_score
 
     from streamguard.evaluate import label_of_name
-    from streamguard.training.evaluation import image_files, score_crops, score_photos, score_video, threshold_for_fpr
+    from streamguard.training.evaluation import (
+        image_files,
+        score_crops,
+        score_photos,
+        score_video,
+        threshold_for_fpr,
+    )
 
     metrics: dict = {}
     details: dict = {}
@@ -158,7 +164,7 @@ def evaluate_external(args, classifier, heldout_ids: set[str]) -> tuple[float, d
         held_scores = score_photos(classifier, held)
         threshold = threshold_for_fpr(held_scores.scores, args.max_heldout_fpr)
         all_scores = score_photos(classifier, files)
-        details["real_photos"] = dict(zip(all_scores.sources, map(lambda v: round(v, 4), all_scores.scores)))
+        details["real_photos"] = {k: round(v, 4) for k, v in zip(all_scores.sources, all_scores.scores, strict=True)}
         metrics["real_photos_heldout"] = {
             "what": f"real faces of the {len(held)} photos whose identities were held out of training",
             **_summary(held_scores, threshold),
@@ -191,9 +197,9 @@ def evaluate_external(args, classifier, heldout_ids: set[str]) -> tuple[float, d
             scored = score_video(classifier, path, fps=1.0)
             label = label_of_name(path.stem.split("_")[0])
             videos[path.name] = {"label": {0: "real", 1: "fake"}.get(label, "unknown"), **_summary(scored, threshold)}
-            details.setdefault("videos", {})[path.name] = dict(
-                zip(scored.sources, map(lambda v: round(v, 4), scored.scores))
-            )
+            details.setdefault("videos", {})[path.name] = {
+                k: round(v, 4) for k, v in zip(scored.sources, scored.scores, strict=True)
+            }
         labels_seen = {v["label"] for v in videos.values()}
         if labels_seen == {"real", "fake"}:
             # Per-face AUC over all the videos' faces: a threshold-free view of the same numbers.
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     # A provisional card so the serving loader can score the evaluation media; rewritten below with the results.
     name = args.name or onnx_path.stem
     arch = f"{ARCHITECTURE} widths={list(cfg.widths)} blocks={list(cfg.blocks)} input={cfg.input_size}"
-    common = dict(name=name, architecture=arch, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std)
+    common = {"name": name, "architecture": arch, "input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std}
     write_card(onnx_path, threshold=0.5, training="", metrics={}, **common)
 
     t = time.perf_counter()
@@ -295,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                  "max_abs_diff_vs_torch": max_diff},
         "threshold": threshold,
         "data": {
-            "faces": len(faces), "train_faces": int(len(train_idx)), "heldout_faces": int(len(val_idx)),
+            "faces": len(faces), "train_faces": len(train_idx), "heldout_faces": len(val_idx),
             "train_identities": train_ids, "heldout_identities": val_ids,
         },
         "history": [asdict(h) for h in result.history],

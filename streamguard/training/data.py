@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from streamguard.ingest.av_source import SourceError
 from streamguard.training.augment import AugmentConfig, augment_with_mask, resize_to
 from streamguard.training.sbi import self_blend
 
@@ -354,7 +355,7 @@ class FaceExtractor:
         for item in tqdm(items, desc="faces", unit="file", disable=not progress):
             try:
                 parts.append(self.faces(item))
-            except Exception as exc:  # one bad file must not end a long extraction
+            except (SourceError, OSError, ValueError, cv2.error) as exc:  # one bad file must not end a long run
                 log.warning("%s: skipped (%s)", item.path, exc)
         return FaceSet.concat(parts, self.cfg.crop_size)
 
@@ -378,7 +379,7 @@ def split_by_identity(
     keep = set(keep_in_train)
     candidates = sorted(set(identities) - keep)
     rng = np.random.default_rng(seed)
-    n_val = int(round(val_fraction * len(candidates)))
+    n_val = round(val_fraction * len(candidates))
     val_ids = set(rng.permutation(candidates)[:n_val].tolist()) if n_val else set()
     is_val = np.array([i in val_ids for i in identities], bool)
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
@@ -456,8 +457,7 @@ class IdentityBalancedSampler(Sampler[SampleKey]):
                 keys = [(self._real(ident, rng), 0, seed)]
             else:
                 keys = [(*self._fake(ident, rng), seed)]
-            for key in keys[: self.num_samples - produced]:
-                yield key
+            yield from keys[: self.num_samples - produced]
             produced += len(keys)
 
 

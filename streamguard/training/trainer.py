@@ -25,7 +25,13 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
 from streamguard.training.augment import AugmentConfig
-from streamguard.training.data import FaceDataset, FaceSet, IdentityBalancedSampler, SampleKey, eval_keys
+from streamguard.training.data import (
+    FaceDataset,
+    FaceSet,
+    IdentityBalancedSampler,
+    SampleKey,
+    eval_keys,
+)
 from streamguard.training.model import DEFAULT_BLOCKS, DEFAULT_WIDTHS, build_model
 
 log = logging.getLogger(__name__)
