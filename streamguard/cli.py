@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -196,6 +197,10 @@ def serve(
     except typer.BadParameter as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to whatever handler was there
+    # before it: make that handler a clean exit, so a graceful stop exits 0 instead of dying by the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
     uvicorn.run(create_app(Service(cfg)), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                 ws_ping_interval=cfg.events.ping_interval_s, ws_ping_timeout=cfg.events.ping_interval_s,
                 timeout_graceful_shutdown=10)

@@ -19,7 +19,7 @@ from streamguard.events.store import EventStore
 from streamguard.inference.batcher import Batcher
 from streamguard.inference.classifier import Classifier
 from streamguard.inference.heatmap import occlusion_map, render_overlay
-from streamguard.inference.models import load_classifier
+from streamguard.inference.backends import BackendOptions, select_backend
 from streamguard.ingest.pull import PullSource, StreamState, redact_url
 from streamguard.ingest.webrtc import WhipManager, WhipSession
 from streamguard.metrics import Metrics
@@ -103,7 +103,7 @@ class Service:
     async def start(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        self.classifier = self._classifier or await asyncio.to_thread(load_classifier, cfg.model)
+        degraded_reason = await self._load_classifier()
         try:  # thresholds derived from the card may not fit it (card 0.88 + margin 0.2 > 1): refuse now, not per frame
             cfg.scoring.thresholds(self.classifier.card.threshold)
         except ValueError as exc:
@@ -111,6 +111,10 @@ class Service:
         self.metrics.set_info(self.classifier.card.name, self.classifier.backend)
         self.store = EventStore(cfg.data_dir / "events.sqlite3")
         self.hub = EventHub(self.store, client_queue_size=cfg.events.client_queue_size)
+        if degraded_reason:
+            self._degraded.add("inference")
+            await self.hub.publish(EventType.SERVICE_DEGRADED, None, None,
+                                   {"component": "inference", "reason": degraded_reason, "active": True})
         self.batcher = Batcher(self.classifier, max_batch=cfg.batcher.max_batch, max_wait_ms=cfg.batcher.max_wait_ms,
                                workers=cfg.batcher.workers, on_batch=self.metrics.on_batch)
         await self.batcher.start()
@@ -132,6 +136,22 @@ class Service:
         self._ready = True
         log.info("streamguard ready: model %s (%s), data in %s", card.name, self.classifier.backend, cfg.data_dir)
 
+    async def _load_classifier(self) -> str | None:
+        """The configured backend, or the next one that loads (TensorRT, CUDA, then ONNX Runtime on the CPU);
+        returns why the service is degraded when it had to fall back."""
+        if self._classifier is not None:
+            self.classifier = self._classifier
+            return None
+        cfg = self.config
+        selection = await asyncio.to_thread(select_backend, cfg.model, cfg.backend,
+                                            options=BackendOptions(max_batch=cfg.batcher.max_batch))
+        self.classifier = selection.classifier
+        for note in selection.notes:
+            log.info("inference: %s", note)
+        for warning in selection.warnings:
+            log.warning("inference degraded: %s", warning)
+        return "; ".join(selection.warnings) or None
+
     async def stop(self) -> None:
         """Close every stream (participants leave, streams close), then flush events and close the store."""
         self._ready = False
@@ -140,6 +160,8 @@ class Service:
         await asyncio.gather(*(self.remove_stream(sid) for sid in list(self._streams)), return_exceptions=True)
         await self._settle()  # the sources' last state events
         await self.batcher.close()
+        if callable(getattr(self.classifier, "close", None)):
+            self.classifier.close()  # TensorRT: device buffers, CUDA graphs
         self.faces.close()
         await self.hub.close()
         self.store.close()
@@ -185,6 +207,8 @@ class Service:
         if stream.source is not None:
             await stream.source.close()
             self._decoded_retired[stream.kind] += stream.source.stats.decoded
+        elif stream.session is not None:
+            self._decoded_retired[stream.kind] += stream.session.video_frames
         if stream.task is not None:
             await asyncio.gather(stream.task, return_exceptions=True)
         await stream.worker.stop("stream closed")
@@ -253,6 +277,8 @@ class Service:
         stream = self._streams.pop(session.stream_id, None)
         if stream is None:
             return
+        # streamguard_frames_decoded_total is a counter: keep an ended session's frames in it
+        self._decoded_retired[stream.kind] += session.video_frames
         await stream.worker.stop(reason)
         await self._publish_state(stream, StreamState.CLOSED.value, reason)
 

@@ -2,7 +2,8 @@
 `streamguard serve` as a subprocess), GStreamer's RTSP server in a subprocess, aiortc peers publishing over WHIP,
 a local http.server, and real WebSocket clients on /v1/events.
 
-Model: engines/streamguard-sbi.onnx (the default) once it exists; until then `mesonet-meso4-df` (see serve_helpers).
+Model: engines/streamguard-sbi.onnx (the default) once it exists; until then `mesonet-meso4-df`;
+STREAMGUARD_TEST_MODEL=<name> overrides (see serve_helpers).
 Timeouts are small (watchdog 2 s, backoff 0.2-1 s, WHIP no-frame 5 s) so the file runs in a few minutes.
 Needs ../shared/data (real face photos, the FF++ pair); tests skip with the reason when it is absent.
 """
@@ -146,14 +147,15 @@ async def test_rtsp_streams_go_live_with_participants_and_scores(tmp_path, gst, 
             assert e["data"]["state"] in ("warming_up", "ok", "suspicious", "alert", "low_quality", "no_face")
 
         people = (await http.get("/v1/participants")).json()
-        by_stream = {p["stream_id"]: p for p in people}
-        assert set(by_stream) == set(mounts), people
-        for p in people:
-            assert p["samples"] >= 1 and 0.0 <= p["p_fake"] <= 1.0 and p["state"] in ("warming_up", "ok", "suspicious",
-                                                                                         "alert", "no_face")
+        states = {"warming_up", "ok", "suspicious", "alert", "low_quality", "no_face"}
+        assert all(p["state"] in states and p["stream_id"] in mounts for p in people), people
+        scored_now = {p["stream_id"]: p for p in people if p["p_fake"] is not None}
+        assert set(scored_now) == set(mounts), people  # every stream has a participant with a score
+        for p in scored_now.values():
+            assert p["samples"] >= 1 and 0.0 <= p["p_fake"] <= 1.0
             assert p["sparkline"] and all(0.0 <= v <= 1.0 for _, v in p["sparkline"])
-        assert [p["id"] for p in (await http.get("/v1/participants", params={"stream_id": "slides"})).json()] == [
-            by_stream["slides"]["id"]]
+        only = (await http.get("/v1/participants", params={"stream_id": "slides"})).json()
+        assert only and {p["stream_id"] for p in only} == {"slides"}
         streams = {s["id"]: s for s in (await http.get("/v1/streams")).json()}
         assert all(streams[n]["state"] == "live" and streams[n]["participants"] >= 1 for n in mounts), streams
         assert (await http.get("/v1/streams/slides")).json()["frames_sampled"] >= 3
@@ -642,8 +644,6 @@ def test_no_token_and_a_public_host_listens_on_loopback_only(tmp_path):
 
 @pytest.mark.asyncio
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="exit code -15: uvicorn re-raises the captured SIGTERM after its graceful "
-                   "shutdown (Server.capture_signals) with the default handler; cli.serve must handle it (see report)")
 async def test_sigterm_closes_streams_participants_leave_and_exit_0(tmp_path, slides_mp4):
     settings = fast_settings(tmp_path / "data", streams=[{"id": "cam", "url": str(slides_mp4)},
                                                          {"id": "cam2", "url": str(slides_mp4)}])
