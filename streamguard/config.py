@@ -43,6 +43,9 @@ class SourceSettings(_Section):
     backoff_max_s: float = Field(30.0, gt=0.0, le=600.0)
     max_attempts: int = Field(0, ge=0, description="reconnects before `failed`; 0: never give up")
     skip_nonref: bool = Field(True, description="skip decoding non-reference frames between samples")
+    hwdecode: Literal["auto", "nvdec", "off"] = Field(
+        "auto", description="decode on NVDEC: auto = when it works here; nvdec = required (degraded without it)"
+    )
 
 
 class WhipSettings(_Section):

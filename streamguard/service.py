@@ -20,6 +20,7 @@ from streamguard.inference.batcher import Batcher
 from streamguard.inference.classifier import Classifier
 from streamguard.inference.heatmap import occlusion_map, render_overlay
 from streamguard.inference.backends import BackendOptions, select_backend
+from streamguard.ingest.nvdec import choose_hwdecode
 from streamguard.ingest.pull import PullSource, StreamState, redact_url
 from streamguard.ingest.webrtc import WhipManager, WhipSession
 from streamguard.metrics import Metrics
@@ -115,6 +116,7 @@ class Service:
             self._degraded.add("inference")
             await self.hub.publish(EventType.SERVICE_DEGRADED, None, None,
                                    {"component": "inference", "reason": degraded_reason, "active": True})
+        await self._choose_decoding()
         self.batcher = Batcher(self.classifier, max_batch=cfg.batcher.max_batch, max_wait_ms=cfg.batcher.max_wait_ms,
                                workers=cfg.batcher.workers, on_batch=self.metrics.on_batch)
         await self.batcher.start()
@@ -135,6 +137,17 @@ class Service:
             await self.add_stream(spec)
         self._ready = True
         log.info("streamguard ready: model %s (%s), data in %s", card.name, self.classifier.backend, cfg.data_dir)
+
+    async def _choose_decoding(self) -> None:
+        """NVDEC for pull sources when configured or present (sources.hwdecode); degraded when asked for and absent."""
+        self.hwdecode = await asyncio.to_thread(choose_hwdecode, self.config.sources.hwdecode)
+        if not self.hwdecode.degraded:
+            log.info("pull sources: %s", self.hwdecode.reason)
+            return
+        log.warning("decoding degraded: %s", self.hwdecode.reason)
+        self._degraded.add("ingest")
+        await self.hub.publish(EventType.SERVICE_DEGRADED, None, None,
+                               {"component": "ingest", "reason": self.hwdecode.reason, "active": True})
 
     async def _load_classifier(self) -> str | None:
         """The configured backend, or the next one that loads (TensorRT, CUDA, then ONNX Runtime on the CPU);
@@ -194,6 +207,7 @@ class Service:
         stream.source = PullSource(
             spec.id, spec.url, settings=self.config.sources, fps=self.config.sampling.fps,
             on_frame=stream.worker.put, on_state=lambda state, info: self._on_state(stream, state, info),
+            hwaccel=self.hwdecode.hwaccel,
         )
         stream.task = asyncio.create_task(self._run_source(stream), name=f"source:{spec.id}")
         return stream.info()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import av
@@ -56,13 +57,17 @@ def _is_url(source: str) -> bool:
 
 
 def open_container(
-    url_or_path: str, *, timeout_s: float = 10.0, rtsp_transport: str = "tcp"
+    url_or_path: str, *, timeout_s: float = 10.0, rtsp_transport: str = "tcp", hwaccel: Any | None = None
 ) -> av.container.InputContainer:
     """Open a file or a network source (RTSP, RTMP, HLS, HTTP…) for reading, or raise SourceError saying why.
 
     timeout_s bounds opening and each later read (PyAV's interrupt callback, all protocols). For RTSP the transport
     defaults to TCP (no UDP packet loss or NAT trouble) and `timeout` (FFmpeg ≥ 5: socket I/O timeout in
     microseconds; it was `stimeout` before) makes a dead server fail instead of hang.
+
+    hwaccel: a PyAV `HWAccel` (see `streamguard.ingest.nvdec`) to decode on the GPU. PyAV creates the hardware
+    device after the input is open, so a device that fails there (GPU gone, out of decode memory) would fail a
+    source that opens fine: the source is then opened again without it, and a warning says so.
     """
     is_url = _is_url(url_or_path)
     if not is_url:
@@ -78,6 +83,16 @@ def open_container(
         options = {"rtsp_transport": rtsp_transport, "timeout": str(int(timeout_s * 1_000_000))}
     started = time.monotonic()
     try:
+        if hwaccel is not None:
+            try:
+                return av.open(
+                    url_or_path, mode="r", container_options=options, timeout=(timeout_s, timeout_s), hwaccel=hwaccel
+                )
+            except (av.FFmpegError, OSError) as exc:
+                if not _raised_by_hwaccel(exc):
+                    raise  # the source itself failed: no second try
+                log.warning("%s: cannot decode on the GPU (%s); decoding on the CPU", _shown(url_or_path), exc)
+                started = time.monotonic()
         container = av.open(url_or_path, mode="r", container_options=options, timeout=(timeout_s, timeout_s))
     except (av.FFmpegError, OSError) as exc:
         elapsed = time.monotonic() - started
@@ -94,6 +109,24 @@ def open_container(
             message = f"cannot open file: {reason}"
         raise SourceError(f"{url_or_path}: {message}") from exc
     return container
+
+
+def _raised_by_hwaccel(exc: BaseException) -> bool:
+    """Whether PyAV raised `exc` while creating the hardware device (its Cython frames name their module)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if "hwaccel" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _shown(url_or_path: str) -> str:
+    """The source for a log line, without a password (cameras carry credentials in RTSP URLs)."""
+    parts = urlsplit(url_or_path)
+    if parts.password is None:
+        return url_or_path
+    return url_or_path.replace(f":{parts.password}@", ":***@", 1)
 
 
 def _video_stream(container: av.container.InputContainer, source: str) -> av.VideoStream:
@@ -159,6 +192,101 @@ def _rgb(frame: av.VideoFrame, max_side: int | None) -> av.VideoFrame:
     return frame.reformat(format="rgb24")
 
 
+@dataclass(slots=True)
+class DecodedFrame:
+    """A frame out of the decoder, with its own time and whether it may be sampled."""
+
+    frame: av.VideoFrame
+    pts_s: float | None  # its presentation time in seconds; None when it carries none
+    # Decoded after a damaged packet and before the next keyframe (or max_resync_s): error concealment smears such
+    # frames and smears look like manipulation to a deepfake classifier, so they are never sampled. The sampler
+    # has already observed their time.
+    concealed: bool
+
+
+class _ResyncGate:
+    """After a decode error, holds sampling back until a keyframe or `max_resync_s` of media time has passed."""
+
+    def __init__(self, max_resync_s: float) -> None:
+        self.max_resync_s = max_resync_s
+        self.active = False
+        self._since: float | None = None  # media time of the last good frame before the damage
+
+    def damaged(self, last_good_s: float | None) -> None:
+        if not self.active:
+            self.active, self._since = True, last_good_s
+
+    def lets_through(self, key_frame: bool, t_s: float) -> bool:
+        if self.active:
+            if self._since is None:
+                self._since = t_s
+            if key_frame or abs(t_s - self._since) >= self.max_resync_s:
+                self.active = False
+        return not self.active
+
+
+def decode_video(
+    container: av.container.InputContainer,
+    stream: av.VideoStream,
+    source: str,
+    sampler: TimestampSampler,
+    stats: DecodeStats,
+    *,
+    skip_nonref: bool,
+    max_resync_s: float = 5.0,
+    untimed_frames_counted: bool = True,
+    on_packet: Callable[[], bool] | None = None,
+) -> Iterator[DecodedFrame]:
+    """Demux and decode `stream`, counting into `stats`, and yield every decoded frame with its time.
+
+    Damaged packets are counted in ``stats.corrupt`` and skipped; decoding goes on with the next packet, and the
+    frames after a failure come out `concealed` until a keyframe (see DecodedFrame). The caller decides which
+    unconcealed frames to keep (``sampler.keep``). Raises SourceError when the source stops answering.
+    `untimed_frames_counted`: frames without timestamps get times by counting nominal frame durations (files; live
+    sources stamp them with the wall clock instead), so when the packets carry none, no frame may be skipped.
+    `on_packet` is called for every packet read (liveness for live sources); decoding stops when it returns False.
+    """
+    gate = _ResyncGate(max_resync_s)
+    time_base = float(stream.time_base) if stream.time_base else None
+    for packet in _packets(container, stream, source, stats):
+        if on_packet is not None and not on_packet():
+            return
+        if packet.size:
+            stats.packets += 1
+            untimed = packet.pts is None and packet.dts is None
+            if skip_nonref and untimed_frames_counted and stats.packets == 1 and untimed:
+                # No timestamps (raw Annex-B .h264): frame times can only be counted, one nominal frame
+                # duration per decoded frame, and a skipped frame would go uncounted. Decode everything.
+                skip_nonref = False
+                stream.codec_context.skip_frame = "DEFAULT"
+        try:
+            frames = packet.decode()  # the final empty packet flushes the decoder's delayed frames
+        except av.FFmpegError as exc:  # InvalidDataError mostly; any decode failure is one bad packet
+            stats.corrupt += 1
+            log.debug("%s: packet at dts %s failed to decode: %s", source, packet.dts, exc)
+            gate.damaged(sampler.last_pts_s)
+            continue
+        for frame in frames:
+            stats.decoded += 1
+            pts_s = frame.pts * time_base if frame.pts is not None and time_base else None
+            guess = pts_s if pts_s is not None else sampler.estimate()
+            concealed = not gate.lets_through(frame.key_frame, guess)
+            if concealed:
+                stats.concealed += 1
+                sampler.observe(pts_s)
+            yield DecodedFrame(frame, pts_s, concealed)
+        if skip_nonref:
+            stats.skipped_nonref = max(0, stats.packets - stats.decoded - stats.corrupt)
+        stats.restarts = sampler.restarts
+
+
+def configure_decoder(stream: av.VideoStream, *, skip_nonref: bool, thread_type: str = "SLICE") -> None:
+    """Decoder settings for sampling: skip non-reference frames (nothing depends on them) unless told not to."""
+    stream.thread_type = thread_type
+    if skip_nonref:
+        stream.codec_context.skip_frame = "NONREF"
+
+
 def iter_sampled_frames(
     source: str,
     *,
@@ -170,6 +298,7 @@ def iter_sampled_frames(
     timeout_s: float = 10.0,
     thread_type: str = "SLICE",
     max_resync_s: float = 5.0,
+    hwaccel: Any | None = None,
 ) -> Iterator[SampledFrame]:
     """Decode the best video stream of a file or URL and yield the frames sampled at `fps` by presentation time.
 
@@ -178,7 +307,7 @@ def iter_sampled_frames(
     keyframe comes or `max_resync_s` of media time has passed (streams with intra refresh have no keyframes).
     Frames without a timestamp get the previous frame's time + the nominal frame duration (see TimestampSampler).
     `wall_ts` is time.time() when the frame came out of the decoder. Raises SourceError when the source cannot be
-    opened, has no video stream, or stops answering.
+    opened, has no video stream, or stops answering. `hwaccel`: see `open_container`.
 
     thread_type stays PyAV's "SLICE" by default: on a 2-core host, frame threading ("AUTO") cost ~8 % more CPU for
     an uncertain wall-time gain, and it delays every frame by the thread count, which live sources feel; pass "AUTO"
@@ -186,61 +315,27 @@ def iter_sampled_frames(
     """
     stats = stats if stats is not None else DecodeStats()
     stream_id = stream_id or (Path(source).name if not _is_url(source) else source)
-    container = open_container(source, timeout_s=timeout_s)
+    container = open_container(source, timeout_s=timeout_s, hwaccel=hwaccel)
     first_t: float | None = None
-    resyncing = False  # a packet failed to decode: wait for a keyframe before sampling again
-    damaged_since: float | None = None  # media time of the last frame before the failure (None: none yet)
     try:
         stream = _video_stream(container, source)
-        stream.thread_type = thread_type
-        if skip_nonref:
-            stream.codec_context.skip_frame = "NONREF"
+        configure_decoder(stream, skip_nonref=skip_nonref, thread_type=thread_type)
         rate = stream.average_rate or stream.guessed_rate
         sampler = TimestampSampler(fps, frame_duration_s=1.0 / float(rate) if rate else None)
-        time_base = float(stream.time_base) if stream.time_base else None
-        for packet in _packets(container, stream, source, stats):
-            if packet.size:
-                stats.packets += 1
-                if skip_nonref and stats.packets == 1 and packet.pts is None and packet.dts is None:
-                    # No timestamps (raw Annex-B .h264): frame times can only be counted, one nominal frame
-                    # duration per decoded frame, and a skipped frame would go uncounted. Decode everything.
-                    skip_nonref = False
-                    stream.codec_context.skip_frame = "DEFAULT"
-            try:
-                frames = packet.decode()  # the final empty packet flushes the decoder's delayed frames
-            except av.FFmpegError as exc:  # InvalidDataError mostly; any decode failure is one bad packet
-                stats.corrupt += 1
-                log.debug("%s: packet at dts %s failed to decode: %s", source, packet.dts, exc)
-                if not resyncing:
-                    resyncing, damaged_since = True, sampler.last_pts_s
+        decoded = decode_video(
+            container, stream, source, sampler, stats, skip_nonref=skip_nonref, max_resync_s=max_resync_s
+        )
+        for item in decoded:
+            kept = not item.concealed and sampler.keep(item.pts_s)
+            t = sampler.last_pts_s or 0.0  # the given time, or the estimate for a frame without one
+            if first_t is None:
+                first_t = t
+            stats.duration_s = round(max(0.0, t - first_t) + (sampler.frame_duration_s or 0.0), 6)
+            if not kept:
                 continue
-            for frame in frames:
-                stats.decoded += 1
-                pts_s = frame.pts * time_base if frame.pts is not None and time_base else None
-                if resyncing:
-                    guess = pts_s if pts_s is not None else sampler.estimate()
-                    if damaged_since is None:
-                        damaged_since = guess
-                    if frame.key_frame or abs(guess - damaged_since) >= max_resync_s:
-                        resyncing = False
-                if not resyncing:
-                    kept = sampler.keep(pts_s)
-                    t = sampler.last_pts_s or 0.0  # the given time, or the estimate for a frame without one
-                else:
-                    kept = False
-                    t = sampler.observe(pts_s)
-                    stats.concealed += 1
-                if first_t is None:
-                    first_t = t
-                stats.duration_s = round(max(0.0, t - first_t) + (sampler.frame_duration_s or 0.0), 6)
-                if not kept:
-                    continue
-                stats.sampled += 1
-                wall_ts = time.time()
-                rgb = _rgb(frame, max_side).to_ndarray()
-                yield SampledFrame(stream_id=stream_id, pts_s=t, wall_ts=wall_ts, rgb=rgb)
-            if skip_nonref:
-                stats.skipped_nonref = max(0, stats.packets - stats.decoded - stats.corrupt)
-            stats.restarts = sampler.restarts
+            stats.sampled += 1
+            wall_ts = time.time()
+            rgb = _rgb(item.frame, max_side).to_ndarray()
+            yield SampledFrame(stream_id=stream_id, pts_s=t, wall_ts=wall_ts, rgb=rgb)
     finally:
         container.close()

@@ -1,6 +1,10 @@
 """Optional NVDEC decoding for pull sources: FFmpeg's NVIDIA decoders through PyAV, when the GPU and build have them.
 
-Two ways in, both opt-in and both checked before use:
+`choose_hwdecode(mode)` is what the service calls once at start: it returns the `HWAccel` that every pull source
+then opens with, after proving it works by decoding a small H.264 clip on the GPU (a GPU that is listed but cannot
+decode, e.g. a MIG slice without video engines, is caught there rather than on each stream).
+
+Two ways in, both checked before use:
 
 * `nvdec_hwaccel()` -> an `av.codec.hwaccel.HWAccel("cuda")` to pass as `av.open(url, hwaccel=...)` (PyAV >= 14):
   FFmpeg's generic hwaccel path; it keeps the stream's own decoder (so `skip_frame` and threading settings still
@@ -17,7 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from io import BytesIO
+from typing import Any, Literal
+
+import numpy as np
 
 # FFmpeg codec name (as PyAV's codec_context.name reports it) -> FFmpeg's NVDEC (cuvid) decoder.
 _CUVID: dict[str, str] = {
@@ -96,3 +103,66 @@ def nvdec_hwaccel(device: str | None = None, allow_software_fallback: bool = Tru
     if not gpus:
         return None
     return HWAccel(device_type="cuda", device=device, allow_software_fallback=allow_software_fallback)
+
+
+HwDecodeMode = Literal["auto", "nvdec", "off"]
+
+
+@dataclass(frozen=True, slots=True)
+class HwDecodeChoice:
+    hwaccel: Any | None  # the HWAccel to pass to open_container, or None: decode on the CPU
+    reason: str  # what was chosen and why, for the log and the service.degraded event
+    degraded: bool = False  # NVDEC was asked for explicitly and cannot be used
+
+
+def choose_hwdecode(mode: HwDecodeMode, device: str | None = None) -> HwDecodeChoice:
+    """How pull sources decode: `off` on the CPU; `auto` on NVDEC when it works here, else quietly on the CPU;
+    `nvdec` on NVDEC, or on the CPU with `degraded` set and the reason when it cannot be used. `device`: the CUDA
+    device index as a string (default: the first GPU)."""
+    if mode == "off":
+        return HwDecodeChoice(None, "CPU decoding (sources.hwdecode is off)")
+    hwaccel = nvdec_hwaccel(device)
+    if hwaccel is None:
+        why = "no NVIDIA GPU, or this FFmpeg build has no CUDA device support"
+    else:
+        why = decode_test_clip(device)
+        if why is None:
+            return HwDecodeChoice(hwaccel, "NVDEC decoding (checked on a test clip)")
+    return HwDecodeChoice(None, f"CPU decoding: NVDEC unusable ({why})", degraded=mode == "nvdec")
+
+
+def decode_test_clip(device: str | None = None) -> str | None:
+    """None when a small H.264 clip decodes on CUDA device `device` (no software fallback), else why not."""
+    import av
+    from av.codec.hwaccel import HWAccel
+
+    strict = HWAccel(device_type="cuda", device=device, allow_software_fallback=False)
+    try:
+        clip = _h264_test_clip()
+        with av.open(clip, mode="r", hwaccel=strict) as container:
+            stream = container.streams.video[0]
+            frames = sum(1 for _ in container.decode(stream))
+            if not stream.codec_context.is_hwaccel:
+                return "the decoder did not attach to the GPU"
+    except Exception as exc:  # device creation, decoder open, or decode: any failure means "not here"
+        return f"{type(exc).__name__}: {exc}"
+    return None if frames else "no frame came out of the GPU decoder"
+
+
+def _h264_test_clip(size: int = 256, frames: int = 3) -> BytesIO:
+    """A few frames of H.264 (yuv420p, the format cameras send) made in memory with FFmpeg's libx264 or h264."""
+    import av
+
+    buffer = BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264" if "libx264" in av.codecs_available else "h264", rate=10)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            img = np.full((size, size, 3), 40 * i, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    buffer.seek(0)
+    return buffer

@@ -52,8 +52,16 @@ import av
 import av.container
 
 from streamguard.config import SourceSettings
-from streamguard.ingest.av_source import SourceError, _is_url, _packets, _rgb, _video_stream, open_container
-from streamguard.ingest.av_source import DecodeStats as _DecodeStats
+from streamguard.ingest.av_source import (
+    DecodeStats,
+    SourceError,
+    _is_url,
+    _rgb,
+    _video_stream,
+    configure_decoder,
+    decode_video,
+    open_container,
+)
 from streamguard.ingest.sampler import TimestampSampler
 from streamguard.types import SampledFrame
 
@@ -152,6 +160,7 @@ class PullSource:
         on_frame: Callable[[SampledFrame], None],
         on_state: Callable[[StreamState, dict[str, Any]], None],
         realtime: bool = True,
+        hwaccel: Any | None = None,
     ) -> None:
         if not (math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps must be a positive finite number, got {fps!r}")
@@ -160,6 +169,7 @@ class PullSource:
         self.settings = settings
         self.fps = fps
         self.realtime = realtime
+        self.hwaccel = hwaccel  # a PyAV HWAccel to decode on the GPU (streamguard.ingest.nvdec), or None
         self._on_frame = on_frame
         self._on_state = on_state
         self.is_file = not _is_url(url)
@@ -367,7 +377,7 @@ class PullSource:
         self._post(resolve)
 
     def _read(self, session: _Session) -> _Outcome:
-        container = open_container(self._target, timeout_s=self._hard_timeout_s)
+        container = open_container(self._target, timeout_s=self._hard_timeout_s, hwaccel=self.hwaccel)
         try:
             if session.stop.is_set():
                 return _Outcome("stopped")
@@ -375,88 +385,57 @@ class PullSource:
             stream = _video_stream(container, self.url)
             if container.format.name in _TEXT_FORMATS:
                 raise SourceError(f"{self.url}: not a video (a text document)")
-            stream.thread_type = "SLICE"  # frame threading would delay every live frame by the thread count
-            skip_nonref = self.settings.skip_nonref
-            if skip_nonref:
-                stream.codec_context.skip_frame = "NONREF"
-            return self._decode(session, container, stream, skip_nonref)
+            # SLICE: frame threading would delay every live frame by the thread count.
+            configure_decoder(stream, skip_nonref=self.settings.skip_nonref)
+            return self._decode(session, container, stream)
         finally:
             container.close()
 
-    def _decode(
-        self,
-        session: _Session,
-        container: av.container.InputContainer,
-        stream: av.VideoStream,
-        skip_nonref: bool,
-    ) -> _Outcome:
+    def _decode(self, session: _Session, container: av.container.InputContainer, stream: av.VideoStream) -> _Outcome:
         stats = self._stats
         rate = stream.average_rate or stream.guessed_rate
         # Files: a frame without a timestamp is one nominal frame after the last (decoding runs ahead of real time).
         # Live: such frames (the first RTSP frame has pts None) get the wall-clock time since the last one.
         frame_duration = 1.0 / float(rate) if self.is_file and rate else None
         sampler = TimestampSampler(self.fps, frame_duration_s=frame_duration)
-        time_base = float(stream.time_base) if stream.time_base else None
-        demux_stats = _DecodeStats()  # _packets counts damaged packets here; mirrored into self._stats
-        corrupt_seen = 0
-        resyncing = False
-        damaged_since: float | None = None
+        session_stats = DecodeStats()  # this session's counts; mirrored into the source's lifetime stats
+        counted = DecodeStats()
         pace_anchor: tuple[float, float] | None = None  # (media time, monotonic time) of the pacing origin
         went_live = False
-        seen_packet = False
-        for packet in _packets(container, stream, self.url, demux_stats):
+        decoded = decode_video(
+            container, stream, self.url, sampler, session_stats, skip_nonref=self.settings.skip_nonref,
+            max_resync_s=_MAX_RESYNC_S, untimed_frames_counted=self.is_file, on_packet=lambda: _packet_read(session),
+        )
+        for item in decoded:
             if session.stop.is_set():
                 return _Outcome("stopped")
-            session.last_packet_mono = time.monotonic()
-            if demux_stats.corrupt != corrupt_seen:
-                stats.corrupt += demux_stats.corrupt - corrupt_seen
-                corrupt_seen = demux_stats.corrupt
-            if packet.size and not seen_packet:
-                seen_packet = True
-                if skip_nonref and self.is_file and packet.pts is None and packet.dts is None:
-                    # No timestamps at all (raw Annex-B): a file counts frames for time, so none may be skipped.
-                    skip_nonref = False
-                    stream.codec_context.skip_frame = "DEFAULT"
-            try:
-                frames = packet.decode()
-            except av.FFmpegError as exc:
-                stats.corrupt += 1
-                log.debug("stream %s: packet failed to decode: %s", self.stream_id, exc)
-                if not resyncing:
-                    resyncing, damaged_since = True, sampler.last_pts_s
+            now = time.monotonic()
+            session.last_frame_mono = now
+            stats.decoded += session_stats.decoded - counted.decoded
+            stats.corrupt += session_stats.corrupt - counted.corrupt
+            counted.decoded, counted.corrupt = session_stats.decoded, session_stats.corrupt
+            stats.last_frame_wall_ts = time.time()
+            if not went_live:
+                went_live = True
+                self._post(self._went_live, session)
+            if item.concealed:
                 continue
-            for frame in frames:
-                if session.stop.is_set():
+            if self.is_file and self.realtime:
+                t = item.pts_s if item.pts_s is not None else sampler.estimate()
+                if pace_anchor is None or t < pace_anchor[0]:  # first frame, or a jump back: re-anchor
+                    pace_anchor = (t, now)
+                wait = pace_anchor[1] + (t - pace_anchor[0]) - time.monotonic()
+                if wait > 0 and session.stop.wait(wait):
                     return _Outcome("stopped")
-                session.last_frame_mono = time.monotonic()
-                stats.decoded += 1
-                stats.last_frame_wall_ts = time.time()
-                if not went_live:
-                    went_live = True
-                    self._post(self._went_live, session)
-                pts_s = frame.pts * time_base if frame.pts is not None and time_base else None
-                if resyncing:
-                    guess = pts_s if pts_s is not None else sampler.estimate()
-                    if damaged_since is None:
-                        damaged_since = guess
-                    if frame.key_frame or abs(guess - damaged_since) >= _MAX_RESYNC_S:
-                        resyncing = False
-                if resyncing:
-                    sampler.observe(pts_s)  # concealed damage: never sampled
-                    continue
-                if self.is_file and self.realtime:
-                    t = pts_s if pts_s is not None else sampler.estimate()
-                    if pace_anchor is None or t < pace_anchor[0]:  # first frame, or a jump back: re-anchor
-                        pace_anchor = (t, time.monotonic())
-                    wait = pace_anchor[1] + (t - pace_anchor[0]) - time.monotonic()
-                    if wait > 0 and session.stop.wait(wait):
-                        return _Outcome("stopped")
-                if not sampler.keep(pts_s):
-                    continue
-                wall_ts = time.time()
-                rgb = _rgb(frame, None).to_ndarray()
-                t = sampler.last_pts_s or 0.0
-                self._post(self._deliver, session, SampledFrame(self.stream_id, t, wall_ts, rgb))
+            if not sampler.keep(item.pts_s):
+                continue
+            wall_ts = time.time()
+            rgb = _rgb(item.frame, None).to_ndarray()
+            t = sampler.last_pts_s or 0.0
+            self._post(self._deliver, session, SampledFrame(self.stream_id, t, wall_ts, rgb))
+        stats.corrupt += session_stats.corrupt - counted.corrupt  # damaged packets at the very end
+        if session.stop.is_set():
+            return _Outcome("stopped")
         if self.is_file:
             return _Outcome("end of file", eof=True)
         return _Outcome("end of stream (the server ended it or closed the connection)", eof=True)
@@ -478,6 +457,12 @@ class PullSource:
             # open_container says "cannot open URL" for every URL error; say what it means when the data is junk.
             text = f"not a video or an unsupported format ({getattr(cause, 'strerror', None) or cause})"
         return self._clean(text)
+
+
+def _packet_read(session: _Session) -> bool:
+    """Notes a packet for the read deadline; False once the session was abandoned (ends the decode loop)."""
+    session.last_packet_mono = time.monotonic()
+    return not session.stop.is_set()
 
 
 def _file_path(url: str) -> str:
