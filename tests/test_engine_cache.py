@@ -35,6 +35,8 @@ from streamguard.inference.gpu import (
     BackendUnavailable,
     GpuInfo,
     precision_problem,
+    tensorrt_major,
+    tensorrt_precision_problem,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +45,8 @@ SHA = "ab" * 32
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
 
 
-def gpu_machine(trt: str = "10.7.0", cc: tuple[int, int] = (9, 0)) -> Availability:
-    return Availability(has_cuda_gpu=True, has_tensorrt=True, has_cuda_python=True, gpu=GpuInfo("GPU", cc),
+def gpu_machine(trt: str = "10.7.0", cc: tuple[int, int] = (9, 0), name: str = "GPU") -> Availability:
+    return Availability(has_cuda_gpu=True, has_tensorrt=True, has_cuda_python=True, gpu=GpuInfo(name, cc),
                         tensorrt_version=trt)
 
 
@@ -113,7 +115,8 @@ def test_key_digest_changes_with_every_part():
     base = key()
     variants = [key(model_sha256="cd" * 32), key(tensorrt_version="10.8.0"), key(compute_capability=(8, 9)),
                 key(precision="fp32"), key(profile=Profile(1, 16, 128)), key(profile=Profile(1, 8, 64)),
-                key(precision="int8", calibration_sha256="ef" * 32), key(key_version=99)]
+                key(precision="int8", calibration_sha256="ef" * 32), key(key_version=99),
+                key(gpu_name="NVIDIA H200")]
     digests = {base.digest} | {v.digest for v in variants}
     assert len(digests) == len(variants) + 1
     assert key().digest == base.digest  # stable
@@ -131,7 +134,7 @@ def test_key_validation():
 
 
 def test_key_json_round_trip():
-    k = key(precision="int8", calibration_sha256="ef" * 32)
+    k = key(precision="int8", calibration_sha256="ef" * 32, gpu_name="NVIDIA H200")
     assert EngineKey.from_json(json.loads(json.dumps(k.to_json()))) == k
 
 
@@ -149,6 +152,8 @@ def test_describe_changes_names_each_part():
     assert "GPU compute capability sm90 -> sm89" in changes
     assert "profile b1-16-64 -> b1-16-128" in changes
     assert describe_changes(key(), key()) == []
+    assert describe_changes(key(gpu_name="NVIDIA H100 80GB HBM3"), key(gpu_name="NVIDIA H200")) == [
+        "GPU NVIDIA H100 80GB HBM3 -> NVIDIA H200"]  # same sm90: TensorRT still wants its own engine
     assert any(c.startswith("model changed") for c in describe_changes(key(), key(model_sha256="cd" * 32)))
 
 
@@ -203,14 +208,17 @@ def test_find_compatible_takes_the_smallest_profile_that_fits(tmp_path: Path):
     cache.store("m", key(profile=Profile(1, 16, 256)), b"c")
     cache.store("m", key(profile=Profile(2, 16, 32)), b"d")  # cannot run batch 1
     cache.store("m", key(tensorrt_version="9.0", profile=Profile(1, 16, 16)), b"e")  # other TensorRT
+    cache.store("m", key(gpu_name="NVIDIA H200", profile=Profile(1, 4, 4)), b"f")  # other GPU, same sm90
     find = lambda n, **kw: cache.find_compatible(  # noqa: E731
         "m", model_sha256=SHA, tensorrt_version=kw.get("trt", "10.7.0"), compute_capability=(9, 0),
-        precision=kw.get("precision", "fp16"), min_max_batch=n)
+        precision=kw.get("precision", "fp16"), min_max_batch=n, gpu_name=kw.get("gpu", ""))
     assert find(8) == small
     assert find(16) == mid
     assert find(300) is None
     assert find(8, precision="int8") is None
     assert find(16, trt="10.8.0") is None
+    assert find(4, gpu="NVIDIA H200").name.endswith(".engine") and find(8, gpu="NVIDIA H200") is None
+    assert find(8, gpu="NVIDIA H100") is None
 
 
 # ------------------------------------------------------------------ calibration batches, parity
@@ -253,6 +261,26 @@ def test_compare_scores():
     assert compare_scores([0.5], [0.5], threshold=0.5).ok  # at the threshold counts as fake on both sides
     with pytest.raises(ValueError):
         compare_scores([0.1], [0.1, 0.2], threshold=0.5)
+
+
+def test_tensorrt_11_precisions():
+    """TensorRT 11 removed weak typing: FP16 needs Model Optimizer's AutoCast, implicit INT8 is gone."""
+    assert tensorrt_major("10.7.0.23") == 10 and tensorrt_major("11.4.0") == 11 and tensorrt_major("dev") == 0
+    for precision in ("fp32", "fp16", "int8"):
+        assert tensorrt_precision_problem("10.16.1", precision, has_modelopt=False) is None
+    assert tensorrt_precision_problem("11.4.0", "fp32", has_modelopt=False) is None
+    assert tensorrt_precision_problem("11.4.0", "fp16", has_modelopt=True) is None
+    assert "Model Optimizer" in tensorrt_precision_problem("11.4.0", "fp16", has_modelopt=False)
+    assert "removed INT8 calibration" in tensorrt_precision_problem("11.4.0", "int8", has_modelopt=True)
+
+
+def test_build_on_tensorrt_11_says_what_it_cannot_build(tmp_path: Path):
+    with pytest.raises(BackendUnavailable, match="removed INT8 calibration"):
+        build_engine(MESO4, precision="int8", cache_dir=tmp_path, availability=gpu_machine(trt="11.4.0"),
+                     builder=FakeBuilder())
+    built = build_engine(MESO4, precision="fp32", cache_dir=tmp_path, availability=gpu_machine(trt="11.4.0"),
+                         builder=FakeBuilder())
+    assert built.built and built.key.tensorrt_version == "11.4.0"
 
 
 def test_precision_problem():
@@ -323,6 +351,10 @@ def test_build_reuses_then_rebuilds_when_a_key_part_changes(tmp_path: Path):
     forced = build_engine(MESO4, cache_dir=tmp_path, availability=gpu_machine(trt="10.8.0", cc=(8, 9)),
                           builder=builder, max_batch=32, force=True)
     assert forced.built and forced.reasons == ["--force"]
+
+    h200 = build_engine(MESO4, cache_dir=tmp_path, availability=gpu_machine(trt="10.8.0", name="NVIDIA H200"),
+                        builder=builder, max_batch=32, keep_stale=True)
+    assert h200.built and h200.key.gpu_name == "NVIDIA H200" and h200.reasons == ["GPU GPU -> NVIDIA H200"]
 
 
 def test_build_refuses_int8_on_an_old_gpu_and_without_calibration(tmp_path: Path):

@@ -112,8 +112,8 @@ def measure_peak(on_gpu: bool, seconds: float = 2.0) -> dict:
             a = cp.random.standard_normal((n, n), dtype=cp.float32).astype(cp.float16)
             b = cp.random.standard_normal((n, n), dtype=cp.float32).astype(cp.float16)
             return _time_matmul(lambda: a @ b, cp.cuda.runtime.deviceSynchronize, n, seconds, "fp16", "cupy")
-        except ImportError:
-            return {"tflops": None, "note": "no torch or cupy with CUDA to measure the GPU's peak"}
+        except Exception as exc:  # ImportError, or CuPy without a usable device (CUDARuntimeError)
+            return {"tflops": None, "note": f"no torch or cupy with CUDA to measure the GPU's peak ({exc})"}
     try:
         import torch
 
@@ -141,6 +141,20 @@ def _time_matmul(op, sync, n: int, seconds: float, dtype: str, via: str, windows
         sync()
         best = max(best, 2 * n**3 * count / (time.perf_counter() - t0))
     return {"tflops": round(best / 1e12, 3), "dtype": dtype, "via": via, "n": n}
+
+
+def versions() -> dict:
+    """The runtimes that produced the numbers: results from another build are not comparable."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("numpy", "onnxruntime", "onnxruntime-gpu", "torch", "cuda-bindings", "cuda-python", "cupy-cuda12x",
+                 "cupy-cuda13x", "tensorrt", "tensorrt-cu12", "tensorrt-cu13"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
 
 
 def device_name(avail, backend: str) -> str:
@@ -250,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         "engine": engine,
         "precision": getattr(clf, "precision", "fp32" if sel.backend == "onnxruntime" else None),
         "device": device_name(avail, sel.backend),
+        "machine": avail.describe(),
+        "versions": versions(),
         "warnings": sel.warnings,
         "gflops_per_face": round(macs.gflops, 4),
         "macs_by_op": macs.by_op,

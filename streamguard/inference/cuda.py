@@ -87,6 +87,8 @@ class TorchCudaClassifier:
         # Pinned staging for host -> device copies of uint8 crops (4x fewer bytes than the float tensor).
         self._staging = torch.empty((self.profile.max_batch, size, size, 3), dtype=torch.uint8, pin_memory=on_gpu)
         self._stream = torch.cuda.Stream(self.device) if on_gpu else None
+        if self._stream is not None:  # weights and constants were copied on the default stream; ours does not wait
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))  # for it by itself (non-blocking)
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}  # batch -> (CUDAGraph, static input, static output)
         use_graphs = on_gpu and cuda_graphs
         self.graph_sizes: tuple[int, ...] = graph_batch_sizes(self.profile, graph_max_batch) if use_graphs else ()
@@ -116,11 +118,15 @@ class TorchCudaClassifier:
             with torch.cuda.stream(self._stream), torch.inference_mode():
                 for b in sorted(self.graph_sizes, reverse=True):
                     static_in = torch.zeros((b, size, size, 3), dtype=torch.uint8, device=self.device)
-                    for _ in range(3):  # warm up cuDNN's algorithm choice and the allocator outside the capture
+                    # Warm up on the side stream, outside the capture (cuDNN's algorithm choice, the allocator,
+                    # lazy module loading), as PyTorch's CUDA graph notes prescribe.
+                    for _ in range(3):
                         self._forward(static_in)
                     torch.cuda.current_stream().synchronize()
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, stream=self._stream):
+                    # thread_local: CUDA calls of other threads (the decoders, a second backend) neither break this
+                    # capture nor fail because of it, as they would in the default "global" mode.
+                    with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
                         static_out = self._forward(static_in)
                     self._graphs[b] = (graph, static_in, static_out)
             torch.cuda.synchronize(self.device)

@@ -2,8 +2,9 @@
 
     result = build_engine("mesonet-meso4-df", precision="fp16", max_batch=64)
 
-Steps: check the machine (a clear error without a GPU, TensorRT or cuda-python), compute the key (model sha256,
-TensorRT version, compute capability, precision, profile, calibration set), reuse a cached engine on a hit, else
+Steps: check the machine (a clear error without a GPU, TensorRT or cuda-python, or for a precision this TensorRT
+cannot build), compute the key (model sha256, TensorRT version, GPU model and compute capability, precision, profile,
+calibration set), reuse a cached engine on a hit, else
 build and store it. INT8 is kept only where it holds accuracy: the engine's scores on held-out real face crops must
 match ONNX Runtime on the CPU within `tolerance` with no decision flipped at the card's threshold; otherwise the
 build falls back to FP16 (or fails with `int8_fallback=False`), and the result says why.
@@ -42,18 +43,16 @@ from streamguard.inference.gpu import (
     BackendUnavailable,
     precision_problem,
     probe_availability,
+    tensorrt_precision_problem,
 )
 from streamguard.inference.models import ENGINES_DIR, file_sha256, resolve_model
 from streamguard.inference.onnx import OnnxClassifier
+from streamguard.inference.tensorrt import EngineBuildError, engine_facts  # one error type for cli.py to catch
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION_BATCH = 16
 DEFAULT_TOLERANCE = 0.02
-
-
-class EngineBuildError(RuntimeError):
-    """INT8 did not hold accuracy and no fallback was allowed."""
 
 
 @dataclass(slots=True)
@@ -97,18 +96,19 @@ def engine_key(
     calibration_sha256: str | None = None,
     model_sha256: str | None = None,
 ) -> EngineKey:
-    version, cc, _ = require_tensorrt(avail)
+    version, cc, gpu_name = require_tensorrt(avail)
     return EngineKey(model_sha256 or file_sha256(onnx_path), version, cc, precision, profile,
-                     calibration_sha256 if precision == "int8" else None)
+                     calibration_sha256 if precision == "int8" else None, gpu_name=gpu_name)
 
 
 def find_cached_engine(
     cache: EngineCache, model_name: str, onnx_path: Path, avail: Availability, precision: Precision, min_max_batch: int
 ) -> Path | None:
     """A cached engine that serves batches up to min_max_batch on this machine (EngineCache.find_compatible)."""
-    version, cc, _ = require_tensorrt(avail)
+    version, cc, gpu_name = require_tensorrt(avail)
     return cache.find_compatible(model_name, model_sha256=file_sha256(onnx_path), tensorrt_version=version,
-                                 compute_capability=cc, precision=precision, min_max_batch=min_max_batch)
+                                 compute_capability=cc, precision=precision, min_max_batch=min_max_batch,
+                                 gpu_name=gpu_name)
 
 
 def build_engine(
@@ -141,7 +141,7 @@ def build_engine(
     onnx_path, card = resolve_model(str(model) if model is not None else None, engines_dir)
     avail = availability if availability is not None else probe_availability()
     version, cc, gpu_name = require_tensorrt(avail)
-    problem = precision_problem(precision, cc)
+    problem = precision_problem(precision, cc) or tensorrt_precision_problem(version, precision)
     if problem:
         raise BackendUnavailable(problem)
     profile = choose_profile(max_batch, opt_batch)
@@ -162,7 +162,7 @@ def build_engine(
         calib_sha = crops_sha256(crops)
         notes.append(f"INT8 calibration on {len(crops)} real face crops, {len(holdout)} held out")
 
-    key = EngineKey(model_sha, version, cc, precision, profile, calib_sha)
+    key = EngineKey(model_sha, version, cc, precision, profile, calib_sha, gpu_name=gpu_name)
     lookup = cache.lookup(card.name, key)
     if lookup.hit and not force:
         return EngineBuildResult(lookup.path, key, False, precision, notes=notes)
@@ -195,9 +195,6 @@ def build_engine(
     else:
         data = build(onnx_path, card, profile, precision, workspace_bytes=workspace_bytes)
     seconds = time.perf_counter() - t0
-
-    from streamguard.inference.tensorrt import engine_facts
-
     facts = engine_facts(version, gpu_name, seconds, precision, onnx_path)
     if parity is not None:
         facts["int8_parity"] = {"max_abs_diff": parity.max_abs_diff, "decision_flips": parity.decision_flips,

@@ -2,7 +2,8 @@
 calibration batches and the parity check. Pure functions and small values, unit-tested without TensorRT or CUDA.
 
 An engine is only valid for the exact inputs it was built from. Its key is (sha256 of the ONNX file, TensorRT version,
-GPU compute capability, precision, optimisation profile min/opt/max batch, and for INT8 the calibration set's hash);
+the GPU's model and compute capability, precision, optimisation profile min/opt/max batch, and for INT8 the
+calibration set's hash);
 the file name carries a digest of the key, and a JSON sidecar carries the key itself so that a miss can say *which*
 part changed ("TensorRT 10.3.0 -> 10.7.0") instead of silently building again.
 """
@@ -30,7 +31,7 @@ DEFAULT_MAX_BATCH = 64
 DEFAULT_OPT_BATCH = 16  # the batcher's default max_batch: under load, batches fill up to it
 MAX_SUPPORTED_BATCH = 4096
 DEFAULT_GRAPH_MAX_BATCH = 32  # CUDA graphs pay where launch overhead rivals kernel time: small batches
-KEY_VERSION = 1  # bump when the key's meaning changes: every cached engine becomes stale
+KEY_VERSION = 2  # bump when the key's meaning changes: every cached engine becomes stale (2: the GPU model joined)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,9 @@ class EngineKey:
     precision: Precision
     profile: Profile
     calibration_sha256: str | None = None  # INT8 only: the calibration set's hash
+    # TensorRT tunes kernels for the exact GPU model: an sm90 engine from an H100 on an H200 is "not recommended and
+    # is likely to affect performance or even cause errors" (its warning), so the name joins the compute capability.
+    gpu_name: str = ""
     key_version: int = KEY_VERSION
 
     def __post_init__(self) -> None:
@@ -157,6 +161,7 @@ class EngineKey:
             precision=d["precision"],
             profile=Profile(**d["profile"]),
             calibration_sha256=d.get("calibration_sha256"),
+            gpu_name=str(d.get("gpu_name", "")),
             key_version=int(d.get("key_version", 0)),
         )
 
@@ -187,6 +192,8 @@ def describe_changes(old: EngineKey, new: EngineKey) -> list[str]:
         changes.append(f"TensorRT {old.tensorrt_version} -> {new.tensorrt_version}")
     if old.compute_capability != new.compute_capability:
         changes.append(f"GPU compute capability {old.sm} -> {new.sm}")
+    if old.gpu_name != new.gpu_name:
+        changes.append(f"GPU {old.gpu_name or 'unknown'} -> {new.gpu_name or 'unknown'}")
     if old.precision != new.precision:
         changes.append(f"precision {old.precision} -> {new.precision}")
     if old.profile != new.profile:
@@ -267,6 +274,7 @@ class EngineCache:
         compute_capability: tuple[int, int],
         precision: Precision,
         min_max_batch: int,
+        gpu_name: str = "",
     ) -> Path | None:
         """A cached engine for this model, TensorRT, GPU and precision whose profile starts at 1 and reaches
         min_max_batch (one built with `engine build --max-batch 64` serves a batcher of 16): the smallest fit."""
@@ -275,9 +283,9 @@ class EngineCache:
             key = self.key_of(path)
             if key is None:
                 continue
-            same = (key.model_sha256, key.tensorrt_version, key.compute_capability, key.precision,
-                    key.key_version) == (model_sha256, tensorrt_version, tuple(compute_capability), precision,
-                                         KEY_VERSION)
+            same = (key.model_sha256, key.tensorrt_version, key.compute_capability, key.gpu_name, key.precision,
+                    key.key_version) == (model_sha256, tensorrt_version, tuple(compute_capability), gpu_name,
+                                         precision, KEY_VERSION)
             if same and key.profile.min_batch == 1 and key.profile.max_batch >= min_max_batch:
                 if best is None or key.profile.max_batch < best[0]:
                     best = (key.profile.max_batch, path)

@@ -16,7 +16,8 @@ from types import ModuleType
 
 TENSORRT_MISSING = (
     "TensorRT is not installed: install NVIDIA's tensorrt wheels from NVIDIA's index "
-    "(`pip install tensorrt-cu12 cuda-python`, see engines/BUILD.md), or use the GPU image"
+    "(`pip install 'tensorrt-cu12<11' cuda-python`, or tensorrt-cu13 for a CUDA 13 driver; see engines/BUILD.md), "
+    "or use the GPU image"
 )
 CUDA_PYTHON_MISSING = (
     "cuda-python is not installed (NVIDIA's CUDA bindings, which the tensorrt backend allocates and copies with): "
@@ -175,7 +176,8 @@ def import_tensorrt() -> ModuleType:
 
 
 def import_cudart() -> ModuleType:
-    """cuda-python's runtime API: `cuda.bindings.runtime` (cuda-python >= 12.6), or the older `cuda.cudart`."""
+    """cuda-python's runtime API: `cuda.bindings.runtime` (cuda-python >= 12.6), or the older `cuda.cudart`
+    (`from cuda import cudart`, removed in cuda-python 13). Both return (cudaError_t, *values) from every call."""
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
         try:
             return importlib.import_module(name)
@@ -192,4 +194,30 @@ def precision_problem(precision: str, compute_capability: tuple[int, int]) -> st
         return f"FP16 needs compute capability 5.3 or later, this GPU is {sm}"
     if precision == "int8" and compute_capability < (6, 1):
         return f"INT8 needs compute capability 6.1 or later, this GPU is {sm}"
+    return None
+
+
+def tensorrt_major(version: str) -> int:
+    """10 for "10.7.0.23"; 0 when unreadable."""
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def tensorrt_precision_problem(version: str, precision: str, has_modelopt: bool | None = None) -> str | None:
+    """Why this TensorRT cannot build `precision` the way engine_build does, or None.
+
+    TensorRT 11 removed weak typing: BuilderFlag.FP16/INT8, IBuilderConfig.int8_calibrator and the calibration
+    profile (NVIDIA's 10.x -> 11.x migration guide). FP16 then needs the ONNX model converted to mixed precision by
+    NVIDIA Model Optimizer's AutoCast before the build; implicit INT8 calibration has no replacement here.
+    """
+    if tensorrt_major(version) < 11:
+        return None
+    if precision == "int8":
+        return (f"TensorRT {version} removed INT8 calibration (BuilderFlag.INT8, IInt8EntropyCalibrator2): build INT8 "
+                "with TensorRT 10 (`pip install 'tensorrt-cu12<11'`), or quantise the model (Q/DQ nodes) and build "
+                "that as fp32")
+    if precision == "fp16" and not (_has_module("modelopt") if has_modelopt is None else has_modelopt):
+        return (f"TensorRT {version} removed BuilderFlag.FP16 (networks are strongly typed): install NVIDIA Model "
+                "Optimizer (`pip install nvidia-modelopt[onnx]`), whose AutoCast converts the model to FP16 before "
+                "the build, or use TensorRT 10 (`pip install 'tensorrt-cu12<11'`), or build fp32")
     return None
