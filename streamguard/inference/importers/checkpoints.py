@@ -43,6 +43,7 @@ from streamguard.inference.importers.efficientnet import (
     Variant,
     head_channels,
 )
+from streamguard.inference.importers.output import resolve_output
 
 Kind = Literal["deepware", "selimsef", "icpr2020dfdc", "sbi"]
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -521,18 +522,7 @@ def import_checkpoint(
     a bad output path. Needs torch (the `train` extra); the messages are meant to be printed as-is.
     """
     file = Path(file)
-    if output is not None:
-        onnx_path = Path(output)
-        if onnx_path.suffix != ".onnx":
-            raise CheckpointError(f"output must be a path ending in .onnx, got {onnx_path}")
-        name = name or onnx_path.stem
-    else:
-        name = name or default_model_name(kind, file)
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise CheckpointError(
-                f"model name {name!r} must be letters, digits, '.', '_' or '-' (it becomes a file name)"
-            )
-        onnx_path = Path(models.ENGINES_DIR) / f"{name}.onnx"  # looked up at call time so tests can redirect it
+    onnx_path, name = resolve_output(output, name, lambda: default_model_name(kind, file), CheckpointError)
 
     loaded = load_checkpoint(kind, file, name=name, trust_pickle=trust_pickle, lukemelas_padding=lukemelas_padding)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from streamguard.inference import models
 from streamguard.inference.card import ModelCard, Preprocess
+from streamguard.inference.importers.output import resolve_output
 
 Arch = Literal["meso4", "mesoinception"]
 ARCHS: tuple[str, ...] = get_args(Arch)
@@ -306,16 +307,7 @@ def import_mesonet(
     h5_path = Path(h5_path)
     if arch not in ARCHS:
         raise ValueError(f"unknown MesoNet architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
-    if output is not None:
-        onnx_path = Path(output)
-        if onnx_path.suffix != ".onnx":
-            raise ValueError(f"output must be a path ending in .onnx, got {onnx_path}")
-        name = name or onnx_path.stem
-    else:
-        name = name or default_model_name(h5_path, arch)
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise ValueError(f"model name {name!r} must be letters, digits, '.', '_' or '-' (it becomes a file name)")
-        onnx_path = Path(models.ENGINES_DIR) / f"{name}.onnx"  # looked up at call time so tests can redirect it
+    onnx_path, name = resolve_output(output, name, lambda: default_model_name(h5_path, arch))
 
     weights = _match(_read_saved_layers(h5_path), arch, h5_path)
     doc = f"MesoNet {_ARCH_TITLE[arch]} from DariusAf/MesoNet {h5_path.name} (Apache-2.0). Output p_real = P(real)."
