@@ -13,7 +13,7 @@ import typer
 from tqdm import tqdm
 
 from streamguard.inference.classifier import Classifier
-from streamguard.inference.models import ModelNotFound, available_models, load_classifier
+from streamguard.inference.models import ModelNotFound, available_models, load_classifier, resolve_model
 
 # mediapipe's C++ side logs warnings to stderr at every graph start; they are noise to our users.
 os.environ.setdefault("GLOG_minloglevel", "2")
@@ -32,6 +32,7 @@ ModelOption = Annotated[
 
 def _load_model(model: str | None) -> Classifier:
     try:
+        resolve_model(model)  # a wrong name fails here, before onnxruntime is imported
         return load_classifier(model)
     except ModelNotFound as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from None
@@ -128,10 +129,10 @@ def eval_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Measure a model on labelled files: AUC, accuracy, TPR/FPR at the threshold, log loss, ROC curve."""
-    from streamguard.evaluate import evaluate, load_labels, plot_roc
+    settings = _settings(fps, min_samples, images_are_crops)
+    from streamguard.evaluate import evaluate, load_labels, plot_roc  # scikit-learn: after the options are checked
     from streamguard.scan import Scanner
 
-    settings = _settings(fps, min_samples, images_are_crops)
     try:
         items = load_labels(labels)
     except (OSError, ValueError) as exc:
@@ -173,11 +174,7 @@ def serve(
     Settings come from --config, then STREAMGUARD_* environment variables (nested with __, e.g.
     STREAMGUARD_SCORING__WINDOW_S=15), then these flags, each overriding the one before.
     """
-    import uvicorn
-
-    from streamguard.api.app import create_app
     from streamguard.config import ConfigError, load_config
-    from streamguard.service import Service
 
     try:
         cfg = load_config(config, host=host, port=port, data_dir=data_dir, model=model, log_level=log_level)
@@ -197,6 +194,13 @@ def serve(
     except typer.BadParameter as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None
+    # The server's parts (mediapipe, aiortc, FastAPI: seconds to import) only once the config and the model are
+    # known to be good, so their errors come at once.
+    import uvicorn
+
+    from streamguard.api.app import create_app
+    from streamguard.service import Service
+
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to whatever handler was there
     # before it: make that handler a clean exit, so a graceful stop exits 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -209,8 +213,6 @@ def serve(
 @models_app.command("list")
 def models_list() -> None:
     """Models in engines/ with their cards."""
-    from streamguard.inference.models import resolve_model
-
     for name in available_models():
         _, card = resolve_model(name)
         typer.echo(f"{name:28s} {card.architecture:24s} input {card.preprocess.input_size}  threshold {card.threshold}"

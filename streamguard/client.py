@@ -13,6 +13,11 @@ the participant's id and display name both as query parameters (`participant_id`
 values when a proxy strips one. A display name that is not printable ASCII is sent only as the (UTF-8,
 percent-encoded) query parameter, since HTTP header values are ASCII.
 
+STUN/TURN: unless `ice_servers` is given, the publisher first asks the endpoint with OPTIONS and gathers with the
+servers it advertises (RFC 9725 §4.6 `Link: <turn:...>; rel="ice-server"; username=...; credential=...`).
+RFC 9725 prefers the Link headers of the 201, but those come after the offer, and aiortc can neither change its
+ICE servers nor restart ICE once the offer is made: the OPTIONS pre-flight is the RFC's way for such clients.
+
 Event feed: a WebSocket on `/v1/events`, one JSON event per message (`{"seq", "ts", "type", ...}`; messages without
 `seq`, such as pings, are skipped). After any disconnect the client reconnects with back-off and `since=<last seq>`,
 and drops any event with seq <= the last one it yielded, so an event is neither missed nor repeated. Auth
@@ -26,6 +31,7 @@ import contextlib
 import json
 import logging
 import random
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -41,6 +47,9 @@ log = logging.getLogger(__name__)
 
 Codec = Literal["H264", "VP8"]
 _CODECS: dict[str, str] = {"h264": "video/H264", "vp8": "video/VP8"}
+# RFC 8288 link-value: <target> then ; name[=token or quoted-string] parameters.
+_LINK_RE = re.compile(r'<([^>]*)>((?:\s*;\s*[^\s;,=]+(?:\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^\s;,"]*))?)*)')
+_LINK_PARAM_RE = re.compile(r';\s*([^\s;,=]+)(?:\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;,"]*)))?')
 
 
 class WhipClientError(Exception):
@@ -67,6 +76,7 @@ class Publication:
     _http: httpx.AsyncClient = field(repr=False)
     _owns_http: bool = field(repr=False)
     _auth: dict[str, str] = field(repr=False)
+    ice_servers: list[RTCIceServer] = field(default_factory=list, repr=False)  # what ICE gathered with
     _owned_tracks: list[MediaStreamTrack] = field(default_factory=list, repr=False)
     closed: bool = False
 
@@ -125,7 +135,7 @@ async def publish(
     must be seekable), or a video MediaStreamTrack (left running on close: it is the caller's).
     audio: True sends the player's audio when it has some, False sends none, a track sends that track.
     codec: force "H264" or "VP8" (setCodecPreferences); None lets the server pick from aiortc's default order.
-    ice_servers: None means host candidates only (no STUN round trip to a public server before each publish).
+    ice_servers: None asks the endpoint (OPTIONS) for its STUN/TURN servers; [] means host candidates only.
     connect_timeout_s: wait this long for ICE+DTLS to connect (None: return right after the answer is applied).
     http: an httpx client to use (its timeouts, TLS and proxies); by default one is made and owned.
     """
@@ -151,11 +161,15 @@ async def publish(
         video = player.video
         audio_track = audio if isinstance(audio, MediaStreamTrack) else (player.audio if audio else None)
 
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=list(ice_servers or [])))
     client = http if http is not None else httpx.AsyncClient(timeout=15.0, follow_redirects=True)
     auth = {"Authorization": f"Bearer {token}"} if token else {}
+    pc: RTCPeerConnection | None = None
     location: str | None = None
     try:
+        if ice_servers is None:
+            ice_servers = await _advertised_ice_servers(client, whip_url, auth)
+        servers = list(ice_servers)
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
         transceiver = pc.addTransceiver(video, direction="sendonly")
         if mime is not None:
             caps = RTCRtpSender.getCapabilities("video").codecs
@@ -179,6 +193,8 @@ async def publish(
         if not response.headers.get("Location"):
             raise WhipClientError(response.status_code, "no_location", "the 201 response has no Location header")
         location = str(response.url.join(response.headers["Location"]))
+        if not servers and ice_servers_from_links(response.headers.get_list("Link")):
+            log.info("WHIP endpoint advertises STUN/TURN servers on its 201 only: too late for aiortc to use them")
         answer = response.text
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         publication = Publication(
@@ -192,6 +208,7 @@ async def publish(
             _http=client,
             _owns_http=http is None,
             _auth=auth,
+            ice_servers=servers,
             _owned_tracks=owned,
         )
         if connect_timeout_s is not None:
@@ -201,11 +218,45 @@ async def publish(
         if location is not None:  # the server has a session: end it rather than leave it to its watchdog
             with contextlib.suppress(Exception):
                 await client.delete(location, headers=auth)
-        await pc.close()
+        if pc is not None:
+            await pc.close()
         _stop_all(owned)
         if http is None:
             await client.aclose()
         raise
+
+
+def ice_servers_from_links(values: Iterable[str]) -> list[RTCIceServer]:
+    """The STUN/TURN servers in `Link` header values (RFC 9725 §4.6): the links with rel="ice-server"."""
+    servers = []
+    for value in values:
+        for link in _LINK_RE.finditer(value):
+            params = _link_params(link[2])
+            if "ice-server" in params.get("rel", "").split():
+                servers.append(RTCIceServer(
+                    link[1], params.get("username"), params.get("credential"), params.get("credential-type", "password")
+                ))
+    return servers
+
+
+def _link_params(text: str) -> dict[str, str]:
+    """A link-value's parameters, names lower-cased, quoted-strings unescaped; the first of a repeated name wins."""
+    params: dict[str, str] = {}
+    for param in _LINK_PARAM_RE.finditer(text):
+        value = re.sub(r"\\(.)", r"\1", param[2]) if param[2] is not None else param[3] or ""
+        params.setdefault(param[1].lower(), value)
+    return params
+
+
+async def _advertised_ice_servers(client: httpx.AsyncClient, whip_url: str, auth: dict[str, str]) -> list[RTCIceServer]:
+    """What the endpoint answers OPTIONS with; [] when it does not answer with a 2xx (the POST says why, if at all)."""
+    response = await client.options(whip_url, headers=auth)
+    if not response.is_success:
+        log.debug("WHIP OPTIONS %s: HTTP %s, gathering without STUN/TURN", whip_url, response.status_code)
+        return []
+    servers = ice_servers_from_links(response.headers.get_list("Link"))
+    log.debug("WHIP OPTIONS %s: ICE servers %s", whip_url, [s.urls for s in servers])
+    return servers
 
 
 async def _wait_connected(pc: RTCPeerConnection, timeout_s: float) -> None:

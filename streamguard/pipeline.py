@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from streamguard.faces.crop import square_crop
-from streamguard.faces.detector import FaceDetector
-from streamguard.faces.quality import QualityGate
 from streamguard.types import FaceCrop, SampledFrame
 
 
@@ -25,6 +22,11 @@ class FaceAnalyzer:
     """Finds and crops the faces of one frame. Not thread-safe (mediapipe graph): one per worker thread."""
 
     def __init__(self, settings: FaceSettings, input_size: int, card_margin: float = 1.65):
+        # Imported here, not at the top: config imports FaceSettings from this module, and mediapipe (with cv2)
+        # takes ~1 s to import, which a bad config must not wait for.
+        from streamguard.faces.detector import FaceDetector
+        from streamguard.faces.quality import QualityGate
+
         self.settings = settings
         self.input_size = input_size
         self.margin = settings.margin or card_margin
@@ -35,6 +37,8 @@ class FaceAnalyzer:
         self.gate = QualityGate(**gate_kwargs)
 
     def analyze(self, frame: SampledFrame) -> list[FaceCrop]:
+        from streamguard.faces.crop import square_crop  # cv2: see __init__
+
         crops = []
         for det in self.detector.detect(frame.rgb):
             crops.append(

@@ -22,7 +22,8 @@ from streamguard.inference.heatmap import occlusion_map, render_overlay
 from streamguard.inference.backends import BackendOptions, select_backend
 from streamguard.ingest.nvdec import choose_hwdecode
 from streamguard.ingest.pull import PullSource, StreamState, redact_url
-from streamguard.ingest.webrtc import WhipManager, WhipSession
+from streamguard.ingest.sampler import spread_phase
+from streamguard.ingest.webrtc import WhipManager, WhipSession, rtc_ice_servers
 from streamguard.metrics import Metrics
 from streamguard.participants import Roster
 from streamguard.pipeline import FacePool
@@ -93,6 +94,7 @@ class Service:
         self.metrics = Metrics()
         self._classifier = classifier
         self._streams: dict[str, _Stream] = {}
+        self._phases: dict[str, float] = {}  # stream id -> sampling phase, see sampling_phase()
         self._decoded_retired: Counter[str] = Counter()
         self._ready = False
         self._degraded: set[str] = set()
@@ -111,7 +113,10 @@ class Service:
             raise ValueError(f"scoring: {exc} (model {self.classifier.card.name})") from None
         self.metrics.set_info(self.classifier.card.name, self.classifier.backend)
         self.store = EventStore(cfg.data_dir / "events.sqlite3")
-        self.hub = EventHub(self.store, client_queue_size=cfg.events.client_queue_size)
+        ev = cfg.events
+        self.hub = EventHub(self.store, client_queue_size=ev.client_queue_size,
+                            slow_consumer_grace_s=ev.slow_consumer_grace_s, retention_days=ev.retention_days,
+                            max_events=ev.max_events)
         if degraded_reason:
             self._degraded.add("inference")
             await self.hub.publish(EventType.SERVICE_DEGRADED, None, None,
@@ -130,7 +135,8 @@ class Service:
         self.whip = WhipManager(
             fps=cfg.sampling.fps, max_sessions=cfg.whip.max_sessions, max_sdp_bytes=cfg.whip.max_sdp_bytes,
             no_frame_timeout_s=cfg.whip.no_frame_timeout_s, on_frame=self._on_whip_frame,
-            on_session_end=self._on_whip_end,
+            on_session_end=self._on_whip_end, phase_of=self.sampling_phase,
+            ice_servers=rtc_ice_servers(cfg.whip.ice_servers), ice_transport_policy=cfg.whip.ice_transport_policy,
         )
         self.metrics.watch(self._snapshot)
         for spec in cfg.streams:
@@ -206,8 +212,8 @@ class Service:
         stream = self._new_stream(spec.id, kind, spec.url, spec.name, mode="tracked")
         stream.source = PullSource(
             spec.id, spec.url, settings=self.config.sources, fps=self.config.sampling.fps,
-            on_frame=stream.worker.put, on_state=lambda state, info: self._on_state(stream, state, info),
-            hwaccel=self.hwdecode.hwaccel,
+            phase=self.sampling_phase(spec.id), on_frame=stream.worker.put,
+            on_state=lambda state, info: self._on_state(stream, state, info), hwaccel=self.hwdecode.hwaccel,
         )
         stream.task = asyncio.create_task(self._run_source(stream), name=f"source:{spec.id}")
         return stream.info()
@@ -297,6 +303,20 @@ class Service:
         await self._publish_state(stream, StreamState.CLOSED.value, reason)
 
     # --- shared --------------------------------------------------------------------------------------------------
+
+    def sampling_phase(self, stream_id: str) -> float:
+        """The stream's sampling phase: the middle of the widest gap between live streams' (0 without stagger).
+
+        Assigned rather than hashed from the id: N streams are then at least 1/(2N) of a period apart (random
+        phases bunch up), and a stream that leaves frees its phase for the next one. WHIP asks before its stream is
+        listed, so phases of streams no longer listed are dropped here, not on each of the ways a stream ends.
+        """
+        if not self.config.sampling.stagger:
+            return 0.0
+        if stream_id not in self._phases:
+            self._phases = {sid: p for sid, p in self._phases.items() if sid in self._streams}
+            self._phases[stream_id] = spread_phase(self._phases.values())
+        return self._phases[stream_id]
 
     def _new_stream(self, stream_id: str, kind: str, url: str | None, name: str | None, *, mode: str,
                     participant_id: str | None = None) -> _Stream:

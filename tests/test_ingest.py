@@ -14,7 +14,7 @@ import pytest
 
 from streamguard.ingest.av_source import DecodeStats, SourceError, iter_sampled_frames, open_container, probe
 from streamguard.ingest.image import is_image, is_video, read_image
-from streamguard.ingest.sampler import TimestampSampler
+from streamguard.ingest.sampler import TimestampSampler, spread_phase
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -155,6 +155,80 @@ def test_missing_timestamps_without_nominal_rate_use_the_wall_clock():
 def test_bad_rate_is_refused(fps):
     with pytest.raises(ValueError):
         TimestampSampler(fps)
+
+
+# A phase moves a stream's ticks within the period; the first frame is still kept at once.
+@pytest.mark.parametrize(
+    ("phase", "expected"),
+    [(0.25, [0.0] + [k + 0.28 for k in range(1, 10)]),  # next tick 1.25 periods on: never closer than half a period
+     (0.75, [0.0] + [k + 0.76 for k in range(10)])],  # 0.75 periods on
+)
+def test_phase_shifts_the_ticks(phase, expected):
+    assert kept(TimestampSampler(1.0, phase=phase), [i / 25 for i in range(250)]) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("phase", [0.0, 0.1, 0.3, 0.5, 0.7, 0.99])
+def test_phase_keeps_one_frame_per_tick_with_variable_rate(phase):
+    rng = np.random.default_rng(2)
+    times = np.cumsum(rng.uniform(0.01, 0.2, 400)).tolist()
+    out = kept(TimestampSampler(1.0, phase=phase), times)
+    t0 = times[0]
+    first = phase if phase >= 0.5 else 1.0 + phase
+    assert out[0] == t0
+    for k, t in enumerate(out[1:]):
+        tick = t0 + first + k
+        assert t >= tick - 1e-9
+        assert max(x for x in times if x < t) < tick  # the first frame at or after its tick, no burst
+    assert len(out) == 1 + int(times[-1] - t0 - first) + 1
+    assert min(np.diff(out)) >= 0.5
+
+
+def test_phase_gap_gives_one_frame_and_restart_reanchors_on_the_phase():
+    gap = [i / 25 for i in range(51)] + [7.3 + i / 25 for i in range(60)]
+    assert kept(TimestampSampler(1.0, phase=0.5), gap) == pytest.approx([0.0, 0.52, 1.52, 7.3, 8.3, 9.3])
+    sampler = TimestampSampler(1.0, phase=0.5)
+    restart = [100 + i / 25 for i in range(100)] + [i / 25 for i in range(60)]
+    assert kept(sampler, restart) == pytest.approx([100.0, 100.52, 101.52, 102.52, 103.52, 0.0, 0.52, 1.52])
+    assert sampler.restarts == 1
+
+
+@pytest.mark.parametrize("phase", [0.25, 0.75])
+def test_phase_costs_a_source_at_the_sampling_rate_one_frame_at_most(phase):
+    # Frames 1 s apart sampled at 1 FPS: every frame is a sample; a phase may skip the second, then the grid
+    # follows the frames again.
+    out = kept(TimestampSampler(1.0, phase=phase), [float(s) for s in range(10)])
+    assert len(out) >= 9 and out[0] == 0.0 and out[-1] == 9.0
+
+
+def test_phase_with_the_wall_clock():
+    now = [50.0]
+    sampler = TimestampSampler(1.0, phase=0.5, clock=lambda: now[0])
+    out = []
+    for _ in range(30):  # 30 unstamped frames, 0.25 s of wall time apart (a live track without pts)
+        if sampler.keep(None):
+            out.append(sampler.last_pts_s)
+        now[0] += 0.25
+    assert out == pytest.approx([0.0, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5])
+
+
+@pytest.mark.parametrize("phase", [-0.1, 1.0, float("nan"), float("inf")])
+def test_bad_phase_is_refused(phase):
+    with pytest.raises(ValueError):
+        TimestampSampler(1.0, phase=phase)
+
+
+def test_spread_phase_halves_the_widest_gap():
+    phases: list[float] = []
+    for _ in range(8):
+        phases.append(spread_phase(phases))
+    assert phases == [0.0, 0.5, 0.25, 0.75, 0.125, 0.375, 0.625, 0.875]
+    phases.remove(0.25)  # a stream left: the next one takes its place
+    assert spread_phase(phases) == 0.25
+    phases = []
+    for _ in range(20):
+        phases.append(spread_phase(phases))
+    gaps = np.diff(sorted(phases) + [1.0])
+    assert len(set(phases)) == 20 and min(gaps) >= 1 / 40
 
 
 # --- decoding ------------------------------------------------------------------------------------------------------

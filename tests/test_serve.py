@@ -552,10 +552,10 @@ async def test_token_guards_http_websocket_and_whip(tmp_path, servers):
 @pytest.mark.asyncio
 async def test_slow_websocket_client_is_closed_with_4008_while_others_get_everything(tmp_path, servers):
     dead_port = free_port()
-    # Streams failing fast (nothing listens on their port): ~100 real stream.state events a second. The queue is
-    # small, yet holds what arrives during a loop stall of half a second: the hub hands a subscriber whole commit
-    # batches at once, and a burst larger than the queue drops even a client that reads at once.
-    srv = servers(fast_settings(tmp_path / "data", events={"client_queue_size": 64},
+    # Streams failing fast (nothing listens on their port): ~100 real stream.state events a second, through a small
+    # queue. A burst larger than the queue only sends a client back to the store to catch up; one that has not
+    # caught up within the grace period (1 s here) is closed.
+    srv = servers(fast_settings(tmp_path / "data", events={"client_queue_size": 64, "slow_consumer_grace_s": 1.0},
                                 sources={"backoff_initial_s": 0.05, "backoff_max_s": 0.1}), sndbuf=4096)
     slow = await RawWebSocket.connect("127.0.0.1", srv.config.port, "/v1/events?since=0")  # and never reads
     try:

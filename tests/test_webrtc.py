@@ -6,15 +6,22 @@ host's interface addresses, and a machine with only a loopback interface would h
 candidate pairs to check, and it works in a network-less sandbox.
 
 The HTTP side is a minimal FastAPI app built here (the service's real app lives elsewhere) driven through httpx's
-ASGI transport, with the mapping the real app should use: WhipError -> status, headers, JSON body.
+ASGI transport, with the mapping the real app should use: WhipError -> status, headers, JSON body. The real app is
+used where its own behaviour is the point (the STUN/TURN Link headers).
+
+TURN: a real coturn `turnserver` on 127.0.0.1 (Debian package coturn; the test skips without it) relays the media
+of a session whose server side may only use relay candidates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import socket
+import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -24,12 +31,23 @@ import av
 import httpx
 import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
+from aioice import stun
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
-from streamguard.client import EventAuthError, EventStreamError, WhipClientError, events, publish
+from serve_helpers import LiveServer, fast_settings
+from streamguard.client import (
+    EventAuthError,
+    EventStreamError,
+    WhipClientError,
+    events,
+    ice_servers_from_links,
+    publish,
+)
+from streamguard.config import ConfigError, ServiceConfig, load_config
 from streamguard.ingest.webrtc import (
     REASON_DELETED,
     REASON_REPLACED,
@@ -37,7 +55,9 @@ from streamguard.ingest.webrtc import (
     WhipError,
     WhipManager,
     WhipSession,
+    ice_server_links,
     participant_from_request,
+    rtc_ice_servers,
 )
 from streamguard.types import SampledFrame
 
@@ -115,12 +135,22 @@ def make_app(manager: WhipManager) -> FastAPI:
     async def whip_error(_: Request, exc: WhipError) -> JSONResponse:
         return JSONResponse(exc.as_dict(), status_code=exc.status, headers=exc.headers)
 
+    def with_ice_links(response: Response) -> Response:
+        for link in ice_server_links(manager.ice_servers):
+            response.headers.append("Link", link)
+        return response
+
+    @app.options("/v1/whip")
+    async def whip_options() -> Response:
+        return with_ice_links(Response(status_code=204))
+
     @app.post("/v1/whip")
     async def whip_post(request: Request) -> Response:
         pid, name = participant_from_request(request.headers, request.query_params)
         session = await manager.create_session(await request.body(), request.headers.get("content-type"), pid, name)
         headers = {"Location": f"/v1/whip/{session.id}", "ETag": session.etag}
-        return Response(session.answer_sdp, status_code=201, media_type="application/sdp", headers=headers)
+        answer = Response(session.answer_sdp, status_code=201, media_type="application/sdp", headers=headers)
+        return with_ice_links(answer)
 
     @app.delete("/v1/whip/{session_id}")
     async def whip_delete(session_id: str) -> Response:
@@ -395,6 +425,183 @@ def test_refusals_are_4xx_with_json(loopback_ice):
         assert not rec.frames
 
     run(main())
+
+
+# -- STUN/TURN ---------------------------------------------------------------------------------------------------
+
+TURN_USER, TURN_PASSWORD = "sg-bot", 's3cr"et\\pw'  # a quote and a backslash: the Link header must escape them
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stun_answers(port: int) -> bool:
+    request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        s.sendto(bytes(request), ("127.0.0.1", port))
+        try:
+            return stun.parse_message(s.recv(2048)).transaction_id == request.transaction_id
+        except (OSError, ValueError):
+            return False
+
+
+@pytest.fixture
+def turn_port(tmp_path: Path) -> Iterator[int]:
+    """coturn on 127.0.0.1 with one long-term-credential user; loopback peers allowed (both peers are local)."""
+    exe = shutil.which("turnserver")
+    if exe is None:
+        pytest.skip("needs coturn's turnserver (apt-get install coturn, as tools/install_test_deps.sh does)")
+    port = free_udp_port()
+    log = tmp_path / "turnserver.log"
+    args = [
+        exe, "-n", "--no-cli", "--no-tls", "--no-dtls", "--no-rfc5780", "--no-software-attribute", "--fingerprint",
+        "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--listening-port={port}", "--allow-loopback-peers",
+        "--lt-cred-mech", "--realm=streamguard.test", f"--user={TURN_USER}:{TURN_PASSWORD}",
+        f"--db={tmp_path / 'turndb'}", f"--pidfile={tmp_path / 'turnserver.pid'}", f"--log-file={log}", "--simple-log",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not stun_answers(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise RuntimeError(f"turnserver did not come up (exit {proc.returncode}):\n{tail}")
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("whip", "field", "message"),
+    [
+        ({"ice_servers": [{"urls": "http://turn.example"}]}, "whip.ice_servers.0.urls", "is not a stun:"),
+        ({"ice_servers": [{"urls": ["stuns:stun.example"]}]}, "whip.ice_servers.0.urls", "is not a stun:"),
+        ({"ice_servers": [{"urls": ["stun:s.example?transport=tcp"]}]}, "whip.ice_servers.0.urls", "is not a stun:"),
+        ({"ice_servers": [{"urls": ["turns:t.example?transport=udp"], "username": "u", "credential": "hunter2"}]},
+         "whip.ice_servers.0.urls", "is not a stun:"),
+        ({"ice_servers": [{"urls": ["turn:t.example:70000"], "username": "u", "credential": "hunter2"}]},
+         "whip.ice_servers.0.urls", "is not a stun:"),
+        ({"ice_servers": [{"urls": []}]}, "whip.ice_servers.0.urls", "at least 1"),
+        ({"ice_servers": [{"urls": ["turn:t.example"]}]}, "whip.ice_servers.0", "username, credential:"),
+        ({"ice_servers": [{"urls": ["turn:t.example"], "credential": "hunter2"}]},
+         "whip.ice_servers.0", "username, credential:"),
+        ({"ice_servers": [{"urls": ["turn:t.example"], "username": "u", "credential": "hunter2\r\nX-Evil: 1"}]},
+         "whip.ice_servers.0", "credential: printable ASCII"),
+        ({"ice_servers": [{"urls": ["turn:t.example"], "username": "ü", "credential": "hunter2"}]},
+         "whip.ice_servers.0.username", "printable ASCII"),
+        ({"ice_servers": [{"urls": ["stun:s.example"]}], "ice_transport_policy": "relay"},
+         "whip.ice_transport_policy", "needs a TURN server"),
+        ({"ice_servers": [{"urls": ["stun:s.example"], "password": "hunter2"}]}, "whip.ice_servers.0.password", ""),
+    ],
+)
+def test_ice_server_config_errors_name_the_field_and_not_the_secret(whip, field, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(whip=whip)
+    lines = str(info.value).splitlines()
+    assert any(line.strip().startswith(f"{field}: ") and message in line for line in lines), lines
+    if "credential" in whip["ice_servers"][0]:
+        assert "hunter2" not in str(info.value)
+
+
+def test_ice_server_links_follow_rfc_9725_and_the_client_reads_them():
+    cfg = ServiceConfig(whip={"ice_transport_policy": "relay", "ice_servers": [
+        {"urls": "stun:stun.example.net"},
+        {"urls": ["turn:turn.example.net?transport=udp", "turns:turn.example.net:443"], "username": TURN_USER,
+         "credential": TURN_PASSWORD},
+    ]})
+    assert TURN_PASSWORD not in repr(cfg) and TURN_PASSWORD not in cfg.model_dump_json()
+    servers = rtc_ice_servers(cfg.whip.ice_servers)
+    links = ice_server_links(servers)
+    assert links == [
+        '<stun:stun.example.net>; rel="ice-server"',
+        '<turn:turn.example.net?transport=udp>; rel="ice-server"; username="sg-bot"; credential="s3cr\\"et\\\\pw"; '
+        'credential-type="password"',
+        '<turns:turn.example.net:443>; rel="ice-server"; username="sg-bot"; credential="s3cr\\"et\\\\pw"; '
+        'credential-type="password"',
+    ]
+    # Back to the same servers, one per URL, whether the links come as separate headers or in one.
+    expected = [
+        RTCIceServer("stun:stun.example.net"),
+        RTCIceServer("turn:turn.example.net?transport=udp", TURN_USER, TURN_PASSWORD),
+        RTCIceServer("turns:turn.example.net:443", TURN_USER, TURN_PASSWORD),
+    ]
+    assert ice_servers_from_links(links) == expected
+    assert ice_servers_from_links([", ".join(links)]) == expected
+    # Other links are not ICE servers; token parameters, case and spacing vary in the wild.
+    other = ['</v1/whip/x>; rel="urn:ietf:params:whip:ext:example"', "<stun:s.example>;REL=ice-server"]
+    assert ice_servers_from_links(other) == [RTCIceServer("stun:s.example")]
+
+
+@pytest.mark.timeout(90)
+def test_real_app_advertises_ice_servers_on_201_and_options_only_when_configured(tmp_path, loopback_ice):
+    turn = {"urls": ["turn:turn.example.net?transport=udp"], "username": TURN_USER, "credential": TURN_PASSWORD}
+    auth = {"Authorization": "Bearer t0k"}
+
+    async def whip_round(url: str, headers: dict[str, str]) -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, headers=headers) as http:
+            options = await http.options("/v1/whip")
+            offer = await offer_sdp()
+            created = await http.post("/v1/whip", content=offer, headers={"Content-Type": "application/sdp"})
+            assert created.status_code == 201, created.text
+            assert (await http.delete(created.headers["location"])).status_code == 200
+            return options, created
+
+    with LiveServer(fast_settings(tmp_path / "a", token="t0k", whip={"ice_servers": [turn]})) as srv:
+        options, created = asyncio.run(whip_round(srv.url, auth))
+        want = ice_server_links(rtc_ice_servers(srv.config.whip.ice_servers))
+        assert len(want) == 1 and want[0].startswith('<turn:turn.example.net?transport=udp>; rel="ice-server"')
+        assert options.status_code == 204 and options.headers.get_list("link") == want
+        assert created.headers.get_list("link") == want
+        # ... and the service's own peer connections gather with them.
+        assert [s.urls for s in srv.service.whip.ice_servers] == [["turn:turn.example.net?transport=udp"]]
+        # The credentials stay behind the token, and a CORS preflight gets none (RFC 9725 §4.6).
+        anonymous = httpx.options(f"{srv.url}/v1/whip")
+        assert anonymous.status_code == 401 and "link" not in anonymous.headers
+        preflight = httpx.options(f"{srv.url}/v1/whip", headers={**auth, "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 204 and "link" not in preflight.headers
+
+    with LiveServer(fast_settings(tmp_path / "b")) as srv:
+        options, created = asyncio.run(whip_round(srv.url, {}))
+        assert options.status_code == 204 and "link" not in options.headers and "link" not in created.headers
+
+
+def test_publish_through_a_turn_relay(loopback_ice, turn_port):
+    url = f"turn:127.0.0.1:{turn_port}?transport=udp"
+    image = np.zeros((120, 160, 3), np.uint8)
+    image[:, :, 0] = np.linspace(0, 255, 160, dtype=np.uint8)  # a gradient, so frames are not trivially empty
+
+    async def main():
+        rec = Recorder()
+        # The server may only use relay candidates: media can reach it through coturn and nothing else.
+        turn = RTCIceServer(url, TURN_USER, TURN_PASSWORD)
+        manager = make_manager(rec, ice_servers=[turn], ice_transport_policy="relay")
+        track = FaceTrack([image])
+        async with http_client(manager) as http:
+            # No ice_servers given: the client takes them from the endpoint's OPTIONS Link headers.
+            pub = await publish(f"{BASE}/v1/whip", track, participant_id="tina", codec="VP8", http=http)
+            assert pub.ice_servers == [turn]
+            assert " typ relay " in pub.pc.localDescription.sdp  # the client allocated a relay on coturn too
+            (session,) = manager.sessions.values()
+            candidates = [line for line in session.answer_sdp.splitlines() if line.startswith("a=candidate:")]
+            assert candidates and all(" typ relay " in c for c in candidates), candidates
+            assert "127.0.0.1" in candidates[0]
+            await rec.wait_frames(2, 10)
+            assert rec.frames[-1].rgb.shape == (120, 160, 3)
+            await pub.close()
+            assert await session.wait_ended() == REASON_DELETED
+            track.stop()
+        await manager.close_all()
+
+    run(main(), timeout=30)
 
 
 # -- event feed client ---------------------------------------------------------------------------------------------

@@ -18,10 +18,11 @@ seconds, then is measured for --seconds:
 
     python tools/bench_serve.py --streams 1,5,10,20 --seconds 30 [--model mesonet-meso4-df] [--json out.json]
 
-One shared mount makes every client sample the same instant (the sampling grid follows the shared RTP clock): each
-tick, N frames reach face detection at once, the worst case for latency. Independent cameras sample at unrelated
-phases; `--try dephase` emulates them. `--try` also patches in candidate changes to code this tool does not own
-(ONNX Runtime spinning, decoder threads) to measure them first; `--set section.key=value` overrides settings.
+One shared mount gives every client the same clock and the same first keyframe. The service gives each stream its
+own sampling phase (`sampling.stagger`, on by default), so the N streams' samples are spread over the period;
+`--set sampling.stagger=false` puts them all on one grid: each tick, N frames reach face detection at once, the
+worst case for latency. `--try` patches in candidate changes to code this tool does not own (ONNX Runtime spinning,
+decoder threads) to measure them first; `--set section.key=value` overrides settings.
 
 Photos come from ../shared/data/real_faces (--photos to use others). The machine's load average is printed with
 each row: on a shared host, other jobs take CPU from the service and show up as latency.
@@ -181,8 +182,6 @@ EXPERIMENTS = {
     "ort-no-spin": "ONNX Runtime sessions without intra-op spin-waiting (session.intra_op.allow_spinning=0)",
     "ort-1-thread": "ONNX Runtime sessions with one intra-op thread",
     "decode-1-thread": "PyAV decoders with thread_count=1 (no idle slice-thread pool per stream)",
-    "dephase": "each pull stream's 1/fps sampling grid shifted by its own phase, as independent cameras are "
-               "(one shared mount makes every stream sample the same instant: a burst of N frames each tick)",
 }
 
 
@@ -214,31 +213,6 @@ def apply_experiments(names: list[str]) -> None:
             return stream
 
         pull._video_stream = one_thread  # type: ignore[assignment]
-    if "dephase" in names:
-        import itertools
-
-        from streamguard.ingest import pull
-
-        streams = itertools.count()
-
-        class Dephased(pull.TimestampSampler):  # type: ignore[misc, name-defined]
-            """Holds back the first sample by a per-stream fraction of the period (golden-ratio spread)."""
-
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                self._offset = (next(streams) * 0.6180339887) % 1.0 * self.period_s
-                self._start: float | None = None
-
-            def keep(self, pts_s: float | None) -> bool:
-                if self._next_tick is None:
-                    t = self.estimate() if pts_s is None else pts_s
-                    self._start = t if self._start is None else self._start
-                    if t < self._start + self._offset:
-                        self.observe(pts_s)
-                        return False
-                return super().keep(pts_s)
-
-        pull.TimestampSampler = Dephased  # type: ignore[attr-defined, misc]
 
 
 async def wait_for(cond: Any, timeout_s: float) -> None:
@@ -265,8 +239,8 @@ async def run_service(url: str, n: int, seconds: float, warmup: float, model: st
 
     StreamWorker.put = put  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as data_dir:
-        cfg = ServiceConfig(model=model, data_dir=Path(data_dir), sampling={"fps": fps}, log_level="warning",
-                            **overrides)
+        settings = {**overrides, "sampling": {"fps": fps, **overrides.get("sampling", {})}}  # --set sampling.stagger
+        cfg = ServiceConfig(model=model, data_dir=Path(data_dir), log_level="warning", **settings)
         service = Service(cfg)
         histogram = service.metrics.sample_to_score
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # System packages the test suite drives as real parts: GStreamer's RTSP server (run with Debian's python3),
-# FFmpeg, Prometheus (+ promtool), Chromium for the console test, and Playwright's driver from npm.
+# FFmpeg, Prometheus (+ promtool), coturn's turnserver (WHIP through a TURN relay), Chromium for the console test,
+# and Playwright's driver from npm.
 # Idempotent and quick when everything is there already. Needs root (CI runs as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_packages=(python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
-  gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav ffmpeg prometheus chromium)
+  gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav ffmpeg prometheus coturn chromium)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -25,7 +25,7 @@ from streamguard.config import StreamSpec
 from streamguard.events.hub import SubscriptionEnded
 from streamguard.events.schema import EventType, EvidenceKind, event_json_schema
 from streamguard.events.store import AlertPage, AlertRecord
-from streamguard.ingest.webrtc import WhipError, participant_from_request
+from streamguard.ingest.webrtc import WhipError, ice_server_links, participant_from_request, rtc_ice_servers
 from streamguard.service import ParticipantInfo, Service, StreamExists, StreamInfo
 
 STATIC = Path(__file__).parent / "static"
@@ -145,6 +145,22 @@ def create_app(service: Service) -> FastAPI:
         """The versioned JSON Schema of one `/v1/events` message."""
         return JSONResponse(event_json_schema(), media_type="application/schema+json")
 
+    # RFC 9725 §4.6: STUN/TURN servers (with TURN credentials, hence behind the token) as Link headers.
+    ice_links = ice_server_links(rtc_ice_servers(service.config.whip.ice_servers))
+
+    def with_ice_links(response: Response) -> Response:
+        for link in ice_links:
+            response.headers.append("Link", link)
+        return response
+
+    @app.options("/v1/whip", tags=["whip"], status_code=204, dependencies=guarded)
+    async def whip_options(request: Request) -> Response:
+        """The STUN/TURN servers to gather with, for clients that need them before making their offer. A CORS
+        preflight gets none (RFC 9725 §4.6: it must stay cheap)."""
+        response = Response(status_code=204, headers={"Allow": "OPTIONS, POST"})
+        preflight = "access-control-request-method" in request.headers
+        return response if preflight else with_ice_links(response)
+
     @app.post("/v1/whip", tags=["whip"], status_code=201, dependencies=guarded,
               openapi_extra={"requestBody": {"content": {"application/sdp": {"schema": {"type": "string"}}},
                                              "required": True}},
@@ -162,10 +178,10 @@ def create_app(service: Service) -> FastAPI:
             session = await service.whip_publish(body, request.headers.get("content-type"), pid, name)
         except WhipError as exc:
             return JSONResponse(exc.as_dict(), status_code=exc.status, headers=exc.headers)
-        return Response(session.answer_sdp, status_code=201, media_type="application/sdp", headers={
+        return with_ice_links(Response(session.answer_sdp, status_code=201, media_type="application/sdp", headers={
             "Location": f"/v1/whip/{session.id}", "ETag": session.etag,
             "X-Participant-Id": session.participant_id,
-        })
+        }))
 
     @app.delete("/v1/whip/{session_id}", tags=["whip"], status_code=200, dependencies=guarded)
     async def whip_delete(session_id: str) -> Response:
@@ -239,9 +255,9 @@ async def _stream_events(ws: WebSocket, service: Service, since: int | None, str
                 return
             if got is None:  # idle; uvicorn sends protocol-level pings meanwhile
                 continue
-            # A send blocks while a client does not read (its TCP window is full). The hub drops such a
-            # subscriber when its queue overflows; notice that during the send and close with 4008 rather than
-            # wait for a client that may never read again.
+            # A send blocks while a client does not read (its TCP window is full). The hub ends such a
+            # subscriber once it stays behind past events.slow_consumer_grace_s; notice that during the send and
+            # close with 4008 rather than wait for a client that may never read again.
             sent = await _until_gone(ws.send_text(got.model_dump_json()), reader, lambda: sub.ended is not None)
             if sent is _GONE:
                 if sub.ended is None:

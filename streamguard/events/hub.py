@@ -12,9 +12,30 @@ seq <= the last replayed one is skipped, during replay and after it (a replay re
 delivery reaches the loop). Every event is either committed before a replay read (so that read sees it) or
 delivered after registration (so the buffer has it): no gap, and the seq check means no duplicate.
 
-Backpressure: each subscriber has a bounded buffer and delivery never waits. Live, a full buffer drops the
-subscriber (`SlowConsumer`): its buffer is freed and its next `get()` raises, and it resumes with `since`. During
-replay a full buffer is only cleared: the store holds every event, so replay reads on until it has caught up.
+Backpressure: each subscriber has a bounded live buffer and delivery never waits. Since the store holds every
+event, a full buffer loses nothing; it only changes where the subscriber reads from: the buffer is freed and the
+subscriber *catches up* from the store with the same paged replay it uses at subscribe time (same gap-free,
+duplicate-free hand-over back to live). This matters even for a client that reads at once: one group commit can
+hand it more events in one go than its buffer holds.
+
+Falling behind is allowed for a while, not for ever; the rule is Redis's for pub/sub clients ("over the soft limit
+for N seconds": disconnect), with the store in place of the output buffer. When a subscriber overflows, it must
+hand out, within `slow_consumer_grace_s`, every matching event published up to that moment; when it has, the check
+repeats against the newest event published by then. A subscriber that keeps meeting these deadlines consumes
+faster than the feed grows and is soon live again (which stops the clock); one that misses a deadline is ended
+with `SlowConsumer` at the next event it is offered: its buffer is freed, its next `get()` raises, and it resumes
+with `since`. No bound on the lag itself is needed: however far behind, a subscriber holds at most one buffer and
+one replay page. Replaying history a client asked for (`since`) is not lag: the clock only runs once it has
+replayed the events that existed when it subscribed. `slow_consumer_grace_s=0` ends a subscriber at its first
+overflow while live, without catching up.
+
+Retention: the writer thread also prunes the store (`retention_days`, `max_events`; see `EventStore.prune`), at
+start and every `prune_interval_s`, one short transaction at a time between commit batches, so the loop never
+waits on SQLite and publishes wait at most one chunk. A replay that asks for events retention has deleted (a
+`since` older than the oldest kept event, or a subscriber catching up past it) first gets one `feed.gap` event:
+`data.from_seq`..`data.to_seq` are gone, and its seq is `to_seq`, so resuming after it does not report the same
+gap again. It is sent whatever the filters (the deleted events may or may not have matched them); the client
+should rebuild its state from the HTTP API, as after any first connect.
 
 A WebSocket handler is a short loop (the API layer owns pings and the socket):
 
@@ -41,22 +62,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
 
-from .schema import Event, EventType, validate_draft
+from .schema import Event, EventType, FeedGapData, validate_draft
 from .store import EventDraft, EventStore
+
+log = logging.getLogger(__name__)
 
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_CURSOR_AHEAD = 4409
 CLOSE_GOING_AWAY = 1001  # standard: the server is shutting down
+DAY_S = 86400.0
+PRUNE_CHUNK = 2000  # events deleted per transaction: milliseconds, so a publish waits at most that long
 
 
 class SubscriptionEnded(Exception):
@@ -106,29 +132,58 @@ class _Request:
     future: asyncio.Future[Event]
 
 
+@dataclass(slots=True)
+class _Prune:
+    """Apply retention now; the future gets the number of events the pass deleted."""
+
+    future: asyncio.Future[int]
+
+
+class _Stop:
+    """Queued by close(): the writer finishes what was queued before it, then exits."""
+
+
+@dataclass(slots=True)
+class _Pruning:
+    """The writer thread's retention state (only that thread touches it)."""
+
+    due: float | None  # time.monotonic() of the next chunk; None: no retention
+    deleted: int = 0  # by the current pass
+    waiters: list[asyncio.Future[int]] = field(default_factory=list)  # prune() calls, answered when the pass ends
+
+    def wait_s(self) -> float | None:
+        return None if self.due is None else max(0.0, self.due - time.monotonic())
+
+
 class Subscription:
     """One client's view of the feed: replay of seq > since, then live events. Made by `EventHub.subscribe`."""
 
     def __init__(
-        self, hub: EventHub, since: int | None, filter: EventFilter, queue_size: int, replay_page: int
+        self, hub: EventHub, since: int | None, filter: EventFilter, queue_size: int, replay_page: int, grace_s: float
     ) -> None:
         self._hub = hub
         self.filter = filter
         self.since = since
         self._maxsize = queue_size
         self._page = replay_page
+        self._grace = grace_s
         self._buffer: deque[Event] = deque()  # live events, in seq order
         self._replayed: deque[Event] = deque()  # the current replay page, not yet handed out
         self._replaying = since is not None
         self._fetched = since if since is not None else 0  # highest seq read from the store
-        self._overflows = 0  # buffer clears during replay; replay must re-read after the last one
-        self._checked_cursor = False
+        self._overflows = 0  # buffer clears; a replay must re-read after the last one to have caught up
+        self._checked_cursor = since is None  # only a client's own `since` can be ahead of the store
         self._wake = asyncio.Event()
         self._ended: SubscriptionEnded | None = None
         # The resume point: the last seq handed out; before the first one, `since`, or for a live-only
         # subscription the last seq delivered before it subscribed (so resuming neither misses nor re-sends).
         self.last_seq: int = since if since is not None else hub._last_delivered
         self.delivered = 0
+        # Lag (module docstring): events after _live_from were published after it subscribed; history before.
+        self._live_from = hub._last_delivered
+        self._newest = 0  # seq of the newest matching event offered
+        self._target: int | None = None  # while behind: the event it must hand out by _deadline
+        self._deadline: float | None = None  # time.monotonic(); None unless behind and past its history
 
     @property
     def ended(self) -> SubscriptionEnded | None:
@@ -185,7 +240,20 @@ class Subscription:
     def _hand_out(self, event: Event) -> Event:
         self.last_seq = event.seq
         self.delivered += 1
+        if self._target is not None and event.seq >= self._live_from:
+            self._progress(self._target)
         return event
+
+    def _progress(self, target: int) -> None:
+        """Behind and past its history: start the clock, or, target reached, aim at the newest event and restart it."""
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self._grace
+        elif self.last_seq >= target:
+            if self._newest > self.last_seq:
+                self._target, self._deadline = self._newest, now + self._grace
+            else:
+                self._target = self._deadline = None
 
     async def _replay_step(self) -> None:
         store = self._hub.store
@@ -200,7 +268,7 @@ class Subscription:
         epoch = self._overflows
         f = self.filter
         page = await asyncio.to_thread(
-            store.since,
+            store.page,
             self._fetched,
             stream_id=f.stream_id,
             participant_id=f.participant_id,
@@ -209,39 +277,61 @@ class Subscription:
         )
         if self._ended is not None:
             return
-        self._replayed.extend(page)
-        if page:
-            self._fetched = page[-1].seq
+        if page.pruned_through > self._fetched:  # retention deleted events this subscriber has not read
+            self._replayed.append(self._gap(page.pruned_through))
+            self._fetched = page.pruned_through
+        self._replayed.extend(page.events)
+        if page.events:
+            self._fetched = page.events[-1].seq
         # Caught up only if this read saw the end of the log *and* started after the last buffer clear: an event
         # cleared from the buffer was committed before the clear, hence visible to a read that started later.
-        if len(page) < self._page and epoch == self._overflows:
+        if len(page.events) < self._page and epoch == self._overflows:
             self._replaying = False
+            self._target = self._deadline = None  # live again: not behind
             while self._buffer and self._buffer[0].seq <= self._fetched:
                 self._buffer.popleft()
+
+    def _gap(self, through: int) -> Event:
+        data = FeedGapData(from_seq=self._fetched + 1, to_seq=through, reason="retention")
+        return Event(seq=through, ts=time.time(), type=EventType.FEED_GAP, data=data.model_dump(mode="json"))
 
     def _offer(self, event: Event) -> None:
         """Called by the hub on the loop for every published event; never waits."""
         if self._ended is not None or not self.filter.matches(event):
             return
+        self._newest = event.seq
         if event.seq <= self._fetched:
             # Replay already read it. This also happens *after* replay ended: the writer thread commits, a replay
             # read sees the commit, and the read's result can reach the loop before the event's own delivery does.
             return
-        if len(self._buffer) >= self._maxsize:
-            if self._replaying:
-                self._buffer.clear()
-                self._overflows += 1
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            self._too_slow()
+        elif len(self._buffer) >= self._maxsize:
+            self._overflow(event.seq)
+        else:
+            self._buffer.append(event)
+            self._wake.set()
+
+    def _overflow(self, seq: int) -> None:
+        """The buffer is full: free it and read from the store instead; the replay re-reads what it held."""
+        if not self._replaying:
+            if self._grace <= 0:
+                self._too_slow()
                 return
-            self._hub.dropped_subscribers += 1
-            self._end(
-                SlowConsumer(
-                    f"slow consumer: more than {self._maxsize} events behind; resume with since={self.last_seq}",
-                    self.last_seq,
-                )
-            )
-            return
-        self._buffer.append(event)
-        self._wake.set()
+            self._replaying = True
+            self._fetched = max(self._fetched, self.last_seq)  # after what it handed out or holds from a replay
+            self._hub.catch_ups += 1
+        self._buffer.clear()
+        self._overflows += 1
+        if self._target is None:  # fell behind now: `seq` is the newest event it has to reach in time
+            self._target = seq
+            if self.last_seq >= self._live_from:
+                self._deadline = time.monotonic() + self._grace
+
+    def _too_slow(self) -> None:
+        self._hub.dropped_subscribers += 1
+        why = f"behind for over {self._grace:g} s" if self._grace > 0 else f"over {self._maxsize} events behind"
+        self._end(SlowConsumer(f"slow consumer: {why}; resume with since={self.last_seq}", self.last_seq))
 
     def _end(self, reason: SubscriptionEnded) -> None:
         self._ended = reason
@@ -255,6 +345,7 @@ class EventHub:
     """Durable publish + fan-out. Create it with the store; call `close()` before closing the store.
 
     One hub serves one event loop (the first that publishes or subscribes): subscribers are fed on it.
+    Retention (`retention_days`, `max_events`; 0: no limit) is applied by the writer thread, see the module docstring.
     """
 
     def __init__(
@@ -264,18 +355,29 @@ class EventHub:
         client_queue_size: int = 256,
         replay_page_size: int = 500,
         max_batch: int = 512,
+        slow_consumer_grace_s: float = 10.0,
+        retention_days: float = 0.0,
+        max_events: int = 0,
+        prune_interval_s: float = 60.0,
     ) -> None:
         if client_queue_size < 1 or replay_page_size < 1 or max_batch < 1:
             raise ValueError("client_queue_size, replay_page_size and max_batch must be >= 1")
+        if slow_consumer_grace_s < 0 or retention_days < 0 or max_events < 0 or prune_interval_s <= 0:
+            raise ValueError("slow_consumer_grace_s, retention_days, max_events must be >= 0, prune_interval_s > 0")
         self.store = store
         self.client_queue_size = client_queue_size
         self.replay_page_size = replay_page_size
         self.max_batch = max_batch
+        self.slow_consumer_grace_s = slow_consumer_grace_s
+        self.retention_days = retention_days
+        self.max_events = max_events
+        self.prune_interval_s = prune_interval_s
         self.dropped_subscribers = 0
+        self.catch_ups = 0  # times a subscriber overflowed its live buffer and read on from the store
         self._subscribers: set[Subscription] = set()
         self._last_delivered = store.last_seq()  # highest seq fanned out; where a live-only subscriber starts
-        self._pending: set[asyncio.Future[Event]] = set()
-        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._requests: queue.SimpleQueue[_Request | _Prune | _Stop] = queue.SimpleQueue()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # One writer thread: seqs are assigned in queue order, and the SQLite write + fsync never runs on the loop.
@@ -285,6 +387,11 @@ class EventHub:
     @property
     def subscriber_count(self) -> int:
         return len(self._subscribers)
+
+    @property
+    def retains(self) -> bool:
+        """Whether a retention limit is set (else events are kept for ever)."""
+        return self.retention_days > 0 or self.max_events > 0
 
     def publish_nowait(
         self,
@@ -306,8 +413,7 @@ class EventHub:
         ts = time.time() if ts is None else ts
         validate_draft(type, stream_id, participant_id, data, ts)
         future: asyncio.Future[Event] = loop.create_future()
-        self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
+        self._track(future)
         self._requests.put(_Request(EventDraft(type, stream_id, participant_id, data, ts), future))
         return future
 
@@ -326,6 +432,16 @@ class EventHub:
         """
         return await self.publish_nowait(type, stream_id, participant_id, data, ts=ts)
 
+    async def prune(self) -> int:
+        """Apply retention now rather than at the next interval, after every event queued before this call.
+
+        Returns the number of events deleted by the pass that ends the pruning (0 when nothing was due).
+        """
+        future: asyncio.Future[int] = self._check_loop().create_future()
+        self._track(future)
+        self._requests.put(_Prune(future))
+        return await future
+
     def subscribe(
         self,
         since: int | None = None,
@@ -334,10 +450,12 @@ class EventHub:
         participant_id: str | None = None,
         types: Iterable[EventType | str] | None = None,
         queue_size: int | None = None,
+        grace_s: float | None = None,
     ) -> Subscription:
         """Events with seq > `since` from the store, then live ones; `since=None`: live only.
 
         Registered for live events now (before any replay read): that is what makes replay + live gap-free.
+        `queue_size` and `grace_s` override the hub's `client_queue_size` and `slow_consumer_grace_s`.
         """
         self._check_loop()
         if since is not None and since < 0:
@@ -347,7 +465,8 @@ class EventHub:
             participant_id=participant_id,
             types=frozenset(EventType(t) for t in types) if types is not None else None,
         )
-        sub = Subscription(self, since, flt, queue_size or self.client_queue_size, self.replay_page_size)
+        grace = self.slow_consumer_grace_s if grace_s is None else grace_s
+        sub = Subscription(self, since, flt, queue_size or self.client_queue_size, self.replay_page_size, grace)
         self._subscribers.add(sub)
         return sub
 
@@ -356,7 +475,7 @@ class EventHub:
         if self._closed:
             return
         self._closed = True
-        self._requests.put(None)
+        self._requests.put(_Stop())
         await asyncio.to_thread(self._writer.join)
         if self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
@@ -373,37 +492,97 @@ class EventHub:
             raise RuntimeError("EventHub is bound to another event loop")
         return loop
 
+    def _track(self, future: asyncio.Future[Any]) -> None:
+        self._pending.add(future)  # close() waits for these
+        future.add_done_callback(self._pending.discard)
+
     # -- writer thread and delivery ---------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        stop = False
-        while not stop:
-            first = self._requests.get()
-            batch: list[_Request] = []
-            if first is None:
-                stop = True
-            else:
-                batch.append(first)
-            # Group commit: take whatever else is queued, in order, up to max_batch.
-            while not stop and len(batch) < self.max_batch:
-                try:
-                    item = self._requests.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                else:
-                    batch.append(item)
-            if not batch:
-                continue
-            results: list[Event | BaseException]
+        # The first pass runs at start: a restart after downtime may find a day of events to delete.
+        pruning = _Pruning(due=time.monotonic() if self.retains else None)
+        while True:
+            if pruning.due is not None and time.monotonic() >= pruning.due:
+                self._prune_step(pruning)
             try:
-                results = list(self.store.append_many([r.draft for r in batch]))
-            except BaseException as exc:  # e.g. disk full: every event of the batch fails, none was written
-                results = [exc] * len(batch)
-            assert self._loop is not None  # set by the publish that queued the batch
-            with contextlib.suppress(RuntimeError):  # loop already closed: written, nobody left to tell
-                self._loop.call_soon_threadsafe(self._deliver, list(zip(batch, results, strict=True)))
+                item = self._requests.get(timeout=pruning.wait_s())
+            except queue.Empty:
+                continue
+            batch, tail = self._take_batch(item)
+            if batch:
+                self._commit(batch)
+            if isinstance(tail, _Prune):
+                if pruning.due is None:
+                    self._settle(tail.future, 0)
+                else:
+                    pruning.waiters.append(tail.future)
+                    pruning.due = time.monotonic()
+            elif isinstance(tail, _Stop):
+                self._end_pass(pruning, RuntimeError("EventHub closed before pruning finished"))
+                return
+
+    def _take_batch(self, first: _Request | _Prune | _Stop) -> tuple[list[_Request], _Prune | _Stop | None]:
+        """Group commit: `first` and whatever else is queued, in order, up to max_batch or the first control item."""
+        batch: list[_Request] = []
+        item = first
+        while True:
+            if not isinstance(item, _Request):
+                return batch, item
+            batch.append(item)
+            if len(batch) >= self.max_batch:
+                return batch, None
+            try:
+                item = self._requests.get_nowait()
+            except queue.Empty:
+                return batch, None
+
+    def _commit(self, batch: list[_Request]) -> None:
+        results: list[Event | BaseException]
+        try:
+            results = list(self.store.append_many([r.draft for r in batch]))
+        except BaseException as exc:  # e.g. disk full: every event of the batch fails, none was written
+            results = [exc] * len(batch)
+        assert self._loop is not None  # set by the publish that queued the batch
+        with contextlib.suppress(RuntimeError):  # loop already closed: written, nobody left to tell
+            self._loop.call_soon_threadsafe(self._deliver, list(zip(batch, results, strict=True)))
+
+    def _prune_step(self, pruning: _Pruning) -> None:
+        """One retention transaction. A full chunk means more to delete: the next one follows the next commit
+        batch, so publishes wait at most one chunk."""
+        before = time.time() - self.retention_days * DAY_S if self.retention_days > 0 else None
+        try:
+            n = self.store.prune(before_ts=before, keep_last=self.max_events or None, limit=PRUNE_CHUNK)
+        except Exception as exc:  # e.g. disk full or locked: publishing goes on, pruning retries later
+            log.exception("event retention: pruning failed; retrying in %g s", self.prune_interval_s)
+            self._end_pass(pruning, exc)
+            return
+        pruning.deleted += n
+        if n == PRUNE_CHUNK:
+            pruning.due = time.monotonic()
+        else:
+            self._end_pass(pruning, pruning.deleted)
+
+    def _end_pass(self, pruning: _Pruning, result: int | BaseException) -> None:
+        for future in pruning.waiters:
+            self._settle(future, result)
+        pruning.deleted, pruning.waiters = 0, []
+        if pruning.due is not None:
+            pruning.due = time.monotonic() + self.prune_interval_s
+
+    def _settle(self, future: asyncio.Future[Any], result: object) -> None:
+        """Resolve a future of the loop from the writer thread."""
+
+        def settle() -> None:
+            if future.done():
+                return
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting
+                self._loop.call_soon_threadsafe(settle)
 
     def _deliver(self, items: list[tuple[_Request, Event | BaseException]]) -> None:
         """On the loop, in commit order: fan out first, then resolve the publishers' futures."""

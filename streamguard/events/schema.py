@@ -12,6 +12,10 @@ unknown properties in the published schema, so a consumer validating with 1.0 ac
 optional fields (consumers must also skip unknown `type`s); the Python models forbid them so a producer's typo
 fails loudly here instead.
 
+One type is never stored: `feed.gap`, made by the hub for one subscriber when its `since` is older than what
+retention kept (see `FeedGapData`). It is sent whatever the subscription's filters, its seq is the last one that
+was deleted, so a client that records it as its resume point does not hear about the same gap again.
+
 Regenerate the file after changing a model: `python -m streamguard.events.schema`.
 """
 
@@ -28,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from ..types import QualityVerdict
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: feed.gap
 SCHEMA_ID = f"urn:streamguard:schema:event:{SCHEMA_VERSION}"  # a URN: no fake domain that could later resolve
 SCHEMA_FILE = Path(__file__).with_name("event.schema.json")
 
@@ -41,6 +45,7 @@ class EventType(str, Enum):
     ALERT_RAISED = "alert.raised"
     ALERT_CLEARED = "alert.cleared"
     SERVICE_DEGRADED = "service.degraded"
+    FEED_GAP = "feed.gap"  # made by the hub for one subscriber; never published or stored
 
 
 class StreamState(str, Enum):
@@ -124,6 +129,12 @@ class ServiceDegradedData(_Data):
     active: bool = Field(True, description="true: degraded from now on; false: recovered")
 
 
+class FeedGapData(_Data):
+    from_seq: int = Field(ge=1, description="first seq of the range this client asked for that no longer exists")
+    to_seq: int = Field(ge=1, description="last seq of that range (this message's own seq); events resume after it")
+    reason: str = Field(description="'retention': deleted by the store's retention policy")
+
+
 DATA_MODELS: dict[EventType, type[_Data]] = {
     EventType.STREAM_STATE: StreamStateData,
     EventType.PARTICIPANT_JOINED: ParticipantJoinedData,
@@ -132,6 +143,7 @@ DATA_MODELS: dict[EventType, type[_Data]] = {
     EventType.ALERT_RAISED: AlertRaisedData,
     EventType.ALERT_CLEARED: AlertClearedData,
     EventType.SERVICE_DEGRADED: ServiceDegradedData,
+    EventType.FEED_GAP: FeedGapData,
 }
 
 
@@ -215,6 +227,16 @@ class ServiceDegradedEvent(_Envelope):
     data: ServiceDegradedData
 
 
+class FeedGapEvent(_Envelope):
+    """Events this client asked for (from_seq..to_seq) were deleted before it read them; the ones that matched its
+    filters are lost. Rebuild current state from the HTTP API (/v1/alerts, /v1/streams, /v1/participants)."""
+
+    type: Literal[EventType.FEED_GAP]
+    stream_id: None = None
+    participant_id: None = None
+    data: FeedGapData
+
+
 TypedEvent = Annotated[
     Union[
         StreamStateEvent,
@@ -224,6 +246,7 @@ TypedEvent = Annotated[
         AlertRaisedEvent,
         AlertClearedEvent,
         ServiceDegradedEvent,
+        FeedGapEvent,
     ],
     Field(discriminator="type"),
 ]
@@ -240,12 +263,15 @@ def validate_draft(
     """Check an event before it gets a seq; returns (type, data as a JSON-ready dict with every field).
 
     Validated through the typed envelope so the per-type rules (e.g. participant events need both ids) have one
-    source; seq=1 stands in for the seq the store has not assigned yet. Raises pydantic.ValidationError.
+    source; seq=1 stands in for the seq the store has not assigned yet. Raises pydantic.ValidationError (a
+    ValueError), or ValueError for `feed.gap`, which only the hub makes.
     """
     payload = data.model_dump(mode="json") if isinstance(data, BaseModel) else dict(data)
     typed = TYPED_EVENT.validate_python(
         {"seq": 1, "ts": ts, "type": type, "stream_id": stream_id, "participant_id": participant_id, "data": payload}
     )
+    if typed.type is EventType.FEED_GAP:
+        raise ValueError("feed.gap is made by the event hub for one subscriber; it cannot be published")
     return typed.type, typed.data.model_dump(mode="json")
 
 

@@ -19,6 +19,14 @@ is ~1 event/s per participant. Pass `synchronous="NORMAL"` where power loss is n
 Thread-safety: one writer connection and one reader connection, each behind its own lock (sqlite3 objects are not
 safe to use from two threads at once). WAL lets the reader see committed data while the writer fsyncs, so feed
 replays do not wait for disk flushes.
+
+Retention (`prune`): events are deleted oldest first, always a prefix of the log, so "every seq <= N is gone" is
+one number, `pruned_through()` = the first remaining seq - 1 (seqs have no holes: a failed insert rolls back its
+seq too). A replay that asks for events the log no longer has learns it from that number (the hub then sends a
+`feed.gap`). An alert row and its evidence go with its `alert.cleared` event; an open alert stays however old,
+since it is current state and its clearing must still find it. Each `prune` call is one short transaction of at
+most `limit` rows, so publishes are not held up behind a large deletion. Freed pages are reused by later events;
+the file does not shrink (that would need a VACUUM, which rewrites the whole file).
 """
 
 from __future__ import annotations
@@ -118,6 +126,14 @@ class AlertPage(BaseModel):
 class Evidence:
     mime: str
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPage:
+    """One read of the log for a replay: the events, and how far retention had deleted it at that moment."""
+
+    pruned_through: int
+    events: list[Event]
 
 
 class AlertConflict(ValueError):
@@ -262,9 +278,43 @@ class EventStore:
         limit: int = 1000,
     ) -> list[Event]:
         """Events with seq > `seq` that match every given filter, oldest first, at most `limit`."""
+        query = self._since_query(seq, stream_id, participant_id, types, limit)
+        return self._events(self._read(*query)) if query else []
+
+    def page(
+        self,
+        seq: int,
+        *,
+        stream_id: str | None = None,
+        participant_id: str | None = None,
+        types: Iterable[EventType | str] | None = None,
+        limit: int = 1000,
+    ) -> ReplayPage:
+        """`since(...)` and `pruned_through()` read from one snapshot, so a prune between them cannot hide a gap."""
+        query = self._since_query(seq, stream_id, participant_id, types, limit)
+        with self._rlock:
+            self._check_open()
+            self._r.execute("BEGIN")  # a read transaction: both statements see the same commit
+            try:
+                pruned = self._pruned_through(self._r)
+                rows = self._r.execute(*query).fetchall() if query else []
+            finally:
+                self._r.execute("COMMIT")
+        return ReplayPage(pruned_through=pruned, events=self._events(rows))
+
+    @staticmethod
+    def _since_query(
+        seq: int,
+        stream_id: str | None,
+        participant_id: str | None,
+        types: Iterable[EventType | str] | None,
+        limit: int,
+    ) -> tuple[str, tuple[Any, ...]] | None:
+        """The SELECT of `since`; None when it cannot match anything (an empty type set)."""
         if limit < 1:
             raise ValueError("limit must be >= 1")
-        where, args = ["seq > ?"], [int(seq)]
+        where: list[str] = ["seq > ?"]
+        args: list[Any] = [int(seq)]
         if stream_id is not None:
             where.append("stream_id = ?")
             args.append(stream_id)
@@ -274,11 +324,14 @@ class EventStore:
         if types is not None:
             names = sorted({EventType(t).value for t in types})
             if not names:
-                return []
+                return None
             where.append(f"type IN ({','.join('?' * len(names))})")
             args.extend(names)
         sql = f"SELECT seq, ts, type, stream_id, participant_id, data FROM events WHERE {' AND '.join(where)}"
-        rows = self._read(sql + " ORDER BY seq LIMIT ?", (*args, limit))
+        return sql + " ORDER BY seq LIMIT ?", (*args, limit)
+
+    @staticmethod
+    def _events(rows: list[tuple[Any, ...]]) -> list[Event]:
         return [
             Event(seq=r[0], ts=r[1], type=r[2], stream_id=r[3], participant_id=r[4], data=json.loads(r[5]))
             for r in rows
@@ -286,8 +339,65 @@ class EventStore:
 
     def last_seq(self) -> int:
         """The highest seq ever assigned (0 for a new store); sqlite_sequence keeps it even if rows are deleted."""
-        rows = self._read("SELECT seq FROM sqlite_sequence WHERE name = 'events'", ())
-        return int(rows[0][0]) if rows else 0
+        with self._rlock:
+            self._check_open()
+            return self._last_seq(self._r)
+
+    def pruned_through(self) -> int:
+        """Every event with seq <= this was deleted by retention (0: none was)."""
+        with self._rlock:
+            self._check_open()
+            return self._pruned_through(self._r)
+
+    @staticmethod
+    def _last_seq(c: sqlite3.Connection) -> int:
+        row = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return int(row[0]) if row else 0
+
+    @classmethod
+    def _pruned_through(cls, c: sqlite3.Connection) -> int:
+        first = c.execute("SELECT min(seq) FROM events").fetchone()[0]  # rowid min: one b-tree descent
+        return int(first) - 1 if first is not None else cls._last_seq(c)  # empty: everything ever written is gone
+
+    # -- retention --------------------------------------------------------------------------------------------
+
+    def prune(self, *, before_ts: float | None = None, keep_last: int | None = None, limit: int = 2000) -> int:
+        """Delete up to `limit` of the oldest events that are older than `before_ts` (unix s) or outside the last
+        `keep_last` seqs, with the cleared alerts (and their evidence) whose events are all gone. Returns the
+        number of events deleted: `limit` means there may be more, call again.
+
+        Only a prefix of the log goes: an event is kept while an older one is (ts is the producer's clock and may
+        step back), so `pruned_through()` stays exact.
+        """
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        if keep_last is not None and keep_last < 0:
+            raise ValueError("keep_last must be >= 0")
+        with self._wlock:
+            self._check_open()
+            c = self._w
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                # By seq, not by count(*): O(1), and seqs have no holes.
+                cap = self._last_seq(c) - keep_last if keep_last is not None else 0
+                oldest = c.execute("SELECT seq, ts FROM events ORDER BY seq LIMIT ?", (limit,)).fetchall()
+                through, n = 0, 0
+                for seq, ts in oldest:
+                    if seq > cap and (before_ts is None or ts >= before_ts):
+                        break
+                    through, n = seq, n + 1
+                if n:
+                    c.execute("DELETE FROM events WHERE seq <= ?", (through,))
+                    # cleared_seq > raised_seq, so the raised_seq bound lets SQLite use its index.
+                    gone = "SELECT alert_id FROM alerts WHERE raised_seq < ? AND cleared_seq <= ?"
+                    c.execute(f"DELETE FROM evidence WHERE alert_id IN ({gone})", (through, through))
+                    c.execute("DELETE FROM alerts WHERE raised_seq < ? AND cleared_seq <= ?", (through, through))
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+        return n
 
     # -- alerts and evidence ----------------------------------------------------------------------------------
 
@@ -325,7 +435,8 @@ class EventStore:
         """
         if not 1 <= limit <= 1000:
             raise ValueError("limit must be in 1..1000")
-        where, args = ["1"], []
+        where: list[str] = ["1"]
+        args: list[Any] = []
         if before is not None:
             where.append("a.raised_seq < ?")
             args.append(int(before))

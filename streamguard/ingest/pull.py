@@ -161,6 +161,7 @@ class PullSource:
         on_state: Callable[[StreamState, dict[str, Any]], None],
         realtime: bool = True,
         hwaccel: Any | None = None,
+        phase: float = 0.0,
     ) -> None:
         if not (math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps must be a positive finite number, got {fps!r}")
@@ -170,6 +171,7 @@ class PullSource:
         self.fps = fps
         self.realtime = realtime
         self.hwaccel = hwaccel  # a PyAV HWAccel to decode on the GPU (streamguard.ingest.nvdec), or None
+        self.phase = phase  # the sampling phase (TimestampSampler), the same for every connection
         self._on_frame = on_frame
         self._on_state = on_state
         self.is_file = not _is_url(url)
@@ -397,7 +399,7 @@ class PullSource:
         # Files: a frame without a timestamp is one nominal frame after the last (decoding runs ahead of real time).
         # Live: such frames (the first RTSP frame has pts None) get the wall-clock time since the last one.
         frame_duration = 1.0 / float(rate) if self.is_file and rate else None
-        sampler = TimestampSampler(self.fps, frame_duration_s=frame_duration)
+        sampler = TimestampSampler(self.fps, frame_duration_s=frame_duration, phase=self.phase)
         session_stats = DecodeStats()  # this session's counts; mirrored into the source's lifetime stats
         counted = DecodeStats()
         pace_anchor: tuple[float, float] | None = None  # (media time, monotonic time) of the pacing origin

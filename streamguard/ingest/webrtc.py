@@ -4,10 +4,17 @@ The HTTP layer maps requests onto `WhipManager` and `WhipError` onto responses:
 
     POST   /v1/whip            -> create_session(body, content_type, participant_id, display_name)
                                   201, Content-Type application/sdp, body session.answer_sdp,
-                                  Location <prefix>/v1/whip/{session.id}, ETag session.etag
+                                  Location <prefix>/v1/whip/{session.id}, ETag session.etag,
+                                  one `Link: ice_server_links(...)` header per configured STUN/TURN URL
+    OPTIONS /v1/whip           -> 204 with the same Link headers (none on a CORS preflight)
     DELETE /v1/whip/{id}       -> delete(id)                         200 (404 unknown)
     PATCH  /v1/whip/{id}       -> patch(id)                          always a WhipError (404 or 405)
     any WhipError              -> status e.status, headers e.headers, JSON body e.as_dict()
+
+STUN/TURN (RFC 9725 §4.6): the configured servers are used by every session's peer connection and advertised to
+clients as `Link: <turn:host:3478?transport=udp>; rel="ice-server"; username="u"; credential="p";
+credential-type="password"` headers, on the 201 and on OPTIONS. The OPTIONS form is there for clients that, like
+aiortc, cannot change their ICE servers once the offer is made (no setConfiguration, no ICE restart).
 
 Participant id and display name come from the request: `participant_from_request(headers, query)` reads the headers
 `X-Participant-Id` / `X-Participant-Name` and the query parameters `participant_id` / `name`, the header winning when
@@ -48,12 +55,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtcconfiguration import RTCIceTransportPolicy
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
+from streamguard.config import IceServerSettings
 from streamguard.ingest.sampler import TimestampSampler
 from streamguard.types import SampledFrame
 
@@ -139,7 +148,9 @@ class WhipManager:
     `ice_servers=None` means no STUN/TURN at all (host candidates only), not aiortc's default of Google's public STUN
     server: a server is normally reachable at its own address, and clients behind NAT are learnt as
     peer-reflexive candidates from their connectivity checks. Give STUN/TURN servers when the server itself sits
-    behind NAT.
+    behind NAT (aiortc uses the first STUN and the first TURN URL). `ice_transport_policy="relay"` gathers TURN
+    relay candidates only: answers reveal no local address, and every session's media goes through the TURN
+    server. A TURN server that does not answer delays each answer by aioice's 5 s timeout.
     """
 
     def __init__(
@@ -152,17 +163,21 @@ class WhipManager:
         on_frame: Callable[[str, SampledFrame], None],
         on_session_end: Callable[[WhipSession, str], None],
         ice_servers: Iterable[RTCIceServer] | None = None,
+        ice_transport_policy: Literal["all", "relay"] = "all",
+        phase_of: Callable[[str], float] | None = None,
     ) -> None:
         if max_sessions < 1 or max_sdp_bytes < 1 or no_frame_timeout_s <= 0:
             raise ValueError("max_sessions, max_sdp_bytes and no_frame_timeout_s must be positive")
         TimestampSampler(fps)  # validate fps now rather than at the first session
         self.fps = fps
+        self._phase_of = phase_of  # stream id -> sampling phase (TimestampSampler); None: phase 0
         self.max_sessions = max_sessions
         self.max_sdp_bytes = max_sdp_bytes
         self.no_frame_timeout_s = no_frame_timeout_s
         self._on_frame = on_frame
         self._on_session_end = on_session_end
-        self._ice_servers = list(ice_servers or [])
+        self.ice_servers: tuple[RTCIceServer, ...] = tuple(ice_servers or ())
+        self._ice_policy = RTCIceTransportPolicy(ice_transport_policy)
         self._sessions: dict[str, WhipSession] = {}
         self._pending = 0  # offers being negotiated: they count against max_sessions
         self._finishing: set[asyncio.Task[None]] = set()
@@ -252,7 +267,7 @@ class WhipManager:
     # -- negotiation -------------------------------------------------------------------------------------------
 
     async def _negotiate(self, sdp: str, participant_id: str, display_name: str | None) -> WhipSession:
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self.ice_servers), iceTransportPolicy=self._ice_policy))
         session_id = secrets.token_urlsafe(16)
         session = WhipSession(
             id=session_id,
@@ -307,7 +322,9 @@ class WhipManager:
         """Read every frame of a track until it ends; sample the first video track."""
         if track.kind == "video" and session._video_track is None:
             session._video_track = track
-            sampler = TimestampSampler(self.fps)  # no frame_duration_s: a live track without pts uses wall time
+            # no frame_duration_s: a live track without pts uses wall time
+            phase = self._phase_of(session.stream_id) if self._phase_of else 0.0
+            sampler = TimestampSampler(self.fps, phase=phase)
         else:
             sampler = None
         try:
@@ -425,6 +442,32 @@ def validate_offer(body: str | bytes, content_type: str | None, max_bytes: int) 
     if not any(line.startswith("a=fingerprint:") for line in lines):
         raise WhipError(400, "malformed_sdp", "the offer has no DTLS fingerprint (a=fingerprint)")
     return "\r\n".join(lines) + "\r\n"
+
+
+def rtc_ice_servers(servers: Iterable[IceServerSettings]) -> list[RTCIceServer]:
+    """aiortc's form of the configured STUN/TURN servers (credentials revealed: aioice and clients need them)."""
+    return [
+        RTCIceServer(list(s.urls), s.username, s.credential.get_secret_value() if s.credential else None)
+        for s in servers
+    ]
+
+
+def ice_server_links(servers: Iterable[RTCIceServer]) -> list[str]:
+    """One RFC 9725 §4.6 `Link` header value per server URL; TURN URLs carry the username and password."""
+    links = []
+    for server in servers:
+        for url in [server.urls] if isinstance(server.urls, str) else server.urls:
+            link = f'<{url}>; rel="ice-server"'
+            if url.startswith("turn") and server.username is not None and server.credential is not None:
+                link += f"; username={_quote(server.username)}; credential={_quote(server.credential)}"
+                link += '; credential-type="password"'
+            links.append(link)
+    return links
+
+
+def _quote(value: str) -> str:
+    """An RFC 9110 quoted-string."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def participant_from_request(headers: Mapping[str, str], query: Mapping[str, str]) -> tuple[str | None, str | None]:
