@@ -7,6 +7,27 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# The MesoNet authors' models, which several tests compare against. Their weights live in ../shared and nothing
+# from there is committed: they are imported into engines/ (git-ignored names) once per machine, before any test
+# runs, so in-process services and `streamguard` subprocesses alike find them by name.
+MESONET_MODELS = {
+    "mesonet-meso4-df": ("Meso4_DF.h5", "meso4"),
+    "mesonet-meso4-f2f": ("Meso4_F2F.h5", "meso4"),
+    "mesonet-inception-df": ("MesoInception_DF.h5", "mesoinception"),
+    "mesonet-inception-f2f": ("MesoInception_F2F.h5", "mesoinception"),
+}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    weights = SHARED_DATA / "mesonet" / "weights"
+    if not weights.is_dir():
+        return  # tests that need them skip (they need ../shared for their media too)
+    from streamguard.inference.importers import import_mesonet
+
+    for name, (h5, arch) in MESONET_MODELS.items():
+        onnx_path = REPO / "engines" / f"{name}.onnx"
+        if not (onnx_path.is_file() and onnx_path.with_suffix(".json").is_file()):
+            import_mesonet(weights / h5, arch, output=onnx_path, name=name)
 
 
 @pytest.fixture(scope="session")

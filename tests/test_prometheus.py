@@ -183,7 +183,7 @@ def streamguard_server(tmp_path: Path, shared_data: Path):
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamguard.cli", "serve", "--config", str(config), "--port", str(port),
-             "--data-dir", str(tmp_path / "data"), "--model", "mesonet-meso4-df"],
+             "--data-dir", str(tmp_path / "data")],
             cwd=REPO, env={**os.environ, "STREAMGUARD_TOKEN": TOKEN}, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
 

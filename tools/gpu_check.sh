@@ -58,6 +58,12 @@ EOF
   # PyAV (abi3 wheel, ~35 MB, its FFmpeg has the CUDA hwaccel and the cuvid decoders) for the NVDEC step.
   "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 -d "$CARRY" "av==$("$PYTHON" -c 'import av; print(av.__version__)')" || return 1
+  # The MesoNet model is imported from ../shared (never committed; git-ignored in engines/): it travels here.
+  if [ -f "engines/$MODEL.onnx" ]; then
+    cp "engines/$MODEL.onnx" "engines/$MODEL.json" "$CARRY"/
+  else
+    echo "prepare: no engines/$MODEL.onnx (run the tests once with ../shared beside the checkout to import it)" >&2
+  fi
   if [ -f "$CROPS" ]; then
     echo "prepare: $CROPS already there"
   else
@@ -131,6 +137,9 @@ run() {
   fi
   export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 
+  if [ ! -f "engines/$MODEL.onnx" ] && [ -f "$CARRY/$MODEL.onnx" ]; then
+    cp "$CARRY/$MODEL.onnx" "$CARRY/$MODEL.json" engines/
+  fi
   env_report 2>&1 | tee "$OUT/env.txt" | tee -a "$LOG"
   local parity=()
   if [ -f "$CROPS" ]; then
