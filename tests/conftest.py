@@ -37,6 +37,14 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def media():
+    """tools/make_test_media.py (the tools folder is not a package)."""
+    from serve_helpers import media_tool
+
+    return media_tool()
+
+
 @pytest.fixture
 def silent_port() -> Iterator[int]:
     """A loopback TCP port that accepts connections and never answers: a hung camera."""

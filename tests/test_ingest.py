@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -20,17 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SIZE = (320, 240)  # small frames keep encoding fast; the frame-index stamp needs 192 px of width
 FPS = 25
-
-
-@pytest.fixture(scope="session")
-def media():
-    """tools/make_test_media.py, imported from the repo's tools folder (it is not a package)."""
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import make_test_media
-    finally:
-        sys.path.remove(str(REPO / "tools"))
-    return make_test_media
 
 
 @pytest.fixture(scope="session")

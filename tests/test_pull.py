@@ -12,7 +12,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,16 +36,6 @@ S = StreamState
 
 
 # --- fixtures ------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def media():
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import make_test_media
-    finally:
-        sys.path.remove(str(REPO / "tools"))
-    return make_test_media
 
 
 @pytest.fixture(scope="session")
