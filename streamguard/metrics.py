@@ -38,13 +38,21 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily("streamguard_websocket_clients", "Connected event WebSocket clients",
                                 value=snap["ws_clients"])
         yield GaugeMetricFamily("streamguard_degraded", "1 while a component is degraded", value=snap["degraded"])
+        feed = snap["event_feed"]
+        yield CounterMetricFamily("streamguard_event_subscriber_catchups", "Times a WebSocket subscriber overflowed "
+                                  "its queue and caught up from the store", value=feed["catch_ups"])
+        yield CounterMetricFamily("streamguard_event_subscribers_closed_slow", "Subscribers closed with 4008 for "
+                                  "staying behind past events.slow_consumer_grace_s", value=feed["closed_slow"])
+        yield CounterMetricFamily("streamguard_events_pruned", "Events deleted by retention", value=feed["pruned"])
+        yield CounterMetricFamily("streamguard_event_prune_failures", "Retention passes that failed",
+                                  value=feed["prune_failures"])
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.info = Info("streamguard", "Version, model and inference backend", registry=r)
+        self.info = Info("streamguard", "Version, model, inference backend and pull-source decoding (cpu or nvdec)", registry=r)
         self.frames_sampled = Counter("streamguard_frames_sampled_total", "Frames kept by the sampler",
                                       ["kind"], registry=r)
         self.frames_dropped = Counter("streamguard_frames_dropped_total",
@@ -66,8 +74,8 @@ class Metrics:
         self.event_writes = Counter("streamguard_event_store_writes_total", "Events written to the store",
                                     ["type"], registry=r)
 
-    def set_info(self, model: str, backend: str) -> None:
-        self.info.info({"version": __version__, "model": model, "backend": backend})
+    def set_info(self, model: str, backend: str, decode: str = "cpu") -> None:
+        self.info.info({"version": __version__, "model": model, "backend": backend, "decode": decode})
 
     def watch(self, snapshot: Callable[[], dict]) -> None:
         """Register the scrape-time collector of the service's live state."""

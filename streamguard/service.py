@@ -111,7 +111,6 @@ class Service:
             cfg.scoring.thresholds(self.classifier.card.threshold)
         except ValueError as exc:
             raise ValueError(f"scoring: {exc} (model {self.classifier.card.name})") from None
-        self.metrics.set_info(self.classifier.card.name, self.classifier.backend)
         self.store = EventStore(cfg.data_dir / "events.sqlite3")
         ev = cfg.events
         self.hub = EventHub(self.store, client_queue_size=ev.client_queue_size,
@@ -122,6 +121,8 @@ class Service:
             await self.hub.publish(EventType.SERVICE_DEGRADED, None, None,
                                    {"component": "inference", "reason": degraded_reason, "active": True})
         await self._choose_decoding()
+        decode = "nvdec" if self.hwdecode.hwaccel is not None else "cpu"
+        self.metrics.set_info(self.classifier.card.name, self.classifier.backend, decode)
         self.batcher = Batcher(self.classifier, max_batch=cfg.batcher.max_batch, max_wait_ms=cfg.batcher.max_wait_ms,
                                workers=cfg.batcher.workers, on_batch=self.metrics.on_batch)
         await self.batcher.start()
@@ -371,4 +372,6 @@ class Service:
         return {
             "streams": states, "decoded": decoded, "participants": len(self.participants()),
             "ws_clients": self.ws_clients, "degraded": 1 if self._degraded else 0,
+            "event_feed": {"catch_ups": self.hub.catch_ups, "closed_slow": self.hub.dropped_subscribers,
+                           "pruned": self.hub.events_pruned, "prune_failures": self.hub.prune_failures},
         }

@@ -374,6 +374,8 @@ class EventHub:
         self.prune_interval_s = prune_interval_s
         self.dropped_subscribers = 0
         self.catch_ups = 0  # times a subscriber overflowed its live buffer and read on from the store
+        self.events_pruned = 0  # deleted by retention (written by the writer thread; an int store is atomic)
+        self.prune_failures = 0
         self._subscribers: set[Subscription] = set()
         self._last_delivered = store.last_seq()  # highest seq fanned out; where a live-only subscriber starts
         self._pending: set[asyncio.Future[Any]] = set()
@@ -554,9 +556,11 @@ class EventHub:
             n = self.store.prune(before_ts=before, keep_last=self.max_events or None, limit=PRUNE_CHUNK)
         except Exception as exc:  # e.g. disk full or locked: publishing goes on, pruning retries later
             log.exception("event retention: pruning failed; retrying in %g s", self.prune_interval_s)
+            self.prune_failures += 1
             self._end_pass(pruning, exc)
             return
         pruning.deleted += n
+        self.events_pruned += n
         if n == PRUNE_CHUNK:
             pruning.due = time.monotonic()
         else:
