@@ -40,13 +40,13 @@ def _load_model(model: str | None) -> Classifier:
         raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="--model") from None
 
 
-def _settings(fps: float, min_samples: int, images_are_crops: bool):
+def _settings(fps: float, min_samples: int, images_are_crops: bool, hwdecode: str = "off"):
     from pydantic import ValidationError
 
     from streamguard.scan import ScanSettings
 
     try:
-        return ScanSettings(fps=fps, min_samples=min_samples, images_are_crops=images_are_crops)
+        return ScanSettings(fps=fps, min_samples=min_samples, images_are_crops=images_are_crops, hwdecode=hwdecode)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise typer.BadParameter(err["msg"], param_hint=f"--{str(err['loc'][0]).replace('_', '-')}") from None
@@ -61,18 +61,22 @@ def scan(
     min_samples: Annotated[int, typer.Option(help="scored samples a person needs in a video")] = 3,
     images_are_crops: Annotated[bool, typer.Option(help="images are aligned face crops: skip detection")] = False,
     heatmaps: Annotated[Optional[Path], typer.Option(help="write an artefact heatmap PNG per flagged participant here")] = None,
+    hwdecode: Annotated[str, typer.Option(help="decode on NVDEC: off, auto (when it works here) or nvdec")] = "off",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Scan files for deepfaked faces: a verdict per file and a score per participant."""
-    from streamguard.ingest.av_source import probe
+    from streamguard.ingest.av_source import SourceError, probe
     from streamguard.scan import ScanReport, Scanner, expand_paths, model_info
 
-    settings = _settings(fps, min_samples, images_are_crops)
+    settings = _settings(fps, min_samples, images_are_crops, hwdecode)
     classifier = _load_model(model)
     files = list(expand_paths(paths))
     if not files:
         raise typer.BadParameter("no video or image found", param_hint="PATHS")
-    scanner = Scanner(classifier, settings)
+    try:
+        scanner = Scanner(classifier, settings)
+    except SourceError as exc:  # --hwdecode nvdec where NVDEC cannot be used
+        raise typer.BadParameter(str(exc).removeprefix("--hwdecode nvdec: "), param_hint="--hwdecode") from None
     reports = []
     human = json_out is None or str(json_out) != "-"
     try:

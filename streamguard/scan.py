@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -16,6 +17,7 @@ from streamguard.faces.tracker import ParticipantTracker
 from streamguard.inference.classifier import Classifier
 from streamguard.ingest.av_source import DecodeStats, SourceError, iter_sampled_frames
 from streamguard.ingest.image import is_image, is_video, read_image
+from streamguard.ingest.nvdec import choose_hwdecode
 from streamguard.pipeline import FaceAnalyzer, FaceSettings
 from streamguard.scoring.verdicts import Verdict, id_strategy, strategy, verdict_for
 from streamguard.types import FaceCrop, SampledFrame
@@ -29,6 +31,10 @@ class ScanSettings(BaseModel):
     id_threshold: float = Field(0.8, gt=0.5, lt=1.0, description="deepware id_strategy t")
     images_are_crops: bool = Field(
         False, description="images are already aligned face crops (e.g. MesoNet's test set): no detection, one face"
+    )
+    hwdecode: Literal["off", "auto", "nvdec"] = Field(
+        "off", description="decode videos on NVDEC (auto: when it works here). Off by default: scores then do not "
+        "depend on the machine (NVDEC's frames differ from the CPU decoder's by YUV rounding)"
     )
     faces: FaceSettings = Field(default_factory=FaceSettings)
 
@@ -132,6 +138,9 @@ class Scanner:
     def __init__(self, classifier: Classifier, settings: ScanSettings | None = None):
         self.classifier = classifier
         self.settings = settings or ScanSettings()
+        self.hwdecode = choose_hwdecode(self.settings.hwdecode)
+        if self.hwdecode.degraded:  # asked for NVDEC explicitly: a scan must not quietly run otherwise
+            raise SourceError(f"--hwdecode nvdec: {self.hwdecode.reason.removeprefix('CPU decoding: ')}")
         self.analyzer = FaceAnalyzer(
             self.settings.faces, classifier.input_size, card_margin=classifier.card.preprocess.crop_margin
         )
@@ -154,7 +163,8 @@ class Scanner:
                 return self._scan_frames(path, kind, [read_image(path)], min_samples=1, stats=None)
             stats = DecodeStats()
             frames = iter_sampled_frames(
-                str(path), fps=self.settings.fps, stream_id=path.name, skip_nonref=self.settings.skip_nonref, stats=stats
+                str(path), fps=self.settings.fps, stream_id=path.name, skip_nonref=self.settings.skip_nonref, stats=stats,
+                hwaccel=self.hwdecode.hwaccel,
             )
             return self._scan_frames(path, kind, frames, self.settings.min_samples, stats, on_sample)
         except SourceError as exc:

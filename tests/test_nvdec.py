@@ -109,3 +109,21 @@ async def test_service_asked_for_nvdec_without_it_is_degraded_and_still_decodes(
             await asyncio.sleep(0)
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(GPU_DECODES, reason="this machine decodes on NVDEC: the refusal cannot be seen")
+def test_scan_refuses_nvdec_without_it_and_auto_scans_on_the_cpu(clip, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from streamguard.cli import app
+
+    runner = CliRunner()
+    refused = runner.invoke(app, ["scan", str(clip), "--hwdecode", "nvdec", "-q"])
+    assert refused.exit_code == 2 and "--hwdecode" in refused.output and "NVDEC unusable" in refused.output
+    out = tmp_path / "report.json"
+    done = runner.invoke(app, ["scan", str(clip), "--hwdecode", "auto", "-q", "--json", str(out)])
+    assert done.exit_code == 0, done.output
+    report = json.loads(out.read_text())
+    assert report["settings"]["hwdecode"] == "auto" and report["files"][0]["sampled_frames"] == 6
