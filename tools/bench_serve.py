@@ -219,7 +219,7 @@ async def wait_for(cond: Any, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the first stream did not go live within {timeout_s:g} s")
+            raise RuntimeError(f"the streams did not all go live within {timeout_s:g} s")
         await asyncio.sleep(0.1)
 
 
@@ -255,13 +255,10 @@ async def run_service(url: str, n: int, seconds: float, warmup: float, model: st
             gc.collect()
             await asyncio.sleep(0.5)
             base_rss = rss_bytes()
-            # One client first, then the others, staggered: gst-rtsp-server's shared media has been seen to wedge
-            # (every DESCRIBE unanswered for minutes) when 20 clients arrive at once while it prepares.
-            await service.add_stream(StreamSpec(id="s000", url=url))
-            await wait_for(lambda: service.stream("s000").state == "live", 20)
-            for i in range(1, n):
+            # All clients at once (tools/rtsp_server.py lets them join its shared mount together), then all live.
+            for i in range(n):
                 await service.add_stream(StreamSpec(id=f"s{i:03d}", url=url))
-                await asyncio.sleep(0.05)
+            await wait_for(lambda: all(s.state == "live" for s in service.streams()), 30)
             await asyncio.sleep(warmup)
 
             def dropped() -> float:
@@ -304,12 +301,9 @@ async def run_floor(url: str, n: int, seconds: float, warmup: float, fps: float)
     sources = [PullSource(f"f{i:03d}", url, settings=SourceSettings(), fps=fps,
                           on_frame=lambda f: samples.add(f.stream_id, f.pts_s), on_state=lambda s, i: None)
                for i in range(n)]
-    tasks = [asyncio.create_task(sources[0].run())]
+    tasks = [asyncio.create_task(source.run()) for source in sources]  # all clients at once
     try:
-        await wait_for(lambda: sources[0].state is not None and sources[0].state.value == "live", 20)
-        for source in sources[1:]:
-            tasks.append(asyncio.create_task(source.run()))
-            await asyncio.sleep(0.05)
+        await wait_for(lambda: all(s.state is not None and s.state.value == "live" for s in sources), 30)
         await asyncio.sleep(warmup)
         t0, cpu0 = time.monotonic(), time.process_time()
         await asyncio.sleep(seconds)
