@@ -6,8 +6,11 @@ in a config file fails at start with the field named instead of being silently i
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -194,6 +197,16 @@ class ServiceConfig(BaseSettings):
     events: EventSettings = Field(default_factory=EventSettings)
     streams: list[StreamSpec] = Field(default_factory=list, description="pull streams started with the service")
 
+    @field_validator("streams")
+    @classmethod
+    def _stream_ids_unique(cls, streams: list[StreamSpec]) -> list[StreamSpec]:
+        seen: set[str] = set()
+        for spec in streams:
+            if spec.id in seen:
+                raise ValueError(f"stream id {spec.id!r} appears more than once")
+            seen.add(spec.id)
+        return streams
+
     @field_validator("token")
     @classmethod
     def _token_not_blank(cls, token: SecretStr | None) -> SecretStr | None:
@@ -229,10 +242,25 @@ class ConfigError(ValueError):
     """A bad config value, with every offending field named."""
 
 
+# STREAMGUARD_* variables that are not settings: read by the model finder, the engine cache, tools and tests.
+OTHER_VARIABLES = frozenset({
+    "STREAMGUARD_ENGINES", "STREAMGUARD_ENGINE_CACHE", "STREAMGUARD_PARITY_CROPS", "STREAMGUARD_TEST_MODEL",
+    "STREAMGUARD_SLOW_TESTS", "STREAMGUARD_UPDATE_SCREENSHOT", "STREAMGUARD_CONSOLE_TEST_ICE",
+    "STREAMGUARD_CONSOLE_TEST_MODEL", "STREAMGUARD_CHROMIUM",
+})
+
+
 def load_config(config_file: Path | None = None, **flags: Any) -> ServiceConfig:
-    """Merge the YAML file, the environment and the flags given (None flags are left out) and validate."""
+    """Merge the YAML file, the environment and the flags given (None flags are left out) and validate.
+
+    pydantic-settings ignores environment variables that name no setting, so a typo (STREAMGUARD_SCORNG__WINDOW_S)
+    would silently leave the default: they are refused here, like unknown keys in the file.
+    """
     if config_file is not None and not Path(config_file).is_file():
         raise ConfigError(f"--config: {config_file}: no such file")
+    unknown = _unknown_variables(os.environ)
+    if unknown:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(unknown))
 
     class FromFile(ServiceConfig):
         model_config = SettingsConfigDict(**{**ServiceConfig.model_config, "yaml_file": config_file})
@@ -243,6 +271,30 @@ def load_config(config_file: Path | None = None, **flags: Any) -> ServiceConfig:
         raise ConfigError(_describe(exc)) from None
     except Exception as exc:  # malformed YAML
         raise ConfigError(f"{config_file}: {exc}") from None
+
+
+def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per STREAMGUARD_* variable that names no setting (nested sections with `__`)."""
+    lines = []
+    for var in sorted(environ):
+        if not var.upper().startswith("STREAMGUARD_") or var.upper() in OTHER_VARIABLES:
+            continue
+        model: type[BaseModel] = ServiceConfig
+        path = var[len("STREAMGUARD_"):].lower().split("__")
+        for depth, part in enumerate(path):
+            if part not in model.model_fields:
+                where = ".".join(path[:depth]) or "the config"
+                close = difflib.get_close_matches(part, model.model_fields, n=1)
+                hint = f"; did you mean {'.'.join([*path[:depth], close[0]])}?" if close else ""
+                lines.append(f"{var}: {where} has no setting {part!r}{hint}")
+                break
+            annotation = model.model_fields[part].annotation
+            if depth + 1 < len(path):
+                if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                    lines.append(f"{var}: {'.'.join(path[: depth + 1])} is a value, not a section")
+                    break
+                model = annotation
+    return lines
 
 
 def _describe(exc: ValidationError) -> str:

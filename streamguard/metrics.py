@@ -39,6 +39,10 @@ class _LiveCollector(Collector):
                                 value=snap["ws_clients"])
         yield GaugeMetricFamily("streamguard_degraded", "1 while a component is degraded", value=snap["degraded"])
         feed = snap["event_feed"]
+        writes = CounterMetricFamily("streamguard_event_store_writes", "Events written to the store", labels=["type"])
+        for type_, n in feed["written"].items():
+            writes.add_metric([type_], n)
+        yield writes
         yield CounterMetricFamily("streamguard_event_subscriber_catchups", "Times a WebSocket subscriber overflowed "
                                   "its queue and caught up from the store", value=feed["catch_ups"])
         yield CounterMetricFamily("streamguard_event_subscribers_closed_slow", "Subscribers closed with 4008 for "
@@ -71,8 +75,6 @@ class Metrics:
         self.alerts_cleared = Counter("streamguard_alerts_cleared_total", "Alerts cleared", registry=r)
         self.reconnects = Counter("streamguard_reconnects_total", "Pull-stream reconnect attempts", ["kind"],
                                   registry=r)
-        self.event_writes = Counter("streamguard_event_store_writes_total", "Events written to the store",
-                                    ["type"], registry=r)
 
     def set_info(self, model: str, backend: str, decode: str = "cpu") -> None:
         self.info.info({"version": __version__, "model": model, "backend": backend, "decode": decode})

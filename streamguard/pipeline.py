@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from streamguard.types import FaceCrop, SampledFrame
 
 
 class FaceSettings(BaseModel):
     """How faces are found and gated. Defaults follow DESIGN.md's facts from the field."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in the config file is an error, not a default
 
     min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="mediapipe full-range detector score to keep a face")
     margin: float | None = Field(

@@ -372,6 +372,7 @@ class Service:
         return {
             "streams": states, "decoded": decoded, "participants": len(self.participants()),
             "ws_clients": self.ws_clients, "degraded": 1 if self._degraded else 0,
-            "event_feed": {"catch_ups": self.hub.catch_ups, "closed_slow": self.hub.dropped_subscribers,
+            "event_feed": {"written": dict(self.hub.written), "catch_ups": self.hub.catch_ups,
+                           "closed_slow": self.hub.dropped_subscribers,
                            "pruned": self.hub.events_pruned, "prune_failures": self.hub.prune_failures},
         }

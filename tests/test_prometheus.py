@@ -286,7 +286,8 @@ def test_live_prometheus(tmp_path: Path, streamguard_server: str) -> None:
             elif not body["data"]["result"]:
                 empty.append((title, expr))
         assert not errors, errors
-        must_have_data = {"Instances up", "Streams by state", "Frames", "Sample to score latency", "Streams live"}
+        must_have_data = {"Instances up", "Streams by state", "Frames", "Sample to score latency", "Streams live",
+                          "Events written"}
         no_data = [(t, e) for t, e in empty if t in must_have_data and "frames_dropped" not in e]
         assert not no_data, f"no data for {no_data}"
 

@@ -61,6 +61,7 @@ overloaded. 4008 echoes 1008 for people reading logs. The close reason carries t
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -374,6 +375,7 @@ class EventHub:
         self.prune_interval_s = prune_interval_s
         self.dropped_subscribers = 0
         self.catch_ups = 0  # times a subscriber overflowed its live buffer and read on from the store
+        self.written: collections.Counter[str] = collections.Counter()  # committed events by type
         self.events_pruned = 0  # deleted by retention (written by the writer thread; an int store is atomic)
         self.prune_failures = 0
         self._subscribers: set[Subscription] = set()
@@ -593,6 +595,7 @@ class EventHub:
         for _, res in items:
             if isinstance(res, Event):
                 self._last_delivered = res.seq
+                self.written[getattr(res.type, "value", res.type)] += 1
                 for sub in list(self._subscribers):
                     sub._offer(res)
         for req, res in items:

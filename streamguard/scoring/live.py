@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ScoringSettings(BaseModel):
@@ -52,6 +52,8 @@ class ScoringSettings(BaseModel):
     for few false positives gets 0.928), so the raise threshold always lies in (card threshold, 1),
     `clear_threshold` = card threshold (0.5). The 0.2 gap is the hysteresis band. Set either to a number to pin it.
     """
+
+    model_config = ConfigDict(extra="forbid")  # a typo in the config file is an error, not a default
 
     window_s: float = Field(10.0, gt=0, description="sliding window of scored samples, seconds")
     smoothing: Literal["median", "mean"] = Field(
