@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
+import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from tqdm import tqdm
@@ -52,6 +55,96 @@ def _settings(fps: float, min_samples: int, images_are_crops: bool, hwdecode: st
         raise typer.BadParameter(err["msg"], param_hint=f"--{str(err['loc'][0]).replace('_', '-')}") from None
 
 
+# -- output paths: checked before any work, written so that a failure at the end loses nothing ------------------------
+
+
+def _probe_writable(folder: Path) -> None:
+    """OSError unless a file can be created in `folder` (an anonymous temporary file: nothing is left behind)."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_output_dir(path: Path, option: str) -> None:
+    """`path` is a folder we can write in, or one we can create: else a usage error naming `option`."""
+    problem = f"cannot use {path}"
+    try:
+        if path.exists():
+            if not path.is_dir():
+                raise typer.BadParameter(f"{path} exists and is not a folder", param_hint=option)
+            problem = f"cannot write in {path}"
+            where = path
+        else:
+            where = _nearest_existing(path)
+            if not where.is_dir():
+                raise typer.BadParameter(f"cannot create the folder {path}: {where} is not a folder", param_hint=option)
+            problem = f"cannot create the folder {path} (in {where})"
+        _probe_writable(where)
+    except OSError as exc:
+        raise typer.BadParameter(f"{problem}: {exc.strerror or exc}", param_hint=option) from None
+
+
+def _check_output_file(path: Path, option: str) -> None:
+    """`path` is a file we can (over)write, in an existing folder: else a usage error naming `option`."""
+    parent = path.parent
+    try:
+        if path.is_dir():
+            raise typer.BadParameter(f"{path} is a folder; give a file name", param_hint=option)
+        if not parent.exists():
+            raise typer.BadParameter(f"{path}: the folder {parent} does not exist", param_hint=option)
+        if not parent.is_dir():
+            raise typer.BadParameter(f"{path}: {parent} is not a folder", param_hint=option)
+        if path.exists():
+            with open(path, "ab"):  # opened, not written: nothing changes
+                pass
+        else:
+            _probe_writable(parent)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot write {path}: {exc.strerror or exc}", param_hint=option) from None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file beside `path`, so a failure leaves any previous file whole."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes it 0600: give it a new file's usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_report(path: Path, text: str, option: str, make_folder: bool = False) -> bool:
+    """Write `text` to `path`; when that fails, say why and save it elsewhere (a temp file, else stdout). True: saved
+    where asked."""
+    try:
+        if make_folder:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, text.encode())
+        return True
+    except OSError as exc:
+        problem = f"error: {option}: cannot write {path}: {exc.strerror or exc}"
+    try:
+        fd, fallback = tempfile.mkstemp(prefix=f"streamguard-{path.stem}-", suffix=path.suffix or ".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        typer.echo(f"{problem}; saved it to {fallback} instead", err=True)
+    except OSError:
+        typer.echo(f"{problem}; here it is:", err=True)
+        sys.stdout.write(text)
+    return False
+
+
 @app.command()
 def scan(
     paths: Annotated[list[Path], typer.Argument(help="videos, images or folders")],
@@ -69,6 +162,10 @@ def scan(
     from streamguard.scan import ScanReport, Scanner, expand_paths, model_info
 
     settings = _settings(fps, min_samples, images_are_crops, hwdecode)
+    if json_out is not None and str(json_out) != "-":
+        _check_output_file(json_out, "--json")
+    if heatmaps is not None:
+        _check_output_dir(heatmaps, "--heatmaps")
     classifier = _load_model(model)
     files = list(expand_paths(paths))
     if not files:
@@ -79,6 +176,8 @@ def scan(
         raise typer.BadParameter(str(exc).removeprefix("--hwdecode nvdec: "), param_hint="--hwdecode") from None
     reports = []
     human = json_out is None or str(json_out) != "-"
+    failed = False  # an output could not be written where asked
+    heatmaps_written = 0
     try:
         for path in tqdm(files, desc="files", unit="file", disable=quiet or len(files) < 2, file=sys.stderr):
             bar = tqdm(desc=path.name, unit="s", leave=False, disable=quiet, file=sys.stderr,
@@ -86,20 +185,28 @@ def scan(
             result = scanner.scan(path, on_sample=lambda pts: bar.update(max(0.0, pts - bar.n)))
             bar.close()
             if heatmaps is not None:
-                result.write_heatmaps(classifier, heatmaps)
+                try:
+                    heatmaps_written += len(result.write_heatmaps(classifier, heatmaps))
+                except OSError as exc:  # the disk filled, the folder went away: keep scanning, without heatmaps
+                    typer.echo(f"error: --heatmaps: cannot write in {heatmaps}: {exc.strerror or exc}; "
+                               "no more heatmaps are written", err=True)
+                    heatmaps, failed = None, True
             reports.append(result.report)
             if human:
                 _print_file(result.report)
     finally:
         scanner.close()
+    if heatmaps is not None and not heatmaps_written:
+        typer.echo(f"--heatmaps: no participant was flagged (P(fake) >= {classifier.card.threshold:g}), so no heatmap "
+                   "was written", err=True)
     report = ScanReport(model=model_info(classifier), settings=settings, files=reports)
     if json_out is not None:
         text = report.model_dump_json(indent=2) + "\n"
         if str(json_out) == "-":
             sys.stdout.write(text)
-        else:
-            json_out.write_text(text)
-    if any(r.error for r in reports):
+        elif not _save_report(json_out, text, "--json"):
+            failed = True
+    if failed or any(r.error for r in reports):
         raise typer.Exit(1)
 
 
@@ -141,6 +248,10 @@ def eval_cmd(
         items = load_labels(labels)
     except (OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="LABELS") from None
+    _check_output_dir(out, "--out")
+    for name in ("eval.json", "roc.png"):
+        if (out / name).is_dir():
+            raise typer.BadParameter(f"{out / name} is a folder", param_hint="--out")
     classifier = _load_model(model)
     scanner = Scanner(classifier, settings)
     bar = tqdm(total=len(items), desc="eval", unit="file", disable=quiet, file=sys.stderr)
@@ -149,9 +260,13 @@ def eval_cmd(
     finally:
         bar.close()
         scanner.close()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(report.model_dump_json(indent=2) + "\n")
-    has_plot = plot_roc(curves, f"{classifier.card.name} on {labels.name}", out / "roc.png")
+    saved = _save_report(out / "eval.json", report.model_dump_json(indent=2) + "\n", "--out", make_folder=True)
+    has_plot = False
+    if saved:
+        try:
+            has_plot = plot_roc(curves, f"{classifier.card.name} on {labels.name}", out / "roc.png")
+        except Exception as exc:  # the ROC plot is extra: its failure must not hide the metrics
+            typer.echo(f"error: --out: cannot write {out / 'roc.png'}: {exc}", err=True)
     typer.echo(f"model {classifier.card.name} ({classifier.backend}), threshold {report.threshold}")
     for level, m in (("files", report.files), ("faces", report.faces)):
         if m is None:
@@ -160,8 +275,15 @@ def eval_cmd(
         fmt = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
         typer.echo(f"{level:5s}: n={m.n} (real {m.n_real}, fake {m.n_fake})  AUC {fmt(m.auc)}  acc {m.accuracy:.3f}"
                    f"  TPR {fmt(m.tpr)}  FPR {fmt(m.fpr)}  log loss {m.log_loss:.3f}")
-    typer.echo(f"no face: {report.no_face}  errors: {report.errors}  report: {out / 'eval.json'}"
+    typer.echo(f"no face: {report.no_face}  errors: {report.errors}"
+               + (f"  report: {out / 'eval.json'}" if saved else "")
                + (f"  ROC: {out / 'roc.png'}" if has_plot else ""))
+    failed_rows = [row for row in report.rows if row.get("error")]
+    for row in failed_rows:  # as scan says it: the scanner's error names the file already, or it is added here
+        error = row["error"] if row["path"] in row["error"] else f"{row['path']}: {row['error']}"
+        typer.echo(f"  error: {error}")
+    if failed_rows or not saved:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -194,8 +316,18 @@ def serve(
     elif cfg.token is None:
         log.info("no token configured: listening on %s only, without authentication", cfg.host)
     try:
+        _, card = resolve_model(cfg.model)  # a wrong name fails here, before onnxruntime is imported
+    except ModelNotFound as exc:
+        _serve_error(str(exc))
+    except Exception as exc:  # a corrupt card
+        _serve_error(f"cannot load model {cfg.model!r}: {exc}")
+    _check_thresholds(cfg, card)
+    _check_data_dir(cfg.data_dir, data_dir is not None)
+    sock = _bind(cfg.host, cfg.port, port is not None, host is not None)
+    try:
         _load_model(cfg.model)  # fail fast, with the flag named, before the server starts
     except typer.BadParameter as exc:
+        sock.close()
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None
     # The server's parts (mediapipe, aiortc, FastAPI: seconds to import) only once the config and the model are
@@ -205,22 +337,120 @@ def serve(
     from streamguard.api.app import create_app
     from streamguard.service import Service
 
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # uvicorn says where it listens only for sockets it bound itself
+                logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s (Press CTRL+C to quit)",
+                                                        _host_port(cfg.host, cfg.port))
+
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to whatever handler was there
     # before it: make that handler a clean exit, so a graceful stop exits 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
-    uvicorn.run(create_app(Service(cfg)), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                ws_ping_interval=cfg.events.ping_interval_s, ws_ping_timeout=cfg.events.ping_interval_s,
-                timeout_graceful_shutdown=10)
+    # The socket bound above is the one served: nothing can take the port between the check and the start.
+    server = Server(uvicorn.Config(
+        create_app(Service(cfg)), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+        ws_ping_interval=cfg.events.ping_interval_s, ws_ping_timeout=cfg.events.ping_interval_s,
+        timeout_graceful_shutdown=10,
+    ))
+    try:
+        server.run(sockets=[sock])
+    except OSError as exc:  # listen() refused: another process took the port while the service started
+        if server.started:
+            raise
+        _serve_error(f"port: cannot listen on {_host_port(cfg.host, cfg.port)}: {exc.strerror or exc}"
+                     + _where("port", "--port" if port is not None else None))
+    finally:
+        sock.close()
+    if not server.started:
+        raise typer.Exit(3)  # the service could not start; uvicorn has logged why
+
+
+def _serve_error(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _where(field: str, flag: str | None = None) -> str:
+    """Where a setting comes from, as the config errors say it: [flag ..., file key ..., env ...]."""
+    env = "STREAMGUARD_" + field.replace(".", "__").upper()
+    return f" [{f'flag {flag}, ' if flag else ''}file key {field}, env {env}]"
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_thresholds(cfg, card) -> None:
+    """The alert thresholds the service would derive from the model card (Service.start's check), named."""
+    scoring = cfg.scoring
+    try:
+        scoring.thresholds(card.threshold)
+    except ValueError as exc:
+        if scoring.raise_threshold is not None and scoring.clear_threshold is None:
+            fields = ["scoring.raise_threshold"]
+        elif scoring.clear_threshold is not None and scoring.raise_threshold is None:
+            fields = ["scoring.clear_threshold"]
+        else:
+            fields = ["scoring.raise_threshold", "scoring.clear_threshold"]
+        _serve_error(f"{', '.join(fields)}: {exc} (model {card.name})" + "".join(_where(f) for f in fields))
+
+
+def _check_data_dir(path: Path, from_flag: bool) -> None:
+    """Create the data folder (event store, evidence) and check that files can be created in it."""
+    where = _where("data_dir", "--data-dir" if from_flag else None)
+    try:
+        if path.exists() and not path.is_dir():
+            _serve_error(f"data_dir: {path} exists and is not a folder{where}")
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a parent is a file
+        _serve_error(f"data_dir: cannot create the folder {path}: a parent of it is not a folder{where}")
+    except OSError as exc:
+        _serve_error(f"data_dir: cannot create the folder {path}: {exc.strerror or exc}{where}")
+    try:
+        _probe_writable(path)
+    except OSError as exc:
+        _serve_error(f"data_dir: cannot write in {path}: {exc.strerror or exc}{where}")
+    store = path / "events.sqlite3"
+    if store.exists() and not store.is_file():
+        _serve_error(f"data_dir: {store} (the event store) is not a file{where}")
+
+
+def _bind(host: str, port: int, port_from_flag: bool, host_from_flag: bool) -> socket.socket:
+    """A TCP socket bound to host:port (as uvicorn binds: SO_REUSEADDR, IPv6 when the host has a colon), handed to
+    uvicorn; a port in use or an address not on this machine is an error naming the setting."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, socket.gaierror) or exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            _serve_error(f"host: cannot listen on {host!r}: {reason}"
+                         + _where("host", "--host" if host_from_flag else None))
+        if exc.errno == errno.EADDRINUSE:
+            reason = "the port is in use (another streamguard serve, or another server, listens there)"
+        _serve_error(f"port: cannot listen on {_host_port(host, port)}: {reason}"
+                     + _where("port", "--port" if port_from_flag else None))
+    sock.set_inheritable(True)
+    return sock
 
 
 @models_app.command("list")
 def models_list() -> None:
     """Models in engines/ with their cards."""
     for name in available_models():
-        _, card = resolve_model(name)
-        typer.echo(f"{name:28s} {card.architecture:24s} input {card.preprocess.input_size}  threshold {card.threshold}"
-                   f"  {card.source[:60]}")
+        try:
+            _, card = resolve_model(name)
+        except Exception as exc:  # one bad card must not hide the other models
+            typer.echo(f"{name:28s} unreadable card: {str(exc).splitlines()[0]}")
+            continue
+        size = card.preprocess.input_size
+        # Some cards name the input size in their architecture already ("... input=160"): say it once.
+        arch = " ".join(w for w in card.architecture.split() if w != f"input={size}")
+        typer.echo(f"{name:28s} {arch:24s} input {size}  threshold {card.threshold}  {card.source[:60]}")
 
 
 IMPORT_KINDS = ("mesonet", "deepware", "selimsef", "icpr2020dfdc", "sbi")
@@ -270,31 +500,47 @@ def engine_build(
     calibration: Annotated[Optional[Path], typer.Option(help="INT8: folder of real face photos")] = None,
     calibration_are_crops: Annotated[bool, typer.Option(help="the calibration images are aligned crops")] = False,
     tolerance: Annotated[float, typer.Option(help="INT8: max |dP(fake)| against ONNX Runtime")] = 0.02,
-    no_int8_fallback: Annotated[bool, typer.Option(help="fail instead of building FP16 when INT8 loses accuracy")] = False,
+    int8_fallback: Annotated[bool, typer.Option(
+        "--int8-fallback/--no-int8-fallback",
+        help="when INT8 loses accuracy, build FP16 instead (--no-int8-fallback: fail)")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option(help="default: engines/cache or $STREAMGUARD_ENGINE_CACHE")] = None,
     force: Annotated[bool, typer.Option(help="rebuild even when a matching engine is cached")] = False,
     workspace_gb: Annotated[Optional[float], typer.Option(help="TensorRT builder workspace limit")] = None,
 ) -> None:
     """Build (or reuse) a TensorRT engine, cached under (model hash, TensorRT version, GPU, precision, profile).
 
-    Exit status: 0 built or reused, 1 the model or the build failed, 2 this machine cannot build (no GPU/TensorRT).
+    Exit status: 0 built or reused, 1 the build failed, 2 a bad flag, an unknown model or no GPU/TensorRT here.
     """
-    from streamguard.inference.engine_build import EngineBuildError, build_engine
+    from streamguard.inference.engine_build import BuildArgumentError, EngineBuildError, build_engine, check_build_args
     from streamguard.inference.gpu import BackendUnavailable
 
-    if precision not in ("fp32", "fp16", "int8"):
-        raise typer.BadParameter("use fp32, fp16 or int8", param_hint="--precision")
+    # Flags and model first: a mistake in them is reported on any machine, before the GPU is looked at.
+    workspace_bytes = int(workspace_gb * (1 << 30)) if workspace_gb is not None else None
+    try:
+        check_build_args(precision=precision, max_batch=max_batch, opt_batch=opt_batch, calibration=calibration,
+                         tolerance=tolerance, workspace_bytes=workspace_bytes, require_calibration=True)
+    except BuildArgumentError as exc:
+        flag = {"workspace_bytes": "--workspace-gb"}.get(exc.argument, "--" + exc.argument.replace("_", "-"))
+        message = exc.message
+        if exc.argument == "workspace_bytes":
+            message = f"must be > 0, got {workspace_gb}"
+        raise typer.BadParameter(message, param_hint=flag) from None
+    try:
+        resolve_model(model)
+    except ModelNotFound as exc:
+        raise typer.BadParameter(str(exc), param_hint="MODEL") from None
+    except Exception as exc:  # a card that does not parse
+        raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="MODEL") from None
     try:
         result = build_engine(
             model, precision=precision, max_batch=max_batch, opt_batch=opt_batch, calibration=calibration,
             calibration_images_are_crops=calibration_are_crops, tolerance=tolerance,
-            int8_fallback=not no_int8_fallback, cache_dir=cache_dir, force=force,
-            workspace_bytes=int(workspace_gb * (1 << 30)) if workspace_gb else None,
+            int8_fallback=int8_fallback, cache_dir=cache_dir, force=force, workspace_bytes=workspace_bytes,
         )
     except BackendUnavailable as exc:
         typer.echo(f"error: cannot build a TensorRT engine here: {exc}", err=True)
         raise typer.Exit(2) from None
-    except (ModelNotFound, EngineBuildError, ValueError) as exc:
+    except (ModelNotFound, EngineBuildError, ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(result.summary())

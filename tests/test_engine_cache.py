@@ -456,4 +456,4 @@ def test_build_engine_tool_exits_2_with_the_reason_without_a_gpu(tmp_path: Path)
     assert "cannot build a TensorRT engine here: no CUDA GPU found" in proc.stderr
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "build_engine.py"), "no-such-model"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "not found" in proc.stderr
+    assert proc.returncode == 2 and "not found" in proc.stderr  # a usage error, like a bad flag

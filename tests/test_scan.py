@@ -163,3 +163,12 @@ def test_heatmaps_for_flagged_participants(meso4, shared_data, tmp_path):
         else:  # reals are not flagged: no heatmap
             assert person["heatmap"] is None
     assert len(list(out.glob("*.png"))) == 2
+
+
+def test_heatmaps_say_so_when_nobody_is_flagged(meso4, shared_data, tmp_path):
+    real = sorted((shared_data / "mesonet" / "test_images").glob("real*"))[:1]
+    assert real, "the MesoNet test set has real crops"
+    result = runner.invoke(app, ["scan", str(real[0]), "--images-are-crops", "--model", str(meso4),
+                                 "--heatmaps", str(tmp_path / "heat"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "no participant was flagged (P(fake) >= 0.5), so no heatmap was written" in result.output

@@ -4,8 +4,8 @@
     python tools/build_engine.py streamguard-sbi --precision fp16 --max-batch 64
     python tools/build_engine.py streamguard-sbi --precision int8 --calibration ../shared/data/real_faces
 
-Exit status: 0 built or reused, 1 the model or the build failed, 2 this machine cannot build (no GPU, TensorRT or
-cuda-python), with a message that says which and how to install it.
+Exit status: 0 built or reused, 1 the build failed, 2 a bad model or flag, or this machine cannot build (no GPU,
+TensorRT or cuda-python), with a message that says which and how to install it.
 """
 
 import sys

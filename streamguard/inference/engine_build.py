@@ -24,6 +24,7 @@ import numpy as np
 from streamguard.inference.card import ModelCard
 from streamguard.inference.engine_cache import (
     DEFAULT_MAX_BATCH,
+    MAX_SUPPORTED_BATCH,
     EngineCache,
     EngineKey,
     ParityReport,
@@ -74,6 +75,53 @@ class EngineBuildResult:
             lines.append(f"INT8 accuracy on held-out real faces: {self.parity.summary()}")
         lines += self.notes
         return "\n".join(lines)
+
+
+class BuildArgumentError(ValueError):
+    """A build argument out of range; `argument` names it (the keyword of build_engine, the CLI flag with dashes)."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(f"{argument}: {message}")
+        self.argument = argument
+        self.message = message
+
+
+def check_build_args(
+    *,
+    precision: str = "fp16",
+    max_batch: int = DEFAULT_MAX_BATCH,
+    opt_batch: int | None = None,
+    calibration: Path | None = None,
+    calibration_batch: int = DEFAULT_CALIBRATION_BATCH,
+    tolerance: float = DEFAULT_TOLERANCE,
+    workspace_bytes: int | None = None,
+    require_calibration: bool = False,
+) -> None:
+    """Check build_engine's arguments without touching the GPU: BuildArgumentError naming the first bad one.
+
+    require_calibration: INT8 without `calibration` is an error here too (the CLI; build_engine itself first says
+    whether this machine can build INT8 at all).
+    """
+    if precision not in ("fp32", "fp16", "int8"):
+        raise BuildArgumentError("precision", f"use fp32, fp16 or int8, got {precision!r}")
+    if not 1 <= max_batch <= MAX_SUPPORTED_BATCH:
+        raise BuildArgumentError("max_batch", f"must lie in 1..{MAX_SUPPORTED_BATCH}, got {max_batch}")
+    if opt_batch is not None and not 1 <= opt_batch <= max_batch:
+        raise BuildArgumentError("opt_batch", f"must lie in 1..max_batch ({max_batch}), got {opt_batch}")
+    if not 0.0 <= tolerance <= 1.0:
+        raise BuildArgumentError("tolerance", f"must lie in 0..1 (a difference of P(fake)), got {tolerance}")
+    if calibration_batch < 1:
+        raise BuildArgumentError("calibration_batch", f"must be >= 1, got {calibration_batch}")
+    if workspace_bytes is not None and workspace_bytes <= 0:
+        raise BuildArgumentError("workspace_bytes", f"must be > 0, got {workspace_bytes}")
+    if calibration is not None:
+        if precision != "int8":
+            raise BuildArgumentError("calibration", f"only used with precision int8, not {precision}")
+        if not Path(calibration).is_dir():
+            what = "is not a folder" if Path(calibration).exists() else "no such folder"
+            raise BuildArgumentError("calibration", f"{calibration}: {what} (it must hold real face photos)")
+    elif precision == "int8" and require_calibration:
+        raise BuildArgumentError("calibration", "INT8 needs a folder of real face photos (see engines/BUILD.md)")
 
 
 def require_tensorrt(avail: Availability) -> tuple[str, tuple[int, int], str]:
@@ -138,6 +186,8 @@ def build_engine(
     held-out crops with a fresh INT8 engine (tests). Stale engines of the same model and precision are removed
     unless keep_stale.
     """
+    check_build_args(precision=precision, max_batch=max_batch, opt_batch=opt_batch, calibration=calibration,
+                     calibration_batch=calibration_batch, tolerance=tolerance, workspace_bytes=workspace_bytes)
     onnx_path, card = resolve_model(str(model) if model is not None else None, engines_dir)
     avail = availability if availability is not None else probe_availability()
     version, cc, gpu_name = require_tensorrt(avail)

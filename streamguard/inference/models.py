@@ -30,6 +30,13 @@ def resolve_model(name_or_path: str | None, engines_dir: Path = ENGINES_DIR) -> 
     else:
         onnx_path = Path(engines_dir) / f"{name}.onnx"
     card_path = onnx_path.with_suffix(".json")
+    if onnx_path.exists() and not card_path.exists():
+        raise ModelNotFound(
+            f"model {name!r}: {onnx_path} has no model card: expected {card_path} beside it (the JSON that says how "
+            "to feed the model and what its output means; `streamguard models import` writes both)"
+        )
+    if card_path.exists() and not onnx_path.exists():
+        raise ModelNotFound(f"model {name!r}: the card {card_path} has no ONNX model beside it (expected {onnx_path})")
     if not onnx_path.exists() or not card_path.exists():
         known = ", ".join(available_models(engines_dir)) or "none"
         raise ModelNotFound(

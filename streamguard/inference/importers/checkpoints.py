@@ -230,17 +230,29 @@ def _load_file(path: Path, trust_pickle: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # garbage bytes also fail inside the weights-only unpickler
-            raise CheckpointError(f"{path.name} is not a PyTorch checkpoint (it does not unpickle)") from e
+            raise _not_a_checkpoint(path, e) from e
         if not trust_pickle:
             raise CheckpointError(
                 f"{path.name} holds Python objects besides tensors, and unpickling them can run code. If you trust "
                 "the file (you downloaded it from the project's own link), import it with trust_pickle=True "
                 "(CLI: --trust-pickle)."
             ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path.name} is not a PyTorch checkpoint ({reason})") from e
-    return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # garbage input fails anywhere in the unpickler: KeyError, IndexError, struct.error, ...
+        raise _not_a_checkpoint(path, e) from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as e:  # a real pickle of classes from code that is not installed here
+        raise CheckpointError(f"{path.name}: its pickled objects need code that is not installed here "
+                              f"({type(e).__name__}: {e})") from e
+    except Exception as e:
+        raise _not_a_checkpoint(path, e) from e
+
+
+def _not_a_checkpoint(path: Path, exc: BaseException) -> CheckpointError:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    reason = f"{type(exc).__name__}: {first}" if first and isinstance(exc, LookupError) else first
+    return CheckpointError(f"{path.name} is not a PyTorch checkpoint (it does not unpickle: "
+                           f"{reason or type(exc).__name__})")
 
 
 def _state_dict(obj: Any, path: Path, container_key: str | None) -> dict[str, torch.Tensor]:
