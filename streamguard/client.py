@@ -21,7 +21,9 @@ ICE servers nor restart ICE once the offer is made: the OPTIONS pre-flight is th
 Event feed: a WebSocket on `/v1/events`, one JSON event per message (`{"seq", "ts", "type", ...}`; messages without
 `seq`, such as pings, are skipped). After any disconnect the client reconnects with back-off and `since=<last seq>`,
 and drops any event with seq <= the last one it yielded, so an event is neither missed nor repeated. Auth
-failures (HTTP 401/403 at the handshake, close codes 4401/4403) and other refusals raise instead of retrying.
+failures (HTTP 401/403 at the handshake, close codes 4401/4403) raise EventAuthError; a request the server cannot
+serve (close code 1008: a bad `since` or an unknown type; HTTP 400/404 at the handshake) EventRequestError; other
+refusals (4409: `since` beyond the server's last event) EventStreamError; none is retried.
 """
 
 from __future__ import annotations
@@ -314,7 +316,13 @@ class EventAuthError(EventStreamError):
     """Missing or wrong token (HTTP 401/403 at the handshake, close code 4401/4403)."""
 
 
+class EventRequestError(EventStreamError):
+    """The server cannot serve the request as sent (close code 1008, e.g. an unknown event type; HTTP 400/404 at the
+    handshake): a bug on our side or a server that differs from what we expect, not a credentials problem."""
+
+
 AUTH_CLOSE_CODES = frozenset({4401, 4403})
+BAD_REQUEST_CLOSE_CODES = frozenset({1003, 1007, 1008, 1009, 1010})
 # Worth a reconnect: normal closes (server restarting), going away, abnormal (network), server errors and
 # restarts (1011-1014), and 4008 (we were too slow: resume from our last seq). Everything else in 1002-1010 and
 # 4000-4999 says our request was wrong, and sending it again would be refused again.
@@ -348,6 +356,8 @@ async def events(
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+        raise ValueError(f"since must be a seq, an integer >= 0 (0: every stored event), got {since!r}")
     url = _events_url(base_url)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     filters: dict[str, str] = {}
@@ -382,9 +392,12 @@ async def events(
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
-                raise EventAuthError(f"event feed: HTTP {status} (token missing or wrong)", status) from None
+                # StreamGuard itself refuses a token after the handshake (4401); these come from a proxy, or from a
+                # server that refuses bad queries before the handshake (Starlette's 403).
+                raise EventAuthError(f"event feed: HTTP {status} at the handshake (token missing or wrong, or the "
+                                     "request refused before the WebSocket opened)", status) from None
             if 400 <= status < 500 and status not in (408, 429):
-                raise EventStreamError(f"event feed: HTTP {status}", status) from None
+                raise EventRequestError(f"event feed: HTTP {status} at the handshake", status) from None
             code, reason = 0, f"HTTP {status}"
         except InvalidURI:
             raise
@@ -392,6 +405,8 @@ async def events(
             code, reason = 0, f"{type(exc).__name__}: {exc}"
         if code in AUTH_CLOSE_CODES:
             raise EventAuthError(f"event feed closed {code}: {reason}", code)
+        if code in BAD_REQUEST_CLOSE_CODES:
+            raise EventRequestError(f"event feed refused the request (close {code}): {reason}", code)
         if code and code not in RETRY_CLOSE_CODES:
             raise EventStreamError(f"event feed closed {code}: {reason}", code)
         why = f"closed {code} {reason}".strip() if code else reason

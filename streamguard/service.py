@@ -211,16 +211,25 @@ class Service:
             raise StreamExists(f"stream {spec.id!r} exists already")
         kind = stream_kind(spec.url)
         stream = self._new_stream(spec.id, kind, spec.url, spec.name, mode="tracked")
-        stream.source = PullSource(
-            spec.id, spec.url, settings=self.config.sources, fps=self.config.sampling.fps,
-            phase=self.sampling_phase(spec.id), on_frame=stream.worker.put,
-            on_state=lambda state, info: self._on_state(stream, state, info), hwaccel=self.hwdecode.hwaccel,
-        )
-        stream.task = asyncio.create_task(self._run_source(stream), name=f"source:{spec.id}")
+        try:
+            stream.source = PullSource(
+                spec.id, spec.url, settings=self.config.sources, fps=self.config.sampling.fps,
+                phase=self.sampling_phase(spec.id), on_frame=stream.worker.put,
+                on_state=lambda state, info: self._on_state(stream, state, info), hwaccel=self.hwdecode.hwaccel,
+            )
+            stream.task = asyncio.create_task(self._run_source(stream), name=f"source:{spec.id}")
+        except BaseException:
+            # Not started: unlist it, or it would stay listed as `connecting` for ever and block its id.
+            self._streams.pop(spec.id, None)
+            await stream.worker.stop("stream not started")
+            raise
         return stream.info()
 
     async def remove_stream(self, stream_id: str) -> None:
         stream = self._streams.pop(stream_id)  # KeyError: unknown stream
+        # The worker first: it finishes the frame in hand and participants leave before the source's `closed`
+        # state is published, so no score ever follows a stream's end in the feed.
+        await stream.worker.stop("stream closed")
         if stream.session is not None and not stream.session.ended:
             # A WHIP stream removed through the streams API: end its peer connection too, or it would keep
             # sending frames to nobody until the publisher gives up.
@@ -232,7 +241,6 @@ class Service:
             self._decoded_retired[stream.kind] += stream.session.video_frames
         if stream.task is not None:
             await asyncio.gather(stream.task, return_exceptions=True)
-        await stream.worker.stop("stream closed")
         if stream.session is not None:
             await self._publish_state(stream, StreamState.CLOSED.value, stream.session.end_reason)
 

@@ -427,3 +427,9 @@ def test_ffpp_real_clip_one_sample_per_second():
     assert np.all(np.abs(np.diff([f.pts_s for f in frames]) - 1.0) <= 0.04 + 1e-6)
     assert stats.corrupt == 0 and stats.duration_s == pytest.approx(30.0, abs=0.1)
     assert stats.decoded < stats.packets  # non-reference frames were skipped
+
+
+@pytest.mark.parametrize("url", ["rtsp://[::1", "rtsp://h:abc/x", "rtsp://127.0.0.1:99999/x"])
+def test_malformed_urls_are_a_source_error_naming_the_problem(url):
+    with pytest.raises(SourceError, match="not a valid URL"):
+        open_container(url, timeout_s=1.0)

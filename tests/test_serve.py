@@ -444,9 +444,21 @@ def assert_json_error(r: httpx.Response, status: int, code: str | None = None) -
     return body
 
 
+async def ws_close(url: str) -> tuple[int | None, str]:
+    """Connect to the WebSocket at url and return the close code and reason the server ends it with."""
+    from websockets.asyncio.client import connect
+
+    async with connect(url, open_timeout=10) as ws:
+        with pytest.raises(Exception):  # noqa: B017 - ConnectionClosed of either kind
+            await asyncio.wait_for(ws.recv(), 5)
+        return ws.close_code, ws.close_reason or ""
+
+
 @pytest.mark.asyncio
 async def test_bad_requests_are_refused_with_json_and_bad_streams_say_why(tmp_path, loopback_ice, slides_mp4,
-                                                                          servers):
+                                                                          servers, monkeypatch):
+    from streamguard.client import EventRequestError, events
+
     sdp = await asyncio.to_thread(offer_sdp)
     srv = servers(fast_settings(tmp_path / "data", whip={"max_sdp_bytes": 16 * 1024}))
     (tmp_path / "site").mkdir()
@@ -466,6 +478,30 @@ async def test_bad_requests_are_refused_with_json_and_bad_streams_say_why(tmp_pa
             big = sdp + "a=x-padding:" + "x" * 20000 + "\r\n"
             assert_json_error(await http.post("/v1/whip", content=big.encode(), headers=whip), 413)
             assert_json_error(await http.delete("/v1/whip/nope"), 404)
+            # Every WHIP refusal has the API's error keys, whichever layer refused it.
+            for r in [await http.post("/v1/whip", content=b"hello", headers=whip),
+                      await http.post("/v1/whip", content=sdp.encode(), headers={"Content-Type": "text/plain"}),
+                      await http.post("/v1/whip", content=big.encode(), headers=whip),
+                      await http.delete("/v1/whip/nope"), await http.patch("/v1/whip/nope")]:
+                assert r.status_code in (400, 404, 405, 413, 415) and set(r.json()) == {"error", "message"}, r.text
+            assert (await http.patch("/v1/whip/nope")).headers["allow"] == "DELETE"
+
+            # Routes and methods that do not exist, and bodies that are not JSON, get JSON errors too.
+            body = assert_json_error(await http.get("/v1/nothing/here"), 404, "not_found")
+            assert "/v1/nothing/here" in body["message"], body
+            r = await http.put("/v1/streams")
+            body = assert_json_error(r, 405, "method_not_allowed")
+            assert "PUT" in body["message"] and "GET" in r.headers["allow"] and "POST" in r.headers["allow"], body
+            r = await http.post("/v1/streams", content=b'{"id": "x", "url": "rtsp://h/x"}',
+                                headers={"Content-Type": "text/plain"})
+            body = assert_json_error(r, 415, "unsupported_media_type")
+            assert "application/json" in body["message"] and "text/plain" in body["message"], body
+            r = await http.post("/v1/streams", content=b'{"id": "x", "url": "rtsp://h/x"}',
+                                headers={"Content-Type": "application/json; charset=utf-8"})
+            assert r.status_code == 201, r.text  # parameters are fine
+            assert (await http.delete("/v1/streams/x")).status_code == 204
+            body = assert_json_error(await http.post("/v1/streams", json=["not", "an", "object"]), 400,
+                                     "invalid_request")
 
             # Streams API
             body = assert_json_error(await http.post("/v1/streams", json={"id": "f", "url": "ftp://example.com/x"}),
@@ -473,7 +509,39 @@ async def test_bad_requests_are_refused_with_json_and_bad_streams_say_why(tmp_pa
             assert "url" in body["message"] and "ftp" in body["message"], body
             r = await http.post("/v1/streams", content=b'{"id": "x", "url": ', headers={"Content-Type":
                                                                                           "application/json"})
-            assert_json_error(r, 400, "invalid_json")
+            body = assert_json_error(r, 400, "invalid_json")
+            assert body["message"].startswith("request body is not valid JSON: Expecting value"), body
+            assert "column 20" in body["message"] and body["details"][0]["field"] == "body", body
+            # URLs no source could open are refused here, the url named, and nothing is started or listed.
+            bad_urls = ["rtsp://[::1", "http://[zz/x", "rtsp://cam:0/x", "rtsp://cam:99999/x", "rtsp://cam:abc/x",
+                        "rtsp:///x", "rtsp:/cam", "", "   ", "file://", "file:", "file://elsewhere/x.mp4",
+                        "rtsp://cam/a b", "rtsp://cam/\x00", "rtsp://cam/" + "x" * 2048]
+            for url in bad_urls:
+                body = assert_json_error(await http.post("/v1/streams", json={"id": "s", "url": url}), 400,
+                                         "invalid_request")
+                assert body["message"].startswith("url: "), (url, body)
+            body = assert_json_error(await http.post("/v1/streams", json={"id": "s", "url": "rtsp://cam/x",
+                                                                          "name": "n" * 257}), 400)
+            assert body["message"].startswith("name: "), body
+            # Should the source itself refuse (it has its own checks), the stream is not left listed either.
+            with monkeypatch.context() as patch:
+                def refuse(*_args: Any, **_kwargs: Any) -> None:
+                    raise ValueError("the source refuses this")
+
+                patch.setattr("streamguard.service.PullSource", refuse)
+                body = assert_json_error(await http.post("/v1/streams", json={"id": "s", "url": "rtsp://cam/x"}), 400,
+                                         "invalid_request")
+                assert "refuses" in body["message"], body
+            assert_json_error(await http.get("/v1/streams/s"), 404, "not_found")
+            assert [s["id"] for s in (await http.get("/v1/streams")).json()] == ["good"]
+            with monkeypatch.context() as patch:  # a bug's 500 is JSON too (the traceback goes to the log)
+                def crash(*_args: Any) -> None:
+                    raise RuntimeError("a bug")
+
+                patch.setattr(srv.service, "participants", crash)
+                async with httpx.AsyncClient(base_url=srv.url) as once:  # uvicorn drops the connection after a 500
+                    body = assert_json_error(await once.get("/v1/participants"), 500, "internal_error")
+                assert "a bug" not in body["message"], body
             assert_json_error(await http.post("/v1/streams", json={"url": "rtsp://h/x"}), 400, "invalid_request")
             assert_json_error(await http.post("/v1/streams", json={"id": "good", "url": str(slides_mp4)}), 409,
                               "stream_exists")
@@ -481,6 +549,21 @@ async def test_bad_requests_are_refused_with_json_and_bad_streams_say_why(tmp_pa
             assert_json_error(await http.delete("/v1/streams/nope"), 404, "not_found")
             assert_json_error(await http.get("/v1/alerts/nope"), 404, "not_found")
             assert_json_error(await http.get("/v1/alerts/nope/evidence/crop"), 404, "not_found")
+
+            # The event feed refuses a bad query after the handshake, with 1008 and the reason (not a bare 403).
+            ws_url = srv.url.replace("http://", "ws://") + "/v1/events"
+            for query, word in [("since=abc", "since"), ("since=-5", "since"), ("since=", "since"),
+                                ("since=99999999999999999999", "since"), ("type=bogus", "type"),
+                                ("types=stream.state,bogus", "type")]:
+                code, reason = await ws_close(f"{ws_url}?{query}")
+                assert code == 1008 and word in reason, (query, code, reason)
+            with pytest.raises(EventRequestError) as err:  # and the client says so, instead of "auth failed"
+                async for _ in events(srv.url, types=["bogus"]):
+                    pass
+            assert err.value.code == 1008 and "bogus" in str(err.value)
+            with pytest.raises(ValueError, match="since"):
+                async for _ in events(srv.url, since=-5):
+                    pass
 
             # Streams that cannot work say why, and keep trying (network) or fail (nothing to retry).
             for sid, url in [("text", f"{site}/readme.txt"), ("dead", f"rtsp://127.0.0.1:{dead_port}/cam"),
@@ -524,6 +607,18 @@ async def test_token_guards_http_websocket_and_whip(tmp_path, servers):
             assert_json_error(await http.request(method, path), 401, "unauthorized")
         r = await http.post("/v1/whip", content=b"v=0\r\n", headers={"Content-Type": "application/sdp"})
         assert_json_error(r, 401, "unauthorized")
+        # The token is checked before anything else: unknown routes, wrong methods, bodies are not looked at.
+        for method, path, content in [("GET", "/v1/nothing", None), ("PUT", "/v1/streams", None),
+                                      ("POST", "/v1/streams", b"{not json"), ("PATCH", "/v1/whip/x", None),
+                                      ("OPTIONS", "/v1/whip", None), ("GET", "/v1/alerts/x/evidence/crop", None)]:
+            r = await http.request(method, path, content=content, headers={"Content-Type": "application/json"})
+            assert_json_error(r, 401, "unauthorized")
+        # Open, as the README says: the probes, the console's page (it asks for the token itself) and the API's
+        # documentation and schemas, none of which holds data.
+        for path in ["/", "/docs", "/redoc", "/openapi.json", "/v1/schema/event"]:
+            assert (await http.get(path)).status_code == 200, path
+        paths = (await http.get("/openapi.json")).json()["paths"]
+        assert paths["/v1/streams"]["get"]["security"] and "security" not in paths["/healthz"]["get"], paths
         ok = await http.get("/v1/streams", headers={"Authorization": "Bearer s3cret-token"})
         assert ok.status_code == 200 and ok.json() == []
 
@@ -671,3 +766,33 @@ async def test_sigterm_closes_streams_participants_leave_and_exit_0(tmp_path, sl
         assert len(closed) == 1 and closed[0]["data"]["reason"], mine[-4:]
         assert all(e["type"] != "participant.score" for e in mine[mine.index(closed[0]):])
     assert code == 0, f"exit code {code} after a graceful shutdown"
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+async def test_sigterm_sends_websocket_clients_the_last_events_then_1001(tmp_path, slides_mp4):
+    """uvicorn closes WebSockets with 1012 before the app's shutdown runs: the service drains first on the signal,
+    so a client gets its participants' participant.left and the stream's `closed`, then 1001 with a since= hint."""
+    settings = fast_settings(tmp_path / "data", streams=[{"id": "cam", "url": str(slides_mp4)}])
+    proc = ServeProcess(tmp_path, settings).start()
+    try:
+        await asyncio.to_thread(proc.wait_ready)
+        async with Feed(proc.url, since=0) as feed, Feed(proc.url, type="stream.state") as states:
+            await feed.wait_for(is_("participant.joined", "cam"), 30, "cam: participant.joined")
+            proc.terminate()
+            code = await asyncio.to_thread(proc.wait, 30)
+            await asyncio.wait_for(feed.closed.wait(), 5)
+            await asyncio.wait_for(states.closed.wait(), 5)
+        assert "Traceback" not in proc.stderr, proc.stderr
+    finally:
+        proc.kill()
+    assert code == 0, f"exit code {code} after a graceful shutdown"
+    for client in (feed, states):
+        assert client.close_code == 1001, (client.close_code, client.close_reason)
+        assert f"since={client.last_seq}" in (client.close_reason or ""), (client.close_reason, client.last_seq)
+    joined = {e["participant_id"] for e in feed.of(is_("participant.joined", "cam"))}
+    left = {e["participant_id"] for e in feed.of(is_("participant.left", "cam"))}
+    assert joined and left == joined, (joined, left)
+    assert len(feed.of(state("cam", "closed"))) == 1, feed.events[-4:]
+    assert states.events[-1]["data"]["state"] == "closed" and all(e["type"] == "stream.state" for e in states.events)
+    assert [e["seq"] for e in feed.events] == [e["seq"] for e in stored_events(tmp_path / "data")]

@@ -1,7 +1,15 @@
 """The HTTP API: WHIP ingest, streams, participants, alerts with evidence, the event WebSocket, health, metrics.
 
-Every error is JSON: {"error": <code>, "message": <for people>}. A configured bearer token guards every route but
-the liveness and readiness probes (they reveal nothing and orchestrators probe without credentials).
+Every error is JSON: {"error": <code>, "message": <for people>} (validation errors add "details"), unknown routes,
+wrong methods and server errors included. A configured bearer token guards every route but OPEN_ROUTES, checked
+before a request body is read: the probes (orchestrators probe without credentials), the console page (a static
+shell that asks for the token and sends it on every call) and the API's documentation and schemas (/docs,
+/openapi.json, /v1/schema/event: what the README and the repository publish anyway). None carries data.
+
+Shutdown: uvicorn closes every WebSocket with 1012 *before* the lifespan shutdown, i.e. before the service stops and
+publishes its last events. So on SIGINT/SIGTERM the service is stopped first (streams close, participants leave,
+events are flushed to the store and to the sockets, which the hub then closes with 1001 and a `since=` hint), and
+only then is the signal passed on to uvicorn; see _drain_on_signal.
 """
 
 from __future__ import annotations
@@ -9,27 +17,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
+import signal
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, WebSocket
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 from streamguard import __version__
 from streamguard.config import StreamSpec
-from streamguard.events.hub import SubscriptionEnded
+from streamguard.events.hub import CLOSE_GOING_AWAY, SubscriptionEnded
 from streamguard.events.schema import EventType, EvidenceKind, event_json_schema
 from streamguard.events.store import AlertPage, AlertRecord
 from streamguard.ingest.webrtc import WhipError, ice_server_links, participant_from_request, rtc_ice_servers
 from streamguard.service import ParticipantInfo, Service, StreamExists, StreamInfo
 
 STATIC = Path(__file__).parent / "static"
+# WebSocket close codes of /v1/events (the hub's: 4008 slow consumer, 4409 since ahead, 1001 shutdown).
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_BAD_REQUEST = 1008  # a query the server cannot serve (bad `since`, unknown `type`): do not retry it as is
+PROBES = ("/healthz", "/readyz")
+MAX_SEQ = 2**63 - 1  # SQLite's INTEGER
+DRAIN_TIMEOUT_S = 30.0  # longest a signal waits for the service to stop before uvicorn is told to exit anyway
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -39,13 +61,24 @@ class ApiError(HTTPException):
 
 
 def create_app(service: Service) -> FastAPI:
+    stopping: asyncio.Task[None] | None = None
+
+    def stop_once() -> asyncio.Task[None]:
+        """service.stop(), run once: by the first shutdown signal (see _drain_on_signal) or the lifespan's end."""
+        nonlocal stopping
+        if stopping is None:
+            stopping = asyncio.get_running_loop().create_task(service.stop(), name="streamguard-stop")
+        return stopping
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        unhook = _drain_on_signal(stop_once)
         try:
             yield
         finally:
-            await service.stop()
+            unhook()
+            await asyncio.shield(stop_once())
 
     app = FastAPI(title="StreamGuard", version=__version__, lifespan=lifespan,
                   description="Live deepfake and impostor-face detection for video calls and camera streams.")
@@ -55,14 +88,21 @@ def create_app(service: Service) -> FastAPI:
     def authorized(value: str | None) -> bool:
         return token is None or (value is not None and secrets.compare_digest(value.encode(), token.encode()))
 
-    async def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
-        given = authorization[7:] if authorization and authorization.lower().startswith("bearer ") else None
-        if not authorized(given):
-            raise ApiError(401, "unauthorized", "a valid bearer token is required",
-                           headers={"WWW-Authenticate": "Bearer"})
-
-    guarded = [Depends(require_token)]
+    # The token is checked by _Gate, for every route but these, before anything reads the request. `guarded` only
+    # documents it in the OpenAPI schema (the lock and "Authorize" in /docs).
+    docs = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
+    open_routes = {*PROBES, "/", "/v1/schema/event", *(u for u in docs if u)}
+    app.add_middleware(_Gate, open_routes=frozenset(open_routes), authorized=authorized,
+                       stopping=lambda: stopping is not None)
+    guarded = [Security(HTTPBearer(auto_error=False, description="`token` / STREAMGUARD_TOKEN"))] if token else []
     _install_error_handlers(app)
+
+    async def json_body(request: Request) -> None:
+        content_type = request.headers.get("content-type", "")
+        subtype = content_type.split(";", 1)[0].strip().lower()
+        if not (subtype == "application/json" or (subtype.startswith("application/") and subtype.endswith("+json"))):
+            raise ApiError(415, "unsupported_media_type",
+                           f"Content-Type must be application/json, got {content_type[:60] or 'none'!r}")
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict:
@@ -80,13 +120,16 @@ def create_app(service: Service) -> FastAPI:
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/v1/streams", tags=["streams"], status_code=201, dependencies=guarded)
+    @app.post("/v1/streams", tags=["streams"], status_code=201, dependencies=[*guarded, Depends(json_body)],
+              responses={409: {"description": "the id is taken"}, 415: {"description": "not application/json"}})
     async def add_stream(spec: StreamSpec) -> StreamInfo:
         """Start pulling an RTSP/RTMP/HLS/file stream; its state arrives as `stream.state` events."""
         try:
             return await service.add_stream(spec)
         except StreamExists as exc:
             raise ApiError(409, "stream_exists", str(exc)) from None
+        except ValueError as exc:  # the source refused its settings: nothing was started or listed
+            raise ApiError(400, "invalid_request", f"stream {spec.id!r}: {exc}") from None
 
     @app.get("/v1/streams", tags=["streams"], dependencies=guarded)
     async def list_streams() -> list[StreamInfo]:
@@ -142,7 +185,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/schema/event", tags=["events"])
     async def event_schema() -> JSONResponse:
-        """The versioned JSON Schema of one `/v1/events` message."""
+        """The versioned JSON Schema of one `/v1/events` message (open, as /openapi.json: it holds no data)."""
         return JSONResponse(event_json_schema(), media_type="application/schema+json")
 
     # RFC 9725 §4.6: STUN/TURN servers (with TURN credentials, hence behind the token) as Link headers.
@@ -171,13 +214,13 @@ def create_app(service: Service) -> FastAPI:
         limit = service.config.whip.max_sdp_bytes
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
-            raise ApiError(413, "sdp_too_large", f"the offer is {length} bytes; at most {limit} are accepted")
+            raise ApiError(413, "sdp_too_large", f"the offer is {length} bytes; the limit is {limit}")
         body = await request.body()
         pid, name = participant_from_request(request.headers, request.query_params)
         try:
             session = await service.whip_publish(body, request.headers.get("content-type"), pid, name)
         except WhipError as exc:
-            return JSONResponse(exc.as_dict(), status_code=exc.status, headers=exc.headers)
+            return _whip_error(exc)
         return with_ice_links(Response(session.answer_sdp, status_code=201, media_type="application/sdp", headers={
             "Location": f"/v1/whip/{session.id}", "ETag": session.etag,
             "X-Participant-Id": session.participant_id,
@@ -188,7 +231,7 @@ def create_app(service: Service) -> FastAPI:
         try:
             await service.whip.delete(session_id)
         except WhipError as exc:
-            return JSONResponse(exc.as_dict(), status_code=exc.status, headers=exc.headers)
+            return _whip_error(exc)
         return Response(status_code=200)
 
     @app.patch("/v1/whip/{session_id}", tags=["whip"], dependencies=guarded)
@@ -200,7 +243,7 @@ def create_app(service: Service) -> FastAPI:
     @app.websocket("/v1/events")
     async def events(
         ws: WebSocket,
-        since: Annotated[int | None, Query(ge=0)] = None,
+        since: str | None = None,  # parsed here, after the handshake: a bad one gets 1008 and a reason, not a 403
         stream_id: str | None = None,
         participant_id: str | None = None,
         type: Annotated[list[str] | None, Query()] = None,  # noqa: A002 - the query parameter's public name
@@ -208,20 +251,32 @@ def create_app(service: Service) -> FastAPI:
         access_token: str | None = None,
     ) -> None:
         """Events with seq > since from the store, then live. Browsers pass the token as `access_token`.
-        Type filter: repeated `type=` parameters and/or one comma-separated `types=` (what streamguard.client sends)."""
+        Type filter: repeated `type=` parameters and/or one comma-separated `types=` (what streamguard.client sends).
+        Refusals come after the handshake, as close codes: 4401 bad token, 1008 bad query, 1001 shutting down."""
         header = ws.headers.get("authorization")
         given = header[7:] if header and header.lower().startswith("bearer ") else access_token
         await ws.accept()
         if not authorized(given):
-            await ws.close(code=CLOSE_UNAUTHORIZED, reason="a valid bearer token is required")
+            await _close(ws, CLOSE_UNAUTHORIZED, "a valid bearer token is required")
             return
+        if stopping is not None:
+            await _close(ws, CLOSE_GOING_AWAY, "server shutting down; reconnect later with the same since")
+            return
+        cursor: int | None = None
+        if since is not None:
+            if not (since.isascii() and since.isdigit() and int(since) <= MAX_SEQ):
+                await _close(ws, CLOSE_BAD_REQUEST,
+                             f"bad since: {since[:24]!r} is not a seq (an integer >= 0; 0: every stored event)")
+                return
+            cursor = int(since)
         names = [*(type or []), *(t.strip() for t in (types or "").split(",") if t.strip())]
-        try:
-            wanted = [EventType(t) for t in names] if names else None
-        except ValueError as exc:
-            await ws.close(code=1008, reason=f"bad type filter: {exc}")
+        unknown = [n for n in names if n not in _EVENT_TYPES]
+        if unknown:
+            await _close(ws, CLOSE_BAD_REQUEST,
+                         f"bad type filter: {unknown[0][:40]!r} is not an event type (see /v1/schema/event)")
             return
-        await _stream_events(ws, service, since, stream_id, participant_id, wanted)
+        wanted = [EventType(t) for t in names] if names else None
+        await _stream_events(ws, service, cursor, stream_id, participant_id, wanted)
 
     @app.get("/", include_in_schema=False)
     async def console() -> Response:
@@ -264,8 +319,7 @@ async def _stream_events(ws: WebSocket, service: Service, since: int | None, str
                     return
                 raise sub.ended
     except SubscriptionEnded as end:
-        with contextlib.suppress(Exception):
-            await ws.close(code=end.close_code, reason=end.reason[:120])
+        await _close(ws, end.close_code, end.reason)
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
@@ -275,6 +329,14 @@ async def _stream_events(ws: WebSocket, service: Service, since: int | None, str
 
 
 _GONE = object()
+_EVENT_TYPES = frozenset(t.value for t in EventType)
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    """Close with code and reason, the reason cut to the 123 bytes a close frame holds (RFC 6455 §5.5)."""
+    cut = reason.encode()[:123].decode(errors="ignore")
+    with contextlib.suppress(Exception):  # the client may be gone already
+        await ws.close(code=code, reason=cut)
 
 
 async def _until_gone(aw: Awaitable[T], reader: asyncio.Task[None], give_up: Callable[[], bool] | None = None,
@@ -295,22 +357,168 @@ async def _until_gone(aw: Awaitable[T], reader: asyncio.Task[None], give_up: Cal
             await asyncio.wait({task})  # let it unwind; its CancelledError stays with it
 
 
+def _whip_error(exc: WhipError) -> JSONResponse:
+    # The API's error body: the same keys as every other error (WhipError.as_dict() adds the status, which the
+    # response already carries).
+    return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+class _Gate:
+    """ASGI middleware in front of every HTTP route: the bearer token (all routes but `open_routes`), checked before a
+    route reads the request, so a caller without it learns nothing from body or route errors; and 503 for all but the
+    probes once the service is stopping. WebSockets pass: /v1/events checks the token after the handshake, so
+    browsers, which cannot read a refused handshake's status, get close code 4401."""
+
+    def __init__(self, app: ASGIApp, *, open_routes: frozenset[str], authorized: Callable[[str | None], bool],
+                 stopping: Callable[[], bool]) -> None:
+        self.app = app
+        self.open_routes = open_routes
+        self.authorized = authorized
+        self.stopping = stopping
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        refusal: Response | None = None
+        if path not in self.open_routes:
+            header = Headers(scope=scope).get("authorization")
+            given = header[7:] if header and header.lower().startswith("bearer ") else None
+            if not self.authorized(given):
+                refusal = JSONResponse({"error": "unauthorized", "message": "a valid bearer token is required"},
+                                       status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        if refusal is None and self.stopping() and path not in PROBES:
+            refusal = JSONResponse({"error": "shutting_down", "message": "the server is shutting down"},
+                                   status_code=503, headers={"Retry-After": "5", "Connection": "close"})
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await refusal(scope, receive, send)
+
+
+def _drain_on_signal(stop: Callable[[], asyncio.Task[None]]) -> Callable[[], None]:
+    """Make SIGINT/SIGTERM stop the service *before* uvicorn shuts down; returns the function that undoes it.
+
+    uvicorn's shutdown closes every WebSocket with 1012 and only then runs the lifespan shutdown, so subscribers
+    would miss the last events (participants leaving, streams closing) and the hub's 1001. uvicorn installs its
+    signal handlers before the lifespan starts (they restore the previous ones when it exits); here they are wrapped:
+    the first signal runs stop() (which flushes the events and closes the feeds with 1001) and hands the signal to
+    uvicorn when it is done, or after DRAIN_TIMEOUT_S; a second Ctrl+C still forces the exit at once. Signal
+    handlers belong to the main thread: elsewhere (a server in a thread, as in the tests) nothing is hooked and
+    uvicorn closes WebSockets with 1012 (a close code clients retry, as 1001).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+    tasks: set[asyncio.Task[None]] = set()  # holds the drain task (the loop only keeps weak references)
+    signalled = False  # the drain has begun
+    told = False  # uvicorn has had a signal
+
+    def tell(signum: int, frame: Any = None) -> None:
+        nonlocal told
+        told = True
+        previous[signum](signum, frame)
+
+    async def drain(signum: int) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(stop()), DRAIN_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("the service did not stop within %g s; shutting the server down anyway", DRAIN_TIMEOUT_S)
+        except Exception:  # logged here; the lifespan's end awaits the same task and raises it again
+            log.exception("stopping the service failed")
+        finally:
+            if not told:
+                tell(signum)
+
+    def start_drain(signum: int) -> None:
+        tasks.add(loop.create_task(drain(signum), name="streamguard-drain"))
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal signalled
+        if not signalled:
+            signalled = True
+            loop.call_soon_threadsafe(start_drain, signum)  # a signal handler may run mid-loop: schedule, do not run
+            return
+        # Another signal while draining. A second Ctrl+C forces the exit, as it does in uvicorn (which takes two
+        # calls when it had none yet); a repeated SIGTERM changes nothing, as in uvicorn: the drain goes on.
+        if signum == signal.SIGINT:
+            if not told:
+                tell(signum, frame)
+            tell(signum, frame)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(sig)
+        if callable(current):  # uvicorn's handler; SIG_DFL/SIG_IGN: nobody to hand the signal to
+            previous[sig] = current
+            signal.signal(sig, handler)
+
+    def unhook() -> None:
+        for sig, original in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, original)
+
+    return unhook
+
+
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        body = exc.detail if isinstance(exc.detail, dict) else {"error": _code(exc.status_code), "message": str(exc.detail)}
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException (ApiError) and Starlette's 404/405
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.detail, dict):
+            body = exc.detail
+        elif exc.status_code == 404:
+            body = {"error": "not_found", "message": f"no route {request.url.path}"}
+        elif exc.status_code == 405:
+            # Starlette's Allow names the methods of the first route with this path only (POST /v1/streams, not
+            # GET): every route's count (RFC 9110 §15.5.6).
+            methods: set[str] = set()
+            for route in request.app.router.routes:
+                if route.matches(request.scope)[0] is not Match.NONE:
+                    methods |= getattr(route, "methods", None) or set()
+            allowed = ", ".join(sorted(methods)) or (exc.headers or {}).get("Allow", "")
+            headers = {**(exc.headers or {}), "Allow": allowed}
+            body = {"error": "method_not_allowed",
+                    "message": f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}"}
+            return JSONResponse(body, status_code=405, headers=headers)
+        else:
+            body = {"error": _code(exc.status_code), "message": str(exc.detail)}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            pos = first.get("loc", ("body", 0))[-1]
+            doc = exc.body if isinstance(exc.body, str) else ""
+            reason = str(json.JSONDecodeError(str(first.get("ctx", {}).get("error", "invalid")), doc,
+                                              pos if isinstance(pos, int) else 0))
+            message = f"request body is not valid JSON: {reason}"
+            return JSONResponse({"error": "invalid_json", "message": message,
+                                 "details": [{"field": "body", "message": message}]}, status_code=400)
+        details = [{"field": ".".join(str(p) for p in e.get("loc", ())), "message": _msg(e)} for e in errors]
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_request"
-        details = [{"field": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg")} for e in errors]
-        return JSONResponse({"error": code, "message": f"{where or 'body'}: {first.get('msg', 'invalid')}",
+        if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+            message = "a JSON request body is required"
+        else:
+            message = f"{where or 'body'}: {_msg(first) if first else 'invalid'}"
+        return JSONResponse({"error": "invalid_request", "message": message,
                              "details": json.loads(json.dumps(details, default=str))}, status_code=400)
+
+    @app.exception_handler(Exception)  # Starlette's ServerErrorMiddleware: answers, then logs the traceback
+    async def server_error(_request: Request, _exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": "internal_error", "message": "internal server error; the server log says why"},
+                            status_code=500)
+
+
+def _msg(error: Any) -> str:
+    """pydantic's message, without the "Value error, " it puts before a validator's own words."""
+    return str(error.get("msg", "invalid")).removeprefix("Value error, ")
 
 
 def _code(status: int) -> str:
-    return {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(status, f"http_{status}")
+    return {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+            413: "too_large", 415: "unsupported_media_type", 503: "unavailable"}.get(status, f"http_{status}")

@@ -51,9 +51,13 @@ class DecodeStats:
 
 
 def _is_url(source: str) -> bool:
-    scheme = urlsplit(source).scheme.lower()
+    # Only the scheme matters, so only the scheme is parsed: urlsplit() also checks the authority and raises on a
+    # malformed one ("rtsp://[::1"), which is still a URL, not a file name. (StreamSpec refuses such URLs.)
+    scheme, colon, _ = source.partition(":")
+    valid = bool(colon) and scheme[:1].isascii() and scheme[:1].isalpha() and all(
+        c.isascii() and (c.isalnum() or c in "+-.") for c in scheme)
     # A one-letter "scheme" is a Windows drive letter; "file:" URLs are files for our purposes too.
-    return "://" in source and len(scheme) > 1 and scheme != "file"
+    return "://" in source and valid and len(scheme) > 1 and scheme.lower() != "file"
 
 
 def open_container(
@@ -78,8 +82,13 @@ def open_container(
             raise SourceError(f"{url_or_path}: is a directory, not a video file")
         if path.stat().st_size == 0:
             raise SourceError(f"{url_or_path}: empty file")
+    else:
+        try:
+            urlsplit(url_or_path).port  # noqa: B018 - parses the authority: a malformed one raises here
+        except ValueError as exc:
+            raise SourceError(f"{url_or_path}: not a valid URL ({exc})") from None
     options: dict[str, str] = {}
-    if urlsplit(url_or_path).scheme.lower() in ("rtsp", "rtsps"):
+    if url_or_path.partition(":")[0].lower() in ("rtsp", "rtsps"):
         options = {"rtsp_transport": rtsp_transport, "timeout": str(int(timeout_s * 1_000_000))}
     started = time.monotonic()
     try:
@@ -123,7 +132,10 @@ def _raised_by_hwaccel(exc: BaseException) -> bool:
 
 def _shown(url_or_path: str) -> str:
     """The source for a log line, without a password (cameras carry credentials in RTSP URLs)."""
-    parts = urlsplit(url_or_path)
+    try:
+        parts = urlsplit(url_or_path)
+    except ValueError:
+        return url_or_path
     if parts.password is None:
         return url_or_path
     return url_or_path.replace(f":{parts.password}@", ":***@", 1)
