@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import av
 import av.container
@@ -100,7 +100,7 @@ def open_container(
             except (av.FFmpegError, OSError) as exc:
                 if not _raised_by_hwaccel(exc):
                     raise  # the source itself failed: no second try
-                log.warning("%s: cannot decode on the GPU (%s); decoding on the CPU", _shown(url_or_path), exc)
+                log.warning("%s: cannot decode on the GPU (%s); decoding on the CPU", redact_url(url_or_path), exc)
                 started = time.monotonic()
         container = av.open(url_or_path, mode="r", container_options=options, timeout=(timeout_s, timeout_s))
     except (av.FFmpegError, OSError) as exc:
@@ -130,15 +130,16 @@ def _raised_by_hwaccel(exc: BaseException) -> bool:
     return False
 
 
-def _shown(url_or_path: str) -> str:
-    """The source for a log line, without a password (cameras carry credentials in RTSP URLs)."""
+def redact_url(url: str) -> str:
+    """The URL without its password (cameras carry credentials in RTSP URLs; reasons end up in events and logs)."""
     try:
-        parts = urlsplit(url_or_path)
+        parts = urlsplit(url)
     except ValueError:
-        return url_or_path
+        return url
     if parts.password is None:
-        return url_or_path
-    return url_or_path.replace(f":{parts.password}@", ":***@", 1)
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def _video_stream(container: av.container.InputContainer, source: str) -> av.VideoStream:

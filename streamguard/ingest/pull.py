@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import av
 import av.container
@@ -61,6 +61,7 @@ from streamguard.ingest.av_source import (
     configure_decoder,
     decode_video,
     open_container,
+    redact_url,
 )
 from streamguard.ingest.sampler import TimestampSampler
 from streamguard.types import SampledFrame
@@ -104,18 +105,6 @@ def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Rand
     """Equal-jitter exponential backoff for reconnect `attempt` (1-based): uniform in [b/2, b] (see module doc)."""
     b = min(max_s, initial_s * 2.0 ** max(0, attempt - 1))
     return b / 2 + rng.uniform(0.0, b / 2)
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password (cameras carry credentials in RTSP URLs; reasons end up in events and logs)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 @dataclass(slots=True)
