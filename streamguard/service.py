@@ -7,10 +7,10 @@ import logging
 import os
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from streamguard.config import ServiceConfig, StreamSpec
 from streamguard.events.hub import EventHub
@@ -47,6 +47,12 @@ class StreamInfo(BaseModel):
     frames_sampled: int
     frames_dropped: int
     participants: int
+    # The stream's verdict, from its participants' own (hysteresis) verdicts: "alert" while any has an active alert,
+    # "clear" when every participant has a smoothed score and none alerts, "pending" otherwise (no participant
+    # yet, or one without enough samples): an operator's per-camera / per-call status.
+    verdict: Literal["alert", "clear", "pending"]
+    alerts_active: int
+    max_smoothed: float | None = Field(description="highest smoothed P(fake) among the stream's participants")
 
 
 class ParticipantInfo(BaseModel):
@@ -80,11 +86,15 @@ class _Stream:
         self.task: asyncio.Task[None] | None = None
 
     def info(self) -> StreamInfo:
+        scorers = [p.scorer for p in self.worker.roster.participants.values() if p.confirmed]
+        alerts = sum(1 for sc in scorers if sc.alert_active)
+        smoothed = [sc.smoothed for sc in scorers if sc.smoothed is not None]
+        verdict = "alert" if alerts else "clear" if scorers and len(smoothed) == len(scorers) else "pending"
         return StreamInfo(
             id=self.id, kind=self.kind, url=redact_url(self.url) if self.url else None, name=self.name,
             state=self.state, reason=self.reason, created_at=self.created_at, frames_sampled=self.worker.slot.put_count,
-            frames_dropped=self.worker.slot.dropped, participants=sum(
-                1 for p in self.worker.roster.participants.values() if p.confirmed),
+            frames_dropped=self.worker.slot.dropped, participants=len(scorers), verdict=verdict, alerts_active=alerts,
+            max_smoothed=max(smoothed, default=None),
         )
 
 

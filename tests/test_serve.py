@@ -158,6 +158,8 @@ async def test_rtsp_streams_go_live_with_participants_and_scores(tmp_path, gst, 
         assert only and {p["stream_id"] for p in only} == {"slides"}
         streams = {s["id"]: s for s in (await http.get("/v1/streams")).json()}
         assert all(streams[n]["state"] == "live" and streams[n]["participants"] >= 1 for n in mounts), streams
+        for n in mounts:  # the default model does not alert on real faces: each camera is clear or still warming up
+            assert streams[n]["verdict"] in ("clear", "pending") and streams[n]["alerts_active"] == 0, streams[n]
         assert (await http.get("/v1/streams/slides")).json()["frames_sampled"] >= 3
         metrics = (await http.get("/metrics")).text
         assert 'streamguard_frames_sampled_total{kind="rtsp"}' in metrics
@@ -408,6 +410,8 @@ async def test_alert_evidence_end_to_end(tmp_path, slides_mp4, servers):
         await check_evidence(http, raised)
         people = (await http.get("/v1/participants")).json()
         assert any(p["alert_active"] and p["alert_id"] == raised["data"]["alert_id"] for p in people)
+        cam = (await http.get("/v1/streams/cam")).json()  # the stream's own verdict follows its participants'
+        assert cam["verdict"] == "alert" and cam["alerts_active"] >= 1 and cam["max_smoothed"] > 0
         # Removing the stream clears the open alert (participant left) and closes the stream.
         assert (await http.delete("/v1/streams/cam")).status_code == 204
         cleared = await feed.wait_for(is_("alert.cleared", "cam"), 10, "alert.cleared")
