@@ -853,3 +853,36 @@ async def test_failed_pruning_is_reported_and_does_not_stop_publishing(store: Ev
     assert await hub.prune() == 2
     assert [e.seq for e in store.since(0)] == [3, 4]
     await hub.close()
+
+
+def test_evidence_of_an_alert_never_published_is_pruned_after_an_hour(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "events.sqlite3"
+    jpeg = _image_bytes("JPEG")
+    with EventStore(path, synchronous="NORMAL") as s:
+        for aid in ("ghost", "fresh-ghost", "kept"):
+            s.put_evidence(aid, "crop", "image/jpeg", jpeg)
+        s.append("alert.raised", "s1", "p1", raised("kept"))
+    with sqlite3.connect(path) as db:  # stored two hours ago; the process died before publishing "ghost"
+        db.execute("UPDATE evidence SET stored_ts = stored_ts - 7200 WHERE alert_id IN ('ghost', 'kept')")
+    with EventStore(path, synchronous="NORMAL") as s:
+        assert s.prune() == 0  # no event was due, but the orphan goes
+        assert s.get_evidence("ghost", "crop") is None
+        assert s.get_evidence("fresh-ghost", "crop") is not None  # its alert may still be on its way
+        assert s.get_evidence("kept", "crop") is not None  # its alert exists
+
+
+def test_a_layout_1_store_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "events.sqlite3"
+    with EventStore(path) as s:
+        s.put_evidence("a1", "crop", "image/jpeg", _image_bytes("JPEG"))
+    with sqlite3.connect(path) as db:  # what layout 1 looked like: evidence without stored_ts
+        db.executescript("ALTER TABLE evidence DROP COLUMN stored_ts; PRAGMA user_version=1;")
+    with EventStore(path) as s:
+        assert s.get_evidence("a1", "crop") is not None
+        assert s.prune() == 0 and s.get_evidence("a1", "crop") is None  # an old orphan: stored_ts 0
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2

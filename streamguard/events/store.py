@@ -45,7 +45,10 @@ from pydantic import BaseModel, ConfigDict
 
 from .schema import Event, EventType, EvidenceKind, validate_draft
 
-DB_SCHEMA_VERSION = 1  # PRAGMA user_version: the layout of this file, not the event schema
+DB_SCHEMA_VERSION = 2  # PRAGMA user_version: the layout of this file, not the event schema (2: evidence.stored_ts)
+# Evidence is stored before its alert is published; evidence with no alert row this long after it was stored belongs
+# to an alert that was never published (the process died in between): retention deletes it.
+ORPHAN_EVIDENCE_S = 3600.0
 MAX_EVIDENCE_BYTES = 8 * 1024 * 1024  # a crop or heatmap is tens of KB; refuse what would bloat the database
 
 _DDL = """
@@ -80,6 +83,7 @@ CREATE TABLE IF NOT EXISTS evidence (
     kind     TEXT NOT NULL,
     mime     TEXT NOT NULL,
     bytes    BLOB NOT NULL,
+    stored_ts REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (alert_id, kind)
 );
 """
@@ -159,6 +163,8 @@ class EventStore:
             if version > DB_SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path} has layout v{version}, newer than this code (v{DB_SCHEMA_VERSION})")
             self._w.executescript(_DDL)
+            if version == 1:  # v1 evidence rows have no stored_ts: 0 makes an orphan among them prunable at once
+                self._w.execute("ALTER TABLE evidence ADD COLUMN stored_ts REAL NOT NULL DEFAULT 0")
             self._w.execute(f"PRAGMA user_version={DB_SCHEMA_VERSION}")
         self._r = self._connect(synchronous)
         self._r.execute("PRAGMA query_only=ON")
@@ -363,8 +369,9 @@ class EventStore:
 
     def prune(self, *, before_ts: float | None = None, keep_last: int | None = None, limit: int = 2000) -> int:
         """Delete up to `limit` of the oldest events that are older than `before_ts` (unix s) or outside the last
-        `keep_last` seqs, with the cleared alerts (and their evidence) whose events are all gone. Returns the
-        number of events deleted: `limit` means there may be more, call again.
+        `keep_last` seqs, with the cleared alerts (and their evidence) whose events are all gone, and evidence
+        whose alert was never published (ORPHAN_EVIDENCE_S after it was stored). Returns the number of events
+        deleted: `limit` means there may be more, call again.
 
         Only a prefix of the log goes: an event is kept while an older one is (ts is the producer's clock and may
         step back), so `pruned_through()` stays exact.
@@ -392,6 +399,8 @@ class EventStore:
                     gone = "SELECT alert_id FROM alerts WHERE raised_seq < ? AND cleared_seq <= ?"
                     c.execute(f"DELETE FROM evidence WHERE alert_id IN ({gone})", (through, through))
                     c.execute("DELETE FROM alerts WHERE raised_seq < ? AND cleared_seq <= ?", (through, through))
+                c.execute("DELETE FROM evidence WHERE stored_ts < ? AND alert_id NOT IN (SELECT alert_id FROM alerts)",
+                          (time.time() - ORPHAN_EVIDENCE_S,))
                 c.execute("COMMIT")
             except BaseException:
                 if c.in_transaction:
@@ -466,8 +475,8 @@ class EventStore:
         with self._wlock:
             self._check_open()
             self._w.execute(
-                "INSERT OR REPLACE INTO evidence (alert_id, kind, mime, bytes) VALUES (?, ?, ?, ?)",
-                (alert_id, kind.value, mime, sqlite3.Binary(data)),
+                "INSERT OR REPLACE INTO evidence (alert_id, kind, mime, bytes, stored_ts) VALUES (?, ?, ?, ?, ?)",
+                (alert_id, kind.value, mime, sqlite3.Binary(data), time.time()),
             )
 
     def get_evidence(self, alert_id: str, kind: EvidenceKind | str) -> Evidence | None:
