@@ -232,6 +232,9 @@ class ServiceConfig(BaseSettings):
     model: str | None = Field(None, description="model name in engines/ or path; default: the shipped model")
     backend: Literal["auto", "onnxruntime", "cuda", "tensorrt"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    cors_origins: list[str] = Field(
+        default_factory=list, description="browser origins allowed to call the API and WHIP from other sites "
+        "(CORS), e.g. https://meet.example.com; none by default: the console is same-origin")
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     faces: FaceSettings = Field(default_factory=FaceSettings)
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)

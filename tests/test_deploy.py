@@ -227,6 +227,16 @@ def check_pod(workload: dict, configmap: dict) -> None:
     assert volumes["config"]["configMap"]["name"] == configmap["metadata"]["name"]
     sec = workload["spec"]["template"]["spec"]["securityContext"]
     assert sec["runAsNonRoot"] is True and sec["runAsUser"] != 0
+    # Every STREAMGUARD_* variable the manifest sets is a setting (the service refuses unknown ones), and Kubernetes
+    # adds none of its own: service links would set STREAMGUARD_SERVICE_HOST, STREAMGUARD_PORT=tcp://... .
+    from streamguard.api.app import DRAIN_TIMEOUT_S
+    from streamguard.config import _unknown_variables
+
+    pod = workload["spec"]["template"]["spec"]
+    assert _unknown_variables({name: "x" for name in env}) == []
+    assert pod["enableServiceLinks"] is False
+    # SIGTERM: the service drains, then uvicorn's graceful shutdown (10 s), all before the kubelet's SIGKILL.
+    assert pod["terminationGracePeriodSeconds"] >= DRAIN_TIMEOUT_S + 10 + 5
 
 
 def test_k8s_base(tmp_path: Path) -> None:

@@ -712,3 +712,32 @@ def test_events_handshake_refusals_and_giving_up():
                 pass
 
     run(main())
+
+
+def test_cors_lets_a_configured_origin_publish_over_whip_and_no_other(tmp_path, loopback_ice):
+    origin = "https://meet.example"
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+
+    async def publish(url: str) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=url) as http:
+            created = await http.post("/v1/whip", content=await offer_sdp(), headers={
+                "Content-Type": "application/sdp", "Authorization": "Bearer t0k", "Origin": origin})
+            assert created.status_code == 201, created.text
+            assert (await http.delete(created.headers["location"], headers={"Authorization": "Bearer t0k"})
+                    ).status_code == 200
+            return created
+
+    with LiveServer(fast_settings(tmp_path / "a", token="t0k", cors_origins=[origin])) as srv:
+        answer = httpx.options(f"{srv.url}/v1/whip", headers=preflight)  # a browser's preflight carries no token
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == origin
+        assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+        created = asyncio.run(publish(srv.url))
+        assert created.headers["access-control-allow-origin"] == origin
+        exposed = {h.strip().lower() for h in created.headers["access-control-expose-headers"].split(",")}
+        assert {"location", "link", "etag"} <= exposed  # what a WHIP client must read across origins
+        other = httpx.options(f"{srv.url}/v1/whip", headers={**preflight, "Origin": "https://evil.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    with LiveServer(fast_settings(tmp_path / "b", token="t0k")) as srv:  # none configured: no cross-origin access
+        answer = httpx.options(f"{srv.url}/v1/whip", headers=preflight)
+        assert answer.status_code == 401 and "access-control-allow-origin" not in answer.headers

@@ -29,6 +29,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPBearer
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -50,7 +51,7 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_BAD_REQUEST = 1008  # a query the server cannot serve (bad `since`, unknown `type`): do not retry it as is
 PROBES = ("/healthz", "/readyz")
 MAX_SEQ = 2**63 - 1  # SQLite's INTEGER
-DRAIN_TIMEOUT_S = 30.0  # longest a signal waits for the service to stop before uvicorn is told to exit anyway
+DRAIN_TIMEOUT_S = 15.0  # longest a signal waits for the service to stop before uvicorn is told to exit anyway
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -94,6 +95,15 @@ def create_app(service: Service) -> FastAPI:
     open_routes = {*PROBES, "/", "/v1/schema/event", *(u for u in docs if u)}
     app.add_middleware(_Gate, open_routes=frozenset(open_routes), authorized=authorized,
                        stopping=lambda: stopping is not None)
+    if service.config.cors_origins:
+        # Added last, so outermost: it answers browsers' preflights (which carry no token) before _Gate, and marks
+        # the real responses. WHIP clients read Location, Link (ICE servers) and ETag across origins (RFC 9725).
+        app.add_middleware(
+            CORSMiddleware, allow_origins=service.config.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "If-Match", "X-Participant-Id", "X-Participant-Name"],
+            expose_headers=["Location", "Link", "ETag", "Retry-After"], max_age=600,
+        )
     guarded = [Security(HTTPBearer(auto_error=False, description="`token` / STREAMGUARD_TOKEN"))] if token else []
     _install_error_handlers(app)
 

@@ -163,9 +163,12 @@ class EventStore:
             if version > DB_SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path} has layout v{version}, newer than this code (v{DB_SCHEMA_VERSION})")
             self._w.executescript(_DDL)
+            # One transaction (SQLite's DDL and user_version are transactional): a crash mid-upgrade leaves v1.
+            self._w.execute("BEGIN IMMEDIATE")
             if version == 1:  # v1 evidence rows have no stored_ts: 0 makes an orphan among them prunable at once
                 self._w.execute("ALTER TABLE evidence ADD COLUMN stored_ts REAL NOT NULL DEFAULT 0")
             self._w.execute(f"PRAGMA user_version={DB_SCHEMA_VERSION}")
+            self._w.execute("COMMIT")
         self._r = self._connect(synchronous)
         self._r.execute("PRAGMA query_only=ON")
 
