@@ -47,10 +47,11 @@ class StreamInfo(BaseModel):
     frames_sampled: int
     frames_dropped: int
     participants: int
-    # The stream's verdict, from its participants' own (hysteresis) verdicts: "alert" while any has an active alert,
-    # "clear" when every participant has a smoothed score and none alerts, "pending" otherwise (no participant
-    # yet, or one without enough samples): an operator's per-camera / per-call status.
-    verdict: Literal["alert", "clear", "pending"]
+    # The stream's verdict, from its participants' own (hysteresis) verdicts: "alert" while any has an active alert;
+    # "pending" while the stream is not live or has no participant, or one without a smoothed score yet;
+    # "suspicious" when one is over the raise threshold but not yet for raise_after samples; else "clear": an
+    # operator's per-camera / per-call status.
+    verdict: Literal["alert", "suspicious", "clear", "pending"]
     alerts_active: int
     max_smoothed: float | None = Field(description="highest smoothed P(fake) among the stream's participants")
 
@@ -84,12 +85,20 @@ class _Stream:
         self.source: PullSource | None = None
         self.session: WhipSession | None = None
         self.task: asyncio.Task[None] | None = None
+        self.final_state: tuple[str, str | None, dict[str, Any]] | None = None  # closed/failed, once participants left
 
     def info(self) -> StreamInfo:
         scorers = [p.scorer for p in self.worker.roster.participants.values() if p.confirmed]
         alerts = sum(1 for sc in scorers if sc.alert_active)
         smoothed = [sc.smoothed for sc in scorers if sc.smoothed is not None]
-        verdict = "alert" if alerts else "clear" if scorers and len(smoothed) == len(scorers) else "pending"
+        if alerts:
+            verdict = "alert"
+        elif self.state != StreamState.LIVE.value or not scorers or len(smoothed) < len(scorers):
+            verdict = "pending"  # no verdict on a stream that is down, or on participants still warming up
+        elif any(sc.state.value == "suspicious" for sc in scorers):
+            verdict = "suspicious"
+        else:
+            verdict = "clear"
         return StreamInfo(
             id=self.id, kind=self.kind, url=redact_url(self.url) if self.url else None, name=self.name,
             state=self.state, reason=self.reason, created_at=self.created_at, frames_sampled=self.worker.slot.put_count,
@@ -130,6 +139,7 @@ class Service:
             self._degraded.add("inference")
             await self.hub.publish(EventType.SERVICE_DEGRADED, None, None,
                                    {"component": "inference", "reason": degraded_reason, "active": True})
+        await self._close_dangling_alerts()
         await self._choose_decoding()
         decode = "nvdec" if self.hwdecode.hwaccel is not None else "cpu"
         self.metrics.set_info(self.classifier.card.name, self.classifier.backend, decode)
@@ -154,6 +164,20 @@ class Service:
             await self.add_stream(spec)
         self._ready = True
         log.info("streamguard ready: model %s (%s), data in %s", card.name, self.classifier.backend, cfg.data_dir)
+
+    async def _close_dangling_alerts(self) -> None:
+        """Alerts still open in the store belong to participants of a process that died without clearing them
+        (a graceful stop clears them as participants leave): they are over, so they are cleared, with that reason."""
+        while page := await asyncio.to_thread(self.store.alerts, open_only=True, limit=100):
+            if not page.items:
+                break
+            for alert in page.items:
+                await self.hub.publish(EventType.ALERT_CLEARED, alert.stream_id, alert.participant_id, {
+                    "alert_id": alert.alert_id, "reason": "service restarted: the participant's session ended",
+                    "duration_s": max(0.0, time.time() - alert.raised_ts),
+                })
+                log.warning("cleared alert %s of %s left open by the previous run", alert.alert_id,
+                            alert.participant_id)
 
     async def _choose_decoding(self) -> None:
         """NVDEC for pull sources when configured or present (sources.hwdecode); degraded when asked for and absent."""
@@ -265,10 +289,15 @@ class Service:
             await stream.source.run()
         except Exception as exc:  # a source bug must not take the service down
             log.exception("stream %s: source crashed", stream.id)
-            await self._publish_state(stream, StreamState.FAILED.value, f"internal error: {exc}")
-        # The source ended (end of file, failed, or closed): its participants leave; the stream stays listed with
-        # its final state until it is removed.
+            stream.state, stream.reason = StreamState.FAILED.value, f"internal error: {exc}"
+            stream.final_state = (stream.state, stream.reason, {})
+        # The source ended (end of file, failed, or closed): its participants leave, then its final state is
+        # published (held back by _on_state), so no participant event follows the stream's end. The stream stays
+        # listed with that state until it is removed.
         await stream.worker.stop(f"stream {stream.state}")
+        if stream.final_state is not None:
+            await self._publish_state(stream, *stream.final_state)
+            stream.final_state = None
 
     def _on_state(self, stream: _Stream, state: StreamState, info: dict[str, Any]) -> None:
         if state is StreamState.RECONNECTING:
@@ -276,6 +305,9 @@ class Service:
         # The state is current at once (the source's end reads it for the participants' leave reason); the event
         # follows in order: tasks start in creation order and publish_nowait queues synchronously.
         stream.state, stream.reason = state.value, info.get("reason")
+        if state in (StreamState.CLOSED, StreamState.FAILED):
+            stream.final_state = (state.value, info.get("reason"), info)  # published by _run_source, see there
+            return
         self._spawn(self._publish_state(stream, state.value, info.get("reason"), info))
 
     async def _publish_state(self, stream: _Stream, state: str, reason: str | None, info: dict | None = None) -> None:
@@ -295,6 +327,11 @@ class Service:
     async def whip_publish(self, body: bytes, content_type: str | None, participant_id: str | None,
                            display_name: str | None) -> WhipSession:
         session = await self.whip.create_session(body, content_type, participant_id, display_name)
+        # A session of the same participant that this one replaced leaves (and its stream closes) first, so the
+        # feed never shows the participant joined twice, or leaving after it (re)joined.
+        for old in [st for st in self._streams.values() if st.session is not None and st.session is not session
+                    and st.session.participant_id == session.participant_id and st.session.end_reason]:
+            await self._end_whip(old.session, old.session.end_reason or "")
         stream = self._new_stream(session.stream_id, "webrtc", None, display_name, mode="single",
                                   participant_id=session.participant_id)
         stream.session = session

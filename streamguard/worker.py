@@ -25,6 +25,9 @@ from streamguard.types import FaceCrop, SampledFrame
 
 log = logging.getLogger(__name__)
 
+IDLE_AFTER_S = 2.0  # no frame for this long: the stream is idle and its participants' time moves on by the clock
+IDLE_TICK_S = 1.0
+
 
 @dataclass
 class WorkerDeps:
@@ -55,6 +58,14 @@ class MediaClock:
         self._last = ts
         return ts
 
+    @property
+    def last(self) -> float | None:
+        return self._last
+
+    def advance(self, ts: float) -> None:
+        """Time passed without a frame (a stalled source): later frames are stamped after `ts`."""
+        self._last = ts if self._last is None else max(self._last, ts)
+
 
 class StreamWorker:
     def __init__(self, stream_id: str, kind: str, roster: Roster, deps: WorkerDeps):
@@ -66,9 +77,13 @@ class StreamWorker:
         self.clock = MediaClock()
         self.frames = 0
         self._task: asyncio.Task[None] | None = None
+        self._idle_task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # frames and idle ticks take turns on the roster
+        self._last_frame_mono: float | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"worker:{self.stream_id}")
+        self._idle_task = asyncio.create_task(self._idle(), name=f"worker-idle:{self.stream_id}")
 
     def put(self, frame: SampledFrame) -> None:
         dropped = self.slot.dropped
@@ -80,10 +95,33 @@ class StreamWorker:
     async def stop(self, reason: str) -> None:
         """Finish the frame in hand, then every participant leaves with `reason`."""
         self.slot.close()
+        if self._idle_task:
+            self._idle_task.cancel()
+            await asyncio.gather(self._idle_task, return_exceptions=True)
         if self._task:
             await self._task
         for person in self.roster.remove_all():
             await self._leave(person, reason)
+
+    async def _idle(self) -> None:
+        """While no frame comes (a stalled or reconnecting source), media time follows the wall clock, so
+        participants go no_face after `stale_after_s` and tracked ones leave after `leave_after_s`, as they would
+        if frames without them came. Without this, a dead camera would freeze its participants' last verdict."""
+        while True:
+            await asyncio.sleep(IDLE_TICK_S)
+            last = self._last_frame_mono
+            if last is None or self.clock.last is None or time.monotonic() - last < IDLE_AFTER_S:
+                continue
+            async with self._lock:
+                now = time.monotonic()
+                ts = self.clock.last + (now - last)
+                self.clock.advance(ts)
+                self._last_frame_mono = now
+                for person in list(self.roster.participants.values()):
+                    if person.confirmed:
+                        await self._apply(person, person.scorer.tick(ts), None)
+                for person in self.roster.expire(ts):
+                    await self._leave(person, f"not seen for {self.roster.leave_after_s:.0f} s (no frames)")
 
     async def _run(self) -> None:
         while (frame := await self.slot.get()) is not None:
@@ -94,6 +132,11 @@ class StreamWorker:
                 self.deps.metrics.frames_dropped.labels("error").inc()
 
     async def _process(self, frame: SampledFrame) -> None:
+        async with self._lock:
+            await self._process_locked(frame)
+            self._last_frame_mono = time.monotonic()
+
+    async def _process_locked(self, frame: SampledFrame) -> None:
         self.frames += 1
         ts = self.clock(frame.pts_s)
         crops = await self.deps.faces.analyze(frame)

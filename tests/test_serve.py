@@ -173,7 +173,8 @@ async def test_rtsp_streams_go_live_with_participants_and_scores(tmp_path, gst, 
 async def test_rtsp_server_killed_and_restarted_stream_recovers(tmp_path, gst, slides_mp4, servers, rtsp_servers):
     video = REAL if REAL.is_file() else slides_mp4  # 30 s: the file's end (the server closes at EOF) stays away
     rtsp = rtsp_servers({"cam": video})
-    srv = servers(fast_settings(tmp_path / "data"))
+    # A participant unseen for 4 s leaves: with no frames at all (the camera is down) as with frames without them.
+    srv = servers(fast_settings(tmp_path / "data", participants={"min_samples": 2, "leave_after_s": 4.0}))
     async with Feed(srv.url, since=0, stream_id="cam") as feed, httpx.AsyncClient(base_url=srv.url) as http:
         assert (await http.post("/v1/streams", json={"id": "cam", "url": rtsp.url("cam")})).status_code == 201
         await feed.wait_for(state("cam", "live"), 15, "live")
@@ -183,12 +184,16 @@ async def test_rtsp_server_killed_and_restarted_stream_recovers(tmp_path, gst, s
         rtsp.kill()
         stalled = await feed.wait_for(state("cam", "stalled"), 10, "stalled", after=mark)
         assert stalled["data"]["reason"]
+        assert (await http.get("/v1/streams/cam")).json()["verdict"] == "pending"  # no verdict on a stream down
         retry = await feed.wait_for(state("cam", "reconnecting"), 5, "reconnecting", after=mark)
         assert retry["data"]["attempt"] >= 1 and retry["data"]["reason"] and retry["data"]["retry_in_s"] > 0
         # While the server is down the attempts fail and say why.
         refused = await feed.wait_for(lambda e: state("cam", "reconnecting")(e) and e["data"]["attempt"] >= 2, 10,
                                       "a failed reconnect attempt", after=mark)
         assert refused["data"]["reason"]
+        left = await feed.wait_for(is_("participant.left", "cam"), 15, "the participant to leave", after=mark)
+        assert "no frames" in left["data"]["reason"]
+        assert (await http.get("/v1/participants", params={"stream_id": "cam"})).json() == []
 
         mark = len(feed.events)
         rtsp_servers({"cam": video}, port=rtsp.port)
@@ -800,3 +805,66 @@ async def test_sigterm_sends_websocket_clients_the_last_events_then_1001(tmp_pat
     assert len(feed.of(state("cam", "closed"))) == 1, feed.events[-4:]
     assert states.events[-1]["data"]["state"] == "closed" and all(e["type"] == "stream.state" for e in states.events)
     assert [e["seq"] for e in feed.events] == [e["seq"] for e in stored_events(tmp_path / "data")]
+
+
+# --- the order of a participant's and a stream's last events -------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_replaced_whip_session_leaves_before_its_replacement_joins(tmp_path, loopback_ice, slides_mp4,
+                                                                           servers):
+    from streamguard.client import publish
+
+    srv = servers(fast_settings(tmp_path / "data"))
+    async with Feed(srv.url, since=0) as feed:
+        first = await publish(f"{srv.url}/v1/whip", str(slides_mp4), participant_id="bob", connect_timeout_s=20)
+        second = None
+        try:
+            await feed.wait_for(is_("participant.joined"), 10, "bob joined")
+            second = await publish(f"{srv.url}/v1/whip", str(slides_mp4), participant_id="bob", connect_timeout_s=20)
+            old, new = f"whip:{first.session_id}", f"whip:{second.session_id}"
+            joined = await feed.wait_for(lambda e: is_("participant.joined", new)(e), 10, "bob joined again")
+            left = await feed.wait_for(is_("participant.left", old), 10, "the replaced session left")
+            closed = await feed.wait_for(state(old, "closed"), 10, "the replaced stream closed")
+            assert left["seq"] < closed["seq"] < joined["seq"], (left, closed, joined)
+            assert left["data"]["reason"].startswith("replaced by a new session")
+            assert not [e for e in feed.events if e["stream_id"] == old and e["seq"] > closed["seq"]]
+        finally:
+            for pub in (first, second):
+                if pub is not None:
+                    await pub.close()
+        check_order(feed.events)
+
+
+@pytest.mark.asyncio
+async def test_participants_leave_before_a_file_stream_closes(tmp_path, servers):
+    photos = face_photos(2)
+    if len(photos) < 2:
+        pytest.skip(f"needs real face photos in {SHARED / 'real_faces'}")
+    clip = media_tool().make_slideshow(photos, tmp_path / "short.mp4", fps=25, seconds_per_image=2.5,
+                                       size=(640, 480))
+    srv = servers(fast_settings(tmp_path / "data"))
+    async with Feed(srv.url, since=0, stream_id="f") as feed, httpx.AsyncClient(base_url=srv.url) as http:
+        assert (await http.post("/v1/streams", json={"id": "f", "url": str(clip)})).status_code == 201
+        closed = await feed.wait_for(state("f", "closed"), 20, "end of file")
+        left = [e for e in feed.events if e["type"] == "participant.left"]
+        assert left and all(e["seq"] < closed["seq"] for e in left)
+        assert all(e["seq"] <= closed["seq"] for e in feed.events)
+
+
+@pytest.mark.asyncio
+async def test_alerts_left_open_by_a_dead_process_are_cleared_at_start(tmp_path, servers):
+    from streamguard.events.schema import new_alert_id
+    from streamguard.events.store import EventStore
+
+    data = tmp_path / "data"
+    aid = new_alert_id()
+    with EventStore(data / "events.sqlite3") as store:  # what a killed process leaves: raised, never cleared
+        store.append("alert.raised", "cam", "cam/p1", {
+            "alert_id": aid, "score": 0.97, "smoothed": 0.95, "threshold": 0.93, "window_s": 10.0, "samples": 10,
+            "evidence": {}})
+    srv = servers(fast_settings(data))
+    async with Feed(srv.url, since=0) as feed, httpx.AsyncClient(base_url=srv.url) as http:
+        cleared = await feed.wait_for(is_("alert.cleared", "cam"), 10, "the dangling alert cleared")
+        assert cleared["data"]["alert_id"] == aid and "service restarted" in cleared["data"]["reason"]
+        assert (await http.get("/v1/alerts", params={"open_only": True})).json()["items"] == []
