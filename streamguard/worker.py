@@ -197,7 +197,8 @@ class StreamWorker:
         if person.alert_id:
             raised_at = person.scorer.raised_at
             duration = person.last_seen_ts - raised_at if raised_at is not None else 0.0
-            await self._clear(person, "participant left", person.scorer.smoothed, None, duration)
+            # Why they left matters to an operator: a camera that failed is not a deepfake that went away.
+            await self._clear(person, f"participant left: {reason}", person.scorer.smoothed, None, duration)
         score = id_strategy(person.scores) if person.scores else None
         await self.deps.hub.publish(EventType.PARTICIPANT_LEFT, self.stream_id, person.id,
                                     {"reason": reason, "samples": len(person.scores), "score": score})
