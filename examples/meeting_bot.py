@@ -9,19 +9,47 @@ The participant joins as soon as the WHIP offer is accepted, before `publish()` 
 from the start of its own session (`since=0` filtered to the session's stream, `whip:<session id>`): it sees its
 own `participant.joined` and nothing from earlier sessions. It keeps the last `seq` it handled, so after a crash it
 resumes the feed exactly where it stopped (`--since SEQ`, filtered to the participant, across sessions).
+
+The server can end a session on its own: no frames for a while, the peer connection failing, a restart (`server
+shutdown`). The bot watches for that (its stream's `stream.state` closed or failed, its participant's
+`participant.left`, or its peer connection failing or closing) rather than follow the feed of a session that is
+gone while the participant goes unmonitored. It then publishes again, with exponential back-off while the server
+cannot be reached (`--max-republish` bounds the attempts), or exits with status 3 (`--exit-on-end`). A session
+*replaced* by another session of the same participant is never republished: someone else publishes that
+participant now, and two bots taking it back from each other would flap for ever; the bot exits with status 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import random
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
 
-from streamguard.client import EventStreamError, WhipClientError, events, publish
+from streamguard.client import EventStreamError, Publication, WhipClientError, events, publish
+
+EXIT_SESSION_ENDED = 3
+# The reason the server gives a session that a newer session of the same participant replaced.
+REPLACED_PREFIX = "replaced by a new session"
+
+
+class SessionEnded(Exception):
+    """The WHIP session ended and the bot does not publish again (--exit-on-end, or the session was replaced)."""
+
+    def __init__(self, participant: str, session_id: str, reason: str) -> None:
+        super().__init__(f"the WHIP session {session_id} of {participant} ended: {reason}")
+        self.participant = participant
+        self.session_id = session_id
+        self.reason = reason
+
+    @property
+    def replaced(self) -> bool:
+        return self.reason.startswith(REPLACED_PREFIX)
 
 
 def describe(server: str, participant: str, event: dict[str, Any]) -> str | None:
@@ -35,20 +63,111 @@ def describe(server: str, participant: str, event: dict[str, Any]) -> str | None
     return None
 
 
-async def run(server: str, video: str, participant: str, *, name: str | None = None, token: str | None = None,
-              since: int | None = None, out: Callable[[str], None] = print, connect_timeout_s: float = 10.0) -> None:
-    """Publish `video` as `participant` and print what happens to it until the feed ends (or the task is cancelled)."""
-    async with await publish(f"{server}/v1/whip", video, participant_id=participant, display_name=name, token=token,
-                             loop=True, connect_timeout_s=connect_timeout_s) as pub:
-        out(f"publishing {video} as {participant} (WHIP session {pub.session_id})")
-        if since is None:  # this session from its first event: its participant.joined came before publish() returned
-            feed = events(server, token=token, since=0, stream_id=f"whip:{pub.session_id}")
-        else:  # resuming after a crash: everything for this participant after the last seq handled
-            feed = events(server, token=token, since=since, participant_id=participant)
+def session_end(event: dict[str, Any], stream_id: str, participant: str) -> str | None:
+    """Why the session streaming as `stream_id` ended, if `event` says it did; else None."""
+    if event.get("stream_id") != stream_id:
+        return None  # an earlier session of the participant (a resumed feed spans sessions)
+    data = event.get("data") or {}
+    if event["type"] == "stream.state" and data.get("state") in ("closed", "failed"):
+        return str(data.get("reason") or f"stream {data['state']}")
+    if event["type"] == "participant.left" and event.get("participant_id") == participant:
+        return str(data.get("reason") or "participant left")
+    return None
+
+
+async def follow(server: str, pub: Publication, participant: str, *, token: str | None, since: int | None,
+                 out: Callable[[str], None], feed_grace_s: float = 3.0) -> str:
+    """Print what happens to the session until it ends; returns why it ended (the server's reason when it gave one).
+
+    The feed says why; the peer connection failing or closing is the fallback for a server that went away without
+    saying (killed, or its feed closed before the bot read the last events)."""
+    stream_id = f"whip:{pub.session_id}"
+    if since is None:  # this session from its first event: its participant.joined came before publish() returned
+        feed = events(server, token=token, since=0, stream_id=stream_id)
+    else:  # resuming after a crash: everything for this participant after the last seq handled
+        feed = events(server, token=token, since=since, participant_id=participant)
+
+    async def read_feed() -> str:
         async for event in feed:
             line = describe(server, participant, event)
             if line is not None:
                 out(line)
+            reason = session_end(event, stream_id, participant)
+            if reason is not None:
+                return reason
+        return "the event feed ended"
+
+    pc = pub.pc
+    pc_down: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def changed() -> None:
+        if pc.connectionState in ("failed", "closed") and not pc_down.done():
+            pc_down.set_result(f"WebRTC connection {pc.connectionState}")
+
+    pc.on("connectionstatechange", changed)
+    changed()
+    reader = asyncio.create_task(read_feed())
+    try:
+        await asyncio.wait({reader, pc_down}, return_when=asyncio.FIRST_COMPLETED)
+        if not reader.done():  # the connection went down: the feed may still say why
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader), feed_grace_s)
+        return reader.result() if reader.done() else pc_down.result()  # a feed error (EventStreamError) raises
+    finally:
+        pc.remove_listener("connectionstatechange", changed)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        if not pc_down.done():
+            pc_down.cancel()
+
+
+def _transient(exc: BaseException) -> bool:
+    """A republish failure worth retrying: the server is away, restarting, busy, or ICE failed this time."""
+    if isinstance(exc, WhipClientError):
+        return exc.status >= 500 or exc.status == 429
+    return isinstance(exc, (httpx.HTTPError, ConnectionError, OSError))
+
+
+async def run(server: str, video: str, participant: str, *, name: str | None = None, token: str | None = None,
+              since: int | None = None, out: Callable[[str], None] = print, connect_timeout_s: float = 10.0,
+              republish: bool = True, max_republish: int | None = None, backoff_initial_s: float = 1.0,
+              backoff_max_s: float = 30.0) -> None:
+    """Publish `video` as `participant` and print what happens to it; when the session ends, publish again (or raise
+    SessionEnded: `republish=False`, or the session was replaced). Runs until the task is cancelled.
+
+    The first publish's errors are raised as they are (a wrong token or URL is not fixed by retrying); a republish
+    is retried with exponential back-off while the failure is transient, `max_republish` times in a row at most
+    (None: for ever). The count resets once a republished session is up."""
+    attempt = 0
+    first = True
+    while True:
+        try:
+            pub = await publish(f"{server}/v1/whip", video, participant_id=participant, display_name=name,
+                                token=token, loop=True, connect_timeout_s=connect_timeout_s)
+        except Exception as exc:
+            if first or not _transient(exc):
+                raise
+            attempt += 1
+            if max_republish is not None and attempt > max_republish:
+                raise
+            delay = random.uniform(0.5, 1.0) * min(backoff_max_s, backoff_initial_s * 2 ** (attempt - 1))
+            out(f"republishing {participant} failed ({exc}); retrying in {delay:.1f} s")
+            await asyncio.sleep(delay)
+            continue
+        async with pub:
+            attempt = 0
+            out(f"publishing {video} as {participant} (WHIP session {pub.session_id})")
+            reason = await follow(server, pub, participant, token=token, since=since if first else None, out=out)
+        first = False
+        ended = SessionEnded(participant, pub.session_id, reason)
+        if not republish or ended.replaced:
+            raise ended
+        attempt += 1
+        if max_republish is not None and attempt > max_republish:
+            raise ended
+        delay = random.uniform(0.5, 1.0) * min(backoff_max_s, backoff_initial_s * 2 ** (attempt - 1))
+        out(f"{ended}; republishing in {delay:.1f} s")
+        await asyncio.sleep(delay)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,18 +178,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--name")
     ap.add_argument("--token")
     ap.add_argument("--since", type=int, default=None, help="resume the feed after this seq")
+    ap.add_argument("--exit-on-end", action="store_true",
+                    help=f"exit with status {EXIT_SESSION_ENDED} when the session ends instead of publishing again")
+    ap.add_argument("--max-republish", type=int, default=None, metavar="N",
+                    help="give up after N republish attempts in a row (default: never)")
     args = ap.parse_args(argv)
     server = args.server.rstrip("/")
 
-    def fail(message: str) -> int:
+    def fail(message: str, status: int = 1) -> int:
         print(f"error: {message}", file=sys.stderr)
-        return 1
+        return status
 
     try:
         asyncio.run(run(server, args.video, args.participant, name=args.name, token=args.token, since=args.since,
-                        out=lambda line: print(line, flush=True)))
+                        out=lambda line: print(line, flush=True), republish=not args.exit_on_end,
+                        max_republish=args.max_republish))
     except KeyboardInterrupt:
         return 130
+    except SessionEnded as exc:
+        if exc.replaced:
+            why = "another session of the same participant replaced it; not taking it back"
+        elif args.exit_on_end:
+            why = "not republishing (--exit-on-end)"
+        else:
+            why = f"gave up after {args.max_republish} republish attempts"
+        return fail(f"{exc}; {why}", EXIT_SESSION_ENDED)
     except WhipClientError as exc:
         hint = {401: " (wrong or missing --token)", 403: " (wrong --token)",
                 503: " (the server is at its session limit or not ready yet: try again later)"}.get(exc.status, "")

@@ -1,5 +1,5 @@
-"""examples/meeting_bot.py against a real service: it sees its own participant.joined, and a refusal is one clean
-line, not a traceback."""
+"""examples/meeting_bot.py against a real service: it sees its own participant.joined, a refusal is one clean
+line, not a traceback, and when its session ends it publishes again, or exits saying why."""
 
 from __future__ import annotations
 
@@ -8,12 +8,17 @@ import contextlib
 import importlib.util
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
+import httpx
 import pytest
 from serve_helpers import LiveServer, fast_settings, media_tool
+
+from streamguard.client import publish
 
 REPO = Path(__file__).resolve().parents[1]
 BOT = REPO / "examples" / "meeting_bot.py"
@@ -92,3 +97,176 @@ def test_bot_without_a_server_says_so_cleanly(video: Path) -> None:
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert any(line.startswith("error: cannot reach http://127.0.0.1:") for line in proc.stderr.splitlines())
+
+
+# --- the session ends: republish, or exit ---------------------------------------------------------------------------
+
+# The bot as a real process, with aioice gathering 127.0.0.1 only (as the loopback_ice fixture does in-process).
+BOT_LOOPBACK_SHIM = """\
+import runpy, sys
+import aioice.ice
+aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+class BotProcess:
+    """examples/meeting_bot.py in a subprocess; its stdout lines are collected by a thread as they come."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", BOT_LOOPBACK_SHIM, str(BOT), *args], cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout_s: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [line for line in self.lines if text in line]
+            if found:
+                return found[-1]
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {text!r} from the bot: {self.lines}; stderr: {self.stderr()}")
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None or self.proc.stderr is None:
+            return "(running)"
+        return self.proc.stderr.read()
+
+    def exit(self, timeout_s: float) -> tuple[int, str]:
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"the bot still runs {timeout_s} s after its session ended: {self.lines}") from None
+        self._reader.join(5)
+        return rc, self.stderr()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def session_of(line: str) -> str:
+    return line.rsplit("WHIP session ", 1)[1].rstrip(")")
+
+
+@pytest.mark.timeout(180)
+def test_bot_republishes_when_its_session_ends(bot: ModuleType, server: LiveServer, video: Path,
+                                               loopback_ice: None) -> None:
+    """The server ends the session (here: its WHIP resource is deleted): the bot notices, publishes again as the same
+    participant and follows the new session; the participant is monitored again."""
+    lines: list[str] = []
+
+    def published() -> list[str]:
+        return [session_of(line) for line in lines if line.startswith("publishing ")]
+
+    async def wait(cond: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not cond():
+            if task.done():
+                task.result()  # raises what ended it
+                raise AssertionError(f"the bot returned while waiting for {what}: {lines}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {lines}")
+            await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        nonlocal task
+        task = asyncio.create_task(bot.run(server.url, str(video), "alice", name="Alice", out=lines.append,
+                                           connect_timeout_s=30))
+        try:
+            await wait(lambda: any("participant.joined" in line for line in lines), "the first join")
+            (first,) = published()
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                assert (await http.delete(f"/v1/whip/{first}")).status_code == 200
+                await wait(lambda: len(published()) == 2, "a second session", timeout_s=20)
+                second = published()[1]
+                assert second != first
+                await wait(lambda: sum("participant.joined" in line for line in lines) == 2, "the second join")
+                streams = {s["id"]: s for s in (await http.get("/v1/streams")).json()}
+                assert f"whip:{first}" not in streams and streams[f"whip:{second}"]["state"] == "live", streams
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    task: asyncio.Task[None]
+    asyncio.run(main())
+    ended = [line for line in lines if "ended: deleted by client; republishing in" in line]
+    assert len(ended) == 1 and "alice" in ended[0], lines
+    assert "participant.left" in "\n".join(lines)  # it printed its own leave, then republished
+
+
+@pytest.mark.timeout(180)
+def test_bot_replaced_by_another_session_exits_with_a_clear_message(server: LiveServer, video: Path,
+                                                                    loopback_ice: None) -> None:
+    """Another publisher of the same participant replaces the bot's session: the bot does not take it back (two
+    bots would flap for ever); it exits with status 3 and says why."""
+    proc = BotProcess(server.url, str(video), "--participant", "alice")
+    try:
+        first = session_of(proc.wait_for("WHIP session "))
+        proc.wait_for("participant.joined")
+
+        async def replace() -> str:
+            async with await publish(f"{server.url}/v1/whip", str(video), participant_id="alice", loop=True,
+                                     connect_timeout_s=30) as other:
+                assert other.session_id != first
+                rc, stderr = await asyncio.to_thread(proc.exit, 30)
+                assert rc == 3, (rc, stderr, proc.lines)
+                return stderr
+
+        stderr = asyncio.run(replace())
+    finally:
+        proc.kill()
+    assert "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert f"session {first} of alice ended: replaced by a new session" in line and "not taking it back" in line
+    assert len([line for line in proc.lines if line.startswith("publishing ")]) == 1  # never republished
+
+
+@pytest.mark.timeout(180)
+def test_bot_exit_on_end_exits_when_the_server_shuts_down(tmp_path: Path, video: Path, loopback_ice: None) -> None:
+    with LiveServer(fast_settings(tmp_path / "data")) as srv:
+        proc = BotProcess(srv.url, str(video), "--participant", "alice", "--exit-on-end")
+        try:
+            session = session_of(proc.wait_for("WHIP session "))
+            proc.wait_for("participant.joined")
+            srv.stop()  # graceful, like SIGTERM
+            rc, stderr = proc.exit(30)
+        finally:
+            proc.kill()
+    assert rc == 3, (rc, stderr, proc.lines)
+    assert "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert f"the WHIP session {session} of alice ended: " in line and "--exit-on-end" in line, line
+
+
+@pytest.mark.timeout(180)
+def test_bot_retries_republishing_while_the_server_is_down_then_gives_up(tmp_path: Path, video: Path,
+                                                                         loopback_ice: None) -> None:
+    with LiveServer(fast_settings(tmp_path / "data")) as srv:
+        proc = BotProcess(srv.url, str(video), "--participant", "alice", "--max-republish", "2")
+        try:
+            proc.wait_for("participant.joined")
+            srv.stop()
+            rc, stderr = proc.exit(40)
+        finally:
+            proc.kill()
+    assert rc == 1, (rc, stderr, proc.lines)
+    assert "Traceback" not in stderr
+    assert any("ended: " in line and "republishing in" in line for line in proc.lines), proc.lines
+    assert len([line for line in proc.lines if line.startswith("republishing alice failed")]) == 1, proc.lines
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: cannot reach {srv.url}"), line

@@ -354,10 +354,73 @@ async def test_unresponsive_host_times_out_on_the_connect_timeout(silent_port, s
     assert 1.0 <= took <= 1.6, took
     assert rec.last(S.RECONNECTING)["reason"].startswith("timed out after 1 s while opening")
     t_close = time.monotonic()
-    await source.close()  # the thread is still blocked in the open: close waits at most for PyAV's backstop,
-    await task  # max(connect, read) + 1 s after the open began
-    assert time.monotonic() - t_close < max(s.connect_timeout_s, s.read_timeout_s) + 1.0 + 0.5
+    await source.close()  # the thread may still be blocked in the open: close abandons it, waits for nothing
+    await task
+    assert time.monotonic() - t_close < 1.0
     assert rec.names[-1] is S.CLOSED
+
+
+def pull_threads(stream_id: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"pull-{stream_id}" and t.is_alive()]
+
+
+@pytest.mark.asyncio
+async def test_close_while_stuck_opening_returns_at_once(silent_port):
+    """DELETE /v1/streams/{id} and shutdown await close(): a camera that accepts and never answers must not hold
+    them for connect_timeout_s (up to 120 s). The blocked thread is abandoned, like a passed deadline abandons it."""
+    rec = Recorder()
+    s = settings(connect_timeout_s=10.0, read_timeout_s=10.0, watchdog_s=10.0)
+    source, task = start(f"rtsp://127.0.0.1:{silent_port}/x", rec, "stuck", settings=s)
+    await asyncio.sleep(1.0)  # well inside the open (10 s)
+    assert rec.names == [S.CONNECTING] and len(pull_threads("stuck")) == 1
+    t_close = time.monotonic()
+    await source.close()
+    took = time.monotonic() - t_close
+    assert took < 3.0, took  # before: ~9 s, the rest of connect_timeout_s + the backstop margin
+    await asyncio.wait_for(task, 1)
+    assert rec.names == [S.CONNECTING, S.CLOSED] and rec.last(S.CLOSED)["reason"] == "closed"
+    assert source.state is S.CLOSED
+    assert len(pull_threads("stuck")) == 1  # abandoned, not waited for: it ends by itself at PyAV's backstop
+    await asyncio.sleep(1.0)
+    assert rec.names == [S.CONNECTING, S.CLOSED] and rec.frames == []
+
+
+@pytest.mark.asyncio
+async def test_late_answer_after_close_is_ignored(faces_mp4, tmp_path):
+    """A server that answers only after close(): the abandoned thread sees its stop flag, lets go of the source and
+    ends by itself; nothing it read reaches the consumer."""
+    release = threading.Event()
+
+    class Slow(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            release.wait(10)
+            super().do_GET()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    (tmp_path / "faces.mp4").write_bytes(faces_mp4.read_bytes())
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Slow, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rec = Recorder()
+        s = settings(connect_timeout_s=10.0, read_timeout_s=10.0, watchdog_s=10.0)
+        url = f"http://127.0.0.1:{server.server_address[1]}/faces.mp4"
+        source, task = start(url, rec, "late", settings=s)
+        await asyncio.sleep(0.5)
+        t_close = time.monotonic()
+        await source.close()
+        assert time.monotonic() - t_close < 3.0
+        await asyncio.wait_for(task, 1)
+        assert rec.names == [S.CONNECTING, S.CLOSED]
+        release.set()  # the server answers now, with a playable video
+        await rec.until(lambda: not pull_threads("late"), 5, "the abandoned thread to end")
+        await asyncio.sleep(0.3)  # anything it posted has run on the loop by now
+        assert rec.names == [S.CONNECTING, S.CLOSED] and rec.frames == [] and source.stats.sampled == 0
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.asyncio

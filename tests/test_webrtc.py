@@ -741,3 +741,84 @@ def test_cors_lets_a_configured_origin_publish_over_whip_and_no_other(tmp_path, 
     with LiveServer(fast_settings(tmp_path / "b", token="t0k")) as srv:  # none configured: no cross-origin access
         answer = httpx.options(f"{srv.url}/v1/whip", headers=preflight)
         assert answer.status_code == 401 and "access-control-allow-origin" not in answer.headers
+
+
+def test_real_app_whip_patch_and_delete_errors_are_json(tmp_path, loopback_ice):
+    """The real app's PATCH goes through WhipManager.patch (404 for an unknown session, 405 for a live one), and the
+    session path without an id is a JSON 404, not a 307 with an empty body."""
+    auth = {"Authorization": "Bearer t0k"}
+    frag = {"Content-Type": "application/trickle-ice-sdpfrag"}
+
+    def json_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+        assert r.status_code == status, (r.status_code, r.headers, r.text)
+        assert r.headers["content-type"].startswith("application/json"), r.headers
+        body = r.json()
+        assert set(body) == {"error", "message"} and body["error"] == code and body["message"], body
+        return body
+
+    async def main(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, headers=auth) as http:
+            body = json_error(await http.patch("/v1/whip/nope", content="a=end-of-candidates", headers=frag),
+                              404, "unknown_session")
+            assert "nope" in body["message"]
+            for method in ("DELETE", "PATCH"):
+                r = await http.request(method, "/v1/whip/", content="a=end-of-candidates", headers=frag)
+                assert "/v1/whip/<id>" in json_error(r, 404, "unknown_session")["message"]
+            # Still behind the token, like every WHIP route.
+            assert (await http.delete("/v1/whip/", headers={"Authorization": "Bearer wrong"})).status_code == 401
+
+            offer = await offer_sdp()
+            created = await http.post("/v1/whip", content=offer, headers={"Content-Type": "application/sdp"})
+            assert created.status_code == 201, created.text
+            location = created.headers["location"]
+            r = await http.patch(location, content="a=end-of-candidates", headers=frag)
+            json_error(r, 405, "method_not_allowed")
+            assert r.headers["allow"] == "DELETE"
+            assert (await http.delete(location)).status_code == 200
+            json_error(await http.patch(location, content="a=end-of-candidates", headers=frag), 404, "unknown_session")
+            json_error(await http.delete(location), 404, "unknown_session")
+
+    with LiveServer(fast_settings(tmp_path, token="t0k")) as srv:
+        run(main(srv.url))
+
+
+CONSOLE_PANELS_JS = """
+import { chromium } from "playwright-core";
+const [url, chromiumPath] = process.argv.slice(1);
+const browser = await chromium.launch({ executablePath: chromiumPath, headless: true,
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"] });
+try {
+  const page = await (await browser.newContext()).newPage();
+  await page.goto(url, { waitUntil: "load" });
+  await page.waitForTimeout(500);
+  const shown = (sel) => page.$eval(sel, (el) => ({ hidden: el.hidden, display: getComputedStyle(el).display,
+                                                  height: el.getBoundingClientRect().height }));
+  const onLoad = { camera: await shown("#camera"), more: await shown("#moreAlerts") };
+  await page.$eval("#camera", (el) => { el.hidden = false; });  // what pressing Monitor does
+  console.log(JSON.stringify({ onLoad, unhidden: await shown("#camera") }));
+} finally {
+  await browser.close();
+}
+"""
+
+
+@pytest.mark.timeout(120)
+def test_console_camera_panel_stays_hidden_until_monitor(tmp_path):
+    """`#camera { display: flex }` beat the `hidden` attribute: the "Your camera: starting" panel showed on load,
+    before anyone pressed Monitor. Checked in the real console page, in headless Chromium, served by the real app."""
+    chromium = "/usr/bin/chromium"
+    browser_dir = Path(__file__).resolve().parent / "browser"
+    if not Path(chromium).is_file() or shutil.which("node") is None:
+        pytest.skip("needs /usr/bin/chromium and node")
+    if not (browser_dir / "node_modules" / "playwright-core").is_dir():
+        pytest.skip("needs playwright-core: (cd tests/browser && npm ci)")
+    with LiveServer(fast_settings(tmp_path)) as srv:
+        out = subprocess.run(["node", "--input-type=module", "-e", CONSOLE_PANELS_JS, "--", srv.url + "/", chromium],
+                             cwd=browser_dir, capture_output=True, text=True, timeout=90)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"rc {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+    result = json.loads(lines[-1])
+    for name, panel in result["onLoad"].items():
+        assert panel["hidden"] and panel["display"] == "none" and panel["height"] == 0, (name, result)
+    unhidden = result["unhidden"]
+    assert unhidden["display"] == "flex" and unhidden["height"] > 0, result

@@ -246,9 +246,21 @@ def create_app(service: Service) -> FastAPI:
 
     @app.patch("/v1/whip/{session_id}", tags=["whip"], dependencies=guarded)
     async def whip_patch(session_id: str) -> Response:
-        """Trickle ICE and ICE restarts are not supported."""
-        raise ApiError(405, "method_not_allowed", "trickle ICE and ICE restarts are not supported",
-                       headers={"Allow": "DELETE"})
+        """Trickle ICE and ICE restarts are not supported: 404 for an unknown session, else 405 (Allow: DELETE)."""
+        try:
+            await service.whip.patch(session_id)
+        except WhipError as exc:
+            return _whip_error(exc)
+        raise AssertionError("WhipManager.patch always refuses")  # pragma: no cover
+
+    # The session path without an id. Unrouted, Starlette would answer it with a 307 to /v1/whip (empty body), and a
+    # client that follows it gets a 405 for POST/OPTIONS: say what is wrong instead.
+    @app.api_route("/v1/whip/", methods=["DELETE", "PATCH"], dependencies=guarded, include_in_schema=False)
+    async def whip_no_session(request: Request) -> Response:
+        return _whip_error(WhipError(
+            404, "unknown_session",
+            f"{request.method} needs a session: use the Location that POST /v1/whip answered (/v1/whip/<id>)",
+        ))
 
     @app.websocket("/v1/events")
     async def events(

@@ -26,6 +26,11 @@ deadline passes, the session is abandoned: its stop flag is set, its late result
 when PyAV's interrupt callback fires (max(connect_timeout_s, read_timeout_s) + 1 s, given to open_container as a
 backstop).
 
+close() abandons the session the same way rather than wait out a blocked thread: a stream stuck opening (a host that
+accepts and never answers) would otherwise hold `DELETE /v1/streams/{id}` and shutdown for connect_timeout_s. It
+waits for a thread that is reading (it lets go at its next packet) for at most _CLOSE_GRACE_S, not at all for one
+that is still opening; `closed` is emitted either way and nothing the thread produces later is delivered.
+
 Backoff: exponential with *equal jitter*: attempt n waits uniformly in [b/2, b], b = min(backoff_max_s,
 backoff_initial_s · 2^(n-1)). Full jitter (uniform in [0, b]) spreads a herd best, but it also yields near-zero
 waits that hammer a server which just refused us; equal jitter still spreads 20+ streams that lost the same NVR over
@@ -76,6 +81,10 @@ _TEXT_FORMATS = frozenset({"tty"})
 _MAX_RESYNC_S = 5.0
 # How long after our own connect/read deadlines PyAV's interrupt callback ends a thread we gave up on.
 _BACKSTOP_MARGIN_S = 1.0
+# How long close() waits for a reading thread to let go of its source (it does at its next packet) before it abandons
+# the thread like a passed deadline does. A thread still opening is abandoned at once: nothing would unblock it sooner
+# than the backstop.
+_CLOSE_GRACE_S = 0.5
 
 
 class StreamState(str, Enum):
@@ -213,8 +222,10 @@ class PullSource:
             self._finished.set_result(None)
 
     async def close(self) -> None:
-        """Stop the stream: `closed` is emitted at once; returns when the decode thread has let go of the source
-        (immediately when packets are flowing, within max(connect_timeout_s, read_timeout_s) + 1 s if it is blocked)."""
+        """Stop the stream: `closed` is emitted at once and nothing is delivered after it. Returns promptly: when
+        the decode thread has let go of the source if packets are flowing (it stops at the next one), else after at
+        most _CLOSE_GRACE_S (at once while it is still opening), leaving the blocked thread abandoned; it ends by
+        itself at PyAV's backstop, max(connect_timeout_s, read_timeout_s) + 1 s after it blocked."""
         self._closing = True
         if self._close_requested is not None and not self._close_requested.done():
             self._close_requested.set_result(None)
@@ -234,7 +245,7 @@ class PullSource:
             outcome = await self._supervise(session)
             if self._closing:
                 self._set_state(StreamState.CLOSED, reason="closed")
-                await self._wait_thread(session)
+                await self._let_go(session)
                 return
             if self.is_file:
                 # A file does not come back by retrying: its end, or any error reading it, is final.
@@ -312,10 +323,12 @@ class PullSource:
             return f"no frame for {s.watchdog_s:g} s"
         return None
 
-    async def _wait_thread(self, session: _Session) -> None:
-        # Bounded: a thread blocked in a read ends when PyAV's interrupt callback fires.
+    async def _let_go(self, session: _Session) -> None:
+        """After close(): give a reading thread a moment to close its container, then abandon it (see close())."""
+        if session.opened_mono is None:
+            return  # blocked opening: it ends at the backstop, or sees its stop flag right after the open
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(session.done), timeout=self._hard_timeout_s + 1.0)
+            await asyncio.wait_for(asyncio.shield(session.done), timeout=_CLOSE_GRACE_S)
 
     def _set_state(self, state: StreamState, **info: Any) -> None:
         if self._state in _TERMINAL:
