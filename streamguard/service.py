@@ -168,9 +168,7 @@ class Service:
     async def _close_dangling_alerts(self) -> None:
         """Alerts still open in the store belong to participants of a process that died without clearing them
         (a graceful stop clears them as participants leave): they are over, so they are cleared, with that reason."""
-        while page := await asyncio.to_thread(self.store.alerts, open_only=True, limit=100):
-            if not page.items:
-                break
+        while (page := await asyncio.to_thread(self.store.alerts, open_only=True, limit=100)).items:
             for alert in page.items:
                 await self.hub.publish(EventType.ALERT_CLEARED, alert.stream_id, alert.participant_id, {
                     "alert_id": alert.alert_id, "reason": "service restarted: the participant's session ended",

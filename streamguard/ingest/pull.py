@@ -402,8 +402,8 @@ class PullSource:
         # Live: such frames (the first RTSP frame has pts None) get the wall-clock time since the last one.
         frame_duration = 1.0 / float(rate) if self.is_file and rate else None
         sampler = TimestampSampler(self.fps, frame_duration_s=frame_duration, phase=self.phase)
-        session_stats = DecodeStats()  # this session's counts; mirrored into the source's lifetime stats
-        counted = DecodeStats()
+        session_stats = DecodeStats()  # this session's counts; damaged packets are mirrored into the lifetime stats
+        corrupt_seen = 0
         pace_anchor: tuple[float, float] | None = None  # (media time, monotonic time) of the pacing origin
         went_live = False
         decoded = decode_video(
@@ -415,9 +415,9 @@ class PullSource:
                 return _Outcome("stopped")
             now = time.monotonic()
             session.last_frame_mono = now
-            stats.decoded += session_stats.decoded - counted.decoded
-            stats.corrupt += session_stats.corrupt - counted.corrupt
-            counted.decoded, counted.corrupt = session_stats.decoded, session_stats.corrupt
+            stats.decoded += 1  # every decoded frame comes through here, concealed ones too
+            stats.corrupt += session_stats.corrupt - corrupt_seen
+            corrupt_seen = session_stats.corrupt
             stats.last_frame_wall_ts = time.time()
             if not went_live:
                 went_live = True
@@ -437,7 +437,7 @@ class PullSource:
             rgb = _rgb(item.frame, None).to_ndarray()
             t = sampler.last_pts_s or 0.0
             self._post(self._deliver, session, SampledFrame(self.stream_id, t, wall_ts, rgb))
-        stats.corrupt += session_stats.corrupt - counted.corrupt  # damaged packets at the very end
+        stats.corrupt += session_stats.corrupt - corrupt_seen  # damaged packets at the very end
         if session.stop.is_set():
             return _Outcome("stopped")
         if self.is_file:
