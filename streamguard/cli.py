@@ -384,9 +384,11 @@ def _host_port(host: str, port: int) -> str:
 
 def _check_thresholds(cfg, card) -> None:
     """The alert thresholds the service would derive from the model card (Service.start's check), named."""
+    from streamguard.scoring.live import CardThresholds
+
     scoring = cfg.scoring
     try:
-        scoring.thresholds(card.threshold)
+        scoring.thresholds(CardThresholds.from_card(card))
     except ValueError as exc:
         if scoring.raise_threshold is not None and scoring.clear_threshold is None:
             fields = ["scoring.raise_threshold"]

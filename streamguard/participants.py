@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from streamguard.faces.tracker import ParticipantTracker
-from streamguard.scoring.live import ParticipantScorer, ScoringSettings, Transition
+from streamguard.scoring.live import CardThresholds, ParticipantScorer, ScoringSettings, Transition
 from streamguard.types import FaceCrop
 
 # Per-participant sample scores kept for the final per-person score (id_strategy): an hour at 1 FPS.
@@ -81,7 +81,7 @@ class Roster:
         *,
         mode: Literal["single", "tracked"],
         scoring: ScoringSettings,
-        card_threshold: float,
+        card_threshold: CardThresholds,
         min_samples: int = 3,
         leave_after_s: float = 30.0,
         crop_margin: float = 1.65,

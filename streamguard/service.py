@@ -26,6 +26,7 @@ from streamguard.ingest.sampler import spread_phase
 from streamguard.ingest.webrtc import WhipManager, WhipSession, rtc_ice_servers
 from streamguard.metrics import Metrics
 from streamguard.participants import Roster
+from streamguard.scoring.live import CardThresholds
 from streamguard.pipeline import FacePool
 from streamguard.worker import StreamWorker, WorkerDeps, encode_jpeg
 
@@ -127,7 +128,7 @@ class Service:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         degraded_reason = await self._load_classifier()
         try:  # thresholds derived from the card may not fit it (card 0.88 + margin 0.2 > 1): refuse now, not per frame
-            cfg.scoring.thresholds(self.classifier.card.threshold)
+            cfg.scoring.thresholds(CardThresholds.from_card(self.classifier.card))
         except ValueError as exc:
             raise ValueError(f"scoring: {exc} (model {self.classifier.card.name})") from None
         self.store = EventStore(cfg.data_dir / "events.sqlite3")
@@ -376,7 +377,7 @@ class Service:
                     participant_id: str | None = None) -> _Stream:
         cfg = self.config
         roster = Roster(
-            stream_id, mode=mode, scoring=cfg.scoring, card_threshold=self.classifier.card.threshold,
+            stream_id, mode=mode, scoring=cfg.scoring, card_threshold=CardThresholds.from_card(self.classifier.card),
             min_samples=cfg.participants.min_samples, leave_after_s=cfg.participants.leave_after_s,
             crop_margin=self.faces.margin, participant_id=participant_id, label=name,
         )

@@ -371,7 +371,9 @@ async def test_alert_on_the_ffpp_fake_and_none_on_its_real(tmp_path, ffpp, serve
         summary = {name: {"samples": len(feed.of(scored(name))), "max_smoothed": round(max(smoothed(name)), 3),
                           "median_smoothed": round(sorted(smoothed(name))[len(smoothed(name)) // 2], 3),
                           "alerts": len(feed.of(is_("alert.raised", name)))} for name in ffpp}
-        raise_at, clear_at = srv.config.scoring.thresholds(srv.service.classifier.card.threshold)
+        from streamguard.scoring.live import CardThresholds
+
+        raise_at, clear_at = srv.config.scoring.thresholds(CardThresholds.from_card(srv.service.classifier.card))
         summary["thresholds"] = {"raise": round(raise_at, 3), "clear": round(clear_at, 3)}  # type: ignore[assignment]
         print("ffpp alert run:", srv.service.classifier.card.name, json.dumps(summary))
         assert summary["real"]["samples"] >= 25 and summary["fake"]["samples"] >= 25, summary

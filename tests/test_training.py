@@ -1,4 +1,5 @@
-"""Training pieces: SBI, augmentations, identity split, balanced sampler, a tiny end-to-end run with ONNX export."""
+"""Training pieces: SBI and cross-identity blends, augmentations (codecs included), identity split, balanced and
+group-weighted sampling, the crop cut, a tiny end-to-end run with ONNX export."""
 
 from __future__ import annotations
 
@@ -12,17 +13,23 @@ torch = pytest.importorskip("torch", reason="training needs torch: pip install -
 
 from streamguard.training import augment as aug
 from streamguard.training.data import (
+    REAL,
+    SBI,
+    XRAY,
+    CropConfig,
     FaceDataset,
     FaceExtractor,
     FaceSet,
     IdentityBalancedSampler,
     MediaItem,
+    cut_crop,
     discover,
     discover_real,
     eval_keys,
     split_by_identity,
 )
 from streamguard.training.sbi import ellipse_landmarks, self_blend
+from streamguard.training.xray import cross_blend, normalised_shapes, pick_donor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_FACES = SHARED / "real_faces"
@@ -88,6 +95,52 @@ class TestSelfBlend:
         with pytest.raises(ValueError):
             self_blend(np.zeros((64, 64, 3), np.float32), None, np.random.default_rng(0))
 
+    @pytest.mark.parametrize("seed", range(4))
+    def test_padding_outside_the_picture_stays_black(self, face_crops: FaceSet, seed: int):
+        # A tight photo padded before detection: its crop has black bands. A colour-jittered target must not tint
+        # them in the fake only (the model would learn the border, not the blend).
+        img = face_crops.crops[0].copy()
+        valid = np.zeros(img.shape[:2], bool)
+        valid[20:-20, 30:-30] = True
+        img[~valid] = 0
+        out = self_blend(img, face_crops.landmarks[0], np.random.default_rng(seed), "target", valid=valid)
+        assert not out.fake[~valid].any() and not out.target[~valid].any()
+        assert (out.mask[~valid] == 0).all()
+        assert np.any(out.fake[valid] != img[valid])
+
+
+class TestCrossBlend:
+    def test_face_of_another_person_inside_the_mask_only(self, face_crops: FaceSet):
+        img, lm = face_crops.crops[0], face_crops.landmarks[0]
+        if not np.isfinite(lm).all():
+            pytest.skip("synthetic faces carry no landmarks")
+        donor, dlm = face_crops.crops[2], face_crops.landmarks[2]
+        out = cross_blend(img, lm, donor, dlm, np.random.default_rng(5))
+        inside = cv2.dilate((out.mask > 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        outside = ~inside
+        assert np.array_equal(out.fake[outside], out.target[outside])
+        # The inside really is someone else: far from the target there, where an SBI stays close to it.
+        core = out.mask > 0.9
+        sbi = self_blend(img, lm, np.random.default_rng(5), "source")
+        swap_diff = np.abs(out.fake[core].astype(int) - out.target[core].astype(int)).mean()
+        sbi_core = sbi.mask > 0.9
+        sbi_diff = np.abs(sbi.fake[sbi_core].astype(int) - sbi.target[sbi_core].astype(int)).mean()
+        assert swap_diff > sbi_diff
+
+    def test_donor_is_another_identity_and_the_nearest_shape(self, face_crops: FaceSet):
+        lms = face_crops.landmarks
+        if not np.isfinite(lms).all():
+            pytest.skip("synthetic faces carry no landmarks")
+        pool = np.arange(len(face_crops))
+        shapes = normalised_shapes(lms[pool])
+        donor = pick_donor(0, lms[0], face_crops, (pool, shapes), np.random.default_rng(0), candidates=64)
+        assert donor is not None and face_crops.identities[donor] != face_crops.identities[0]
+        d = ((shapes - normalised_shapes(lms[:1])[0]) ** 2).sum(axis=(1, 2))
+        others = [i for i in pool if face_crops.identities[i] != face_crops.identities[0]]
+        assert donor == min(others, key=lambda i: d[i])
+        # Only one identity in the pool: no donor.
+        assert pick_donor(0, lms[0], face_crops, (pool[:1], shapes[:1]), np.random.default_rng(0)) is None
+
 
 class TestAugment:
     @pytest.mark.parametrize("seed", range(10))
@@ -110,6 +163,39 @@ class TestAugment:
 
     def test_resize_to(self, face_crops: FaceSet):
         assert aug.resize_to(face_crops.crops[0], 160).shape == (160, 160, 3)
+
+    @pytest.mark.parametrize(("codec", "low", "high"), [("h264", 18, 45), ("vp8", 8, 56)])
+    def test_video_codec_round_trip_degrades_with_quality(self, face_crops: FaceSet, codec: str, low: int, high: int):
+        img = face_crops.crops[0][:255, :253]  # odd sides: yuv420p needs padding, the result keeps the shape
+        fine, coarse = aug.video_codec(img, codec, low), aug.video_codec(img, codec, high)
+        assert fine.shape == coarse.shape == img.shape and fine.dtype == np.uint8
+        assert 25 < cv2.PSNR(fine, img) and cv2.PSNR(coarse, img) < cv2.PSNR(fine, img) - 3
+        with pytest.raises(ValueError):
+            aug.video_codec(img, "mjpeg", 10)
+
+    def test_beauty_filter_smooths_and_the_call_preset_runs(self, face_crops: FaceSet):
+        img = face_crops.crops[1]
+        out = aug.beauty_filter(img, np.random.default_rng(0))
+        lap = lambda x: cv2.Laplacian(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var()  # noqa: E731
+        assert out.shape == img.shape and lap(out) < lap(img)
+        for seed in range(6):
+            out, mask = aug.augment_with_mask(img, np.ones(img.shape[:2], np.float32), np.random.default_rng(seed),
+                                              aug.CALL_AUGMENT)
+            assert out.shape == img.shape and mask is not None and mask.shape == img.shape[:2]
+
+
+class TestCropCut:
+    def test_cut_at_the_cached_margin_is_a_resize_and_tighter_margins_zoom_in(self):
+        img = np.zeros((280, 280, 3), np.uint8)
+        cv2.rectangle(img, (40, 40), (239, 239), (200, 100, 50), -1)  # the face box: 200 px at margin 1.4
+        same, _ = cut_crop(img, None, 1.4, 140, 1.4)
+        np.testing.assert_allclose(same.astype(int), aug.resize_to(img, 140).astype(int), atol=1)
+        tight, mask = cut_crop(img, np.ones((280, 280), np.float32), 1.4, 110, 1.1)
+        # At margin 1.1 the box fills 1 / 1.1 of the crop: a 5 px black band each side at 110 px.
+        assert tight[55, 2].sum() == 0 and tight[55, 8].sum() > 0
+        assert mask is not None and mask.shape == (110, 110)
+        shifted, _ = cut_crop(img, None, 1.4, 110, 1.1, shift=(0.1, 0.0))
+        assert shifted[55, 100].sum() == 0 and shifted[55, 2].sum() > 0  # moved right: the band is on the right
 
 
 class TestSplitAndSampler:
@@ -142,7 +228,7 @@ class TestSplitAndSampler:
         sampler = IdentityBalancedSampler(labels, ids, range(len(labels)), 4000, seed=0, paired=paired)
         keys = list(sampler)
         assert len(keys) == 4000
-        fake = np.array([labels[i] == 1 or sbi == 1 for i, sbi, _ in keys])
+        fake = np.array([labels[i] == 1 or kind != REAL for i, kind, _ in keys])
         assert abs(fake.mean() - 0.5) < 0.03
         # Identity-balanced: the identity with 100 faces is not drawn 100/140 of the time.
         share_big = np.mean([ids[i] == "big" for i, _, _ in keys])
@@ -153,6 +239,24 @@ class TestSplitAndSampler:
         assert list(sampler) != keys
         sampler.set_epoch(0)
         assert list(sampler) == keys
+
+
+    def test_group_weights_and_cross_identity_share(self):
+        # 300 photo identities and 3 video identities with many frames each.
+        ids = [f"photo{i}" for i in range(300)] + [f"clip{i // 100}" for i in range(300)]
+        groups = ["image"] * 300 + ["video"] * 300
+        labels = np.zeros(len(ids), np.int64)
+        sampler = IdentityBalancedSampler(labels, ids, range(len(ids)), 4000, seed=0, paired=True, xray_share=0.25,
+                                          groups=groups, group_weights={"video": 0.2, "image": 0.8})
+        keys = list(sampler)
+        video = np.mean([groups[i] == "video" for i, _, _ in keys])
+        assert abs(video - 0.2) < 0.03  # without weights: 3 of 303 identities, 1 %
+        fakes = [k for k in keys if k[1] != REAL]
+        assert abs(np.mean([k == XRAY for _, k, _ in fakes]) - 0.25) < 0.04
+        assert all(k in (SBI, XRAY) for _, k, _ in fakes)
+        with pytest.raises(ValueError):
+            IdentityBalancedSampler(labels, ids, range(len(ids)), 10, seed=0, groups=groups,
+                                    group_weights={"audio": 1.0})
 
 
 class TestDiscover:
@@ -203,13 +307,14 @@ class TestTinyTraining:
         from streamguard.training.trainer import CHECKPOINT, TrainConfig, train
 
         faces = face_crops
-        cfg = TrainConfig(epochs=1, samples_per_epoch=16, batch_size=8, input_size=64, widths=(8, 16, 16, 32),
-                          val_sbi_per_face=1, num_workers=0, seed=3)
+        cfg = TrainConfig(epochs=1, samples_per_epoch=16, batch_size=8, input_size=64, val_sbi_per_face=1,
+                          num_workers=0, seed=3, xray_share=0.5)
         idx = np.arange(len(faces))
         result = train(faces, idx[:-1], idx[-1:], cfg, tmp_path, progress=False)
         assert (tmp_path / CHECKPOINT).exists()
         assert len(result.history) == 1 and np.isfinite(result.history[0].train_loss)
-        assert result.val_scores is not None and len(result.val_scores) == 2
+        # One held-out real face: itself, an SBI and a cross-identity blend.
+        assert result.val_scores is not None and len(result.val_scores) == 3
 
         # Resuming after the last epoch loads the weights and trains nothing more.
         again = train(faces, idx[:-1], idx[-1:], cfg, tmp_path, resume=True, progress=False)
@@ -223,25 +328,26 @@ class TestTinyTraining:
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         x = np.random.default_rng(0).standard_normal((7, 3, 64, 64)).astype(np.float32)
         p, fake_map = session.run(None, {"input": x})
-        assert fake_map.shape == (7, 1, 4, 4)
+        assert fake_map.shape == (7, 1, 2, 2)  # stride 32
         assert p.shape == (7, 1) and np.all((p >= 0) & (p <= 1))
         with torch.no_grad():
             want = torch.sigmoid(result.model(torch.from_numpy(x))).numpy()
         np.testing.assert_allclose(p, want, atol=1e-4)
 
-        card = write_card(onnx_path, name="tiny", architecture="sgnet", input_size=64, mean=cfg.mean, std=cfg.std,
-                          threshold=0.6, training="test", metrics={})
+        card = write_card(onnx_path, name="tiny", architecture="efficientnet-lite0-blendmap", input_size=64,
+                          mean=cfg.mean, std=cfg.std, threshold=0.6, raise_threshold=0.8, clear_threshold=0.6,
+                          training="test", metrics={}, crop_margin=cfg.margin)
         from streamguard.inference.models import load_classifier
 
         clf = load_classifier(str(onnx_path))
-        assert clf.card == card
+        assert clf.card == card and clf.card.raise_threshold == 0.8 and clf.card.preprocess.crop_margin == 1.15
         assert clf.predict(np.zeros((3, 64, 64, 3), np.uint8)).shape == (3,)
 
     def test_training_is_reproducible(self, face_crops: FaceSet, tmp_path: Path):
         from streamguard.training.trainer import TrainConfig, train
 
-        cfg = TrainConfig(epochs=1, samples_per_epoch=16, batch_size=8, input_size=48, widths=(8, 8, 16, 16),
-                          val_sbi_per_face=1, num_workers=0, seed=5)
+        cfg = TrainConfig(epochs=1, samples_per_epoch=16, batch_size=8, input_size=64, val_sbi_per_face=1,
+                          num_workers=0, seed=5)
         idx = np.arange(len(face_crops))
         a = train(face_crops, idx[:-1], idx[-1:], cfg, tmp_path / "a", progress=False)
         b = train(face_crops, idx[:-1], idx[-1:], cfg, tmp_path / "b", progress=False)
@@ -250,11 +356,23 @@ class TestTinyTraining:
 
     def test_eval_keys_and_dataset(self, face_crops: FaceSet):
         keys = eval_keys(face_crops, [0, 1], sbi_per_face=3, seed=0)
-        assert len(keys) == 8 and sum(k[1] for k in keys) == 6
-        ds = FaceDataset(face_crops, 96, (0.5,) * 3, (0.5,) * 3, train=False)
+        assert len(keys) == 8 and sum(k[1] == SBI for k in keys) == 6
+        ds = FaceDataset(face_crops, 96, (0.5,) * 3, (0.5,) * 3, train=False, map_stride=32, crop=CropConfig(1.15))
         x, y, target, known = ds[keys[1]]
         assert x.shape == (3, 96, 96) and x.dtype == torch.float32 and float(y) == 1.0
-        # An SBI's blend-map target is known and marks part of the 6x6 map (stride 16).
-        assert float(known) == 1.0 and target.shape == (1, 6, 6) and 0 < float(target.max()) <= 1.0
+        # An SBI's blend-map target is known and marks part of the 3x3 map (stride 32).
+        assert float(known) == 1.0 and target.shape == (1, 3, 3) and 0 < float(target.max()) <= 1.0
         # Eval samples are fixed: the same key gives the same tensor.
         assert torch.equal(ds[keys[1]][0], x)
+
+    def test_memory_mapped_set_round_trips_and_pickles_small(self, face_crops: FaceSet, tmp_path: Path):
+        import pickle
+
+        face_crops.save(tmp_path / "set")
+        loaded = FaceSet.load(tmp_path / "set")
+        assert isinstance(loaded.crops, np.memmap) and np.array_equal(loaded.crops, face_crops.crops)
+        assert loaded.identities == face_crops.identities and loaded.margin == face_crops.margin
+        blob = pickle.dumps(FaceDataset(loaded, 64, (0.5,) * 3, (0.5,) * 3))
+        assert len(blob) < face_crops.crops.nbytes / 2  # a DataLoader worker reopens the map instead
+        again = pickle.loads(blob)
+        assert np.array_equal(again.faces.crops, face_crops.crops)

@@ -1,20 +1,23 @@
 #!/usr/bin/env python
-"""Train StreamGuard's default face classifier with self-blended images, export it to ONNX and write its card.
+"""Train StreamGuard's default face classifier with self-blended and cross-identity blended images, calibrate its
+thresholds on held-out real calls, export it to ONNX and write its card.
 
 The shipped engines/streamguard-sbi.onnx is made by (from the repository root, `pip install -e .[train]`):
 
-    python tools/train.py --real ../shared/data/real_faces \\
-        --real-train ../shared/data/ffpp_smoke/real_519.mp4 \\
-        --eval-photos ../shared/data/real_faces --eval-crops ../shared/data/mesonet/test_images \\
-        --eval-video ../shared/data/ffpp_smoke/real_519.mp4 \\
-        --eval-video ../shared/data/ffpp_smoke/fake_deepfakes_519_515.mp4 \\
-        --out out/train-sbi --export engines/streamguard-sbi.onnx
+    python tools/train.py --real ../shared/data/utkface \\
+        --real-train ../shared/data/talking_heads/d0.mp4 --real-train ../shared/data/talking_heads/d3.mp4 \\
+        --real-train ../shared/data/talking_heads/d11.mp4 --real-train ../shared/data/talking_heads/d14.mp4 \\
+        --real-train ../shared/data/talking_heads/d18.mp4 \\
+        --calibration ../shared/data/talking_heads/d10.mp4 --calibration ../shared/data/talking_heads/d12.mp4 \\
+        --calibration ../shared/data/talking_heads/d19.mp4 \\
+        --out out/train-lite0 --export engines/streamguard-sbi.onnx
 
-Data: `--real` folders/files of real media (identity = file, merged by a `master.csv` of same-person pairs),
-`--real-train` real media never held out, `--labelled` CSVs or DFDC / FaceForensics++ / Celeb-DF folders with fakes.
-Faces are cached under `--cache` (default OUT/faces) on the first run. `--resume` continues from OUT/checkpoint.pt.
-The `--eval-*` media are scored after training only to report results; nothing is tuned on them. The card threshold
-comes from the held-out real photos alone (see --max-heldout-fpr).
+Data: `--real` folders/files of real media (identity = file, merged by a `master.csv` of same-person pairs; a share
+of identities is held out for validation), `--real-train` real media never held out, `--labelled` CSVs or DFDC /
+FaceForensics++ / Celeb-DF folders with fakes, `--calibration` real videos never trained on that set the thresholds.
+Faces are cached under `--cache` (default OUT/faces) on the first run (`--extract-only` stops there). `--resume`
+continues from OUT/checkpoint.pt. Nothing here looks at a deepfake of the validation sets: measure the result with
+`tools/model_report.py`, which runs `streamguard scan`/`eval` on them.
 """
 
 from __future__ import annotations
@@ -48,10 +51,16 @@ from streamguard.training.data import (
     discover_real,
     split_by_identity,
 )
+from streamguard.training.backbone import WEIGHTS_PACKAGE
 from streamguard.training.trainer import TrainConfig, save_history, train
 
 log = logging.getLogger("train")
 DEFAULTS = TrainConfig()
+LICENSE = (
+    "Code Apache-2.0. Weights: fine-tuned from EfficientNet-Lite0 ImageNet weights (Apache-2.0) on UTKFace, whose "
+    "images are for non-commercial research use only (copyright stays with their owners), and on real talking-head "
+    "clips from the LivePortrait project's examples: use these weights for non-commercial research only."
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,31 +71,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="real media used for training only, never held out (repeatable)")
     d.add_argument("--labelled", type=Path, action="append", default=[],
                    help="CSV path,label[,identity] or a DFDC / FF++ / Celeb-DF / real+fake folder (repeatable)")
+    d.add_argument("--calibration", type=Path, action="append", default=[],
+                   help="real video never trained on, scored through the serving path to set the thresholds")
+    d.add_argument("--max-real", type=int, help="use at most this many --real files (a fixed random subset)")
     d.add_argument("--cache", type=Path, help="face-crop cache folder (default OUT/faces)")
-    d.add_argument("--fps", type=float, default=5.0, help="video frames per second sampled for training")
+    d.add_argument("--extract-only", action="store_true", help="find and cache the faces, then stop")
+    d.add_argument("--fps", type=float, default=10.0, help="video frames per second sampled for training")
     d.add_argument("--max-frames", type=int, default=300, help="sampled frames per video at most")
-    d.add_argument("--val-fraction", type=float, default=0.25, help="share of identities held out for validation")
+    d.add_argument("--val-fraction", type=float, default=0.1, help="share of --real identities held out")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
-    t.add_argument("--samples-per-epoch", type=int, default=DEFAULTS.samples_per_epoch)
-    t.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    t.add_argument("--lr", type=float, default=DEFAULTS.lr)
-    t.add_argument("--input-size", type=int, default=DEFAULTS.input_size)
+    for name in ("epochs", "samples_per_epoch", "batch_size", "input_size", "frozen_blocks", "threads"):
+        t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(DEFAULTS, name))
+    for name in ("lr", "xray_share", "video_share", "margin"):
+        t.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(DEFAULTS, name))
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=DEFAULTS.num_workers, help="DataLoader workers (blend+augment)")
-    t.add_argument("--threads", type=int, default=DEFAULTS.threads, help="torch threads (fixed: reproducibility)")
-    t.add_argument("--out", type=Path, default=ROOT / "out" / "train-sbi", help="run folder")
+    t.add_argument("--out", type=Path, default=ROOT / "out" / "train-lite0", help="run folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    e = p.add_argument_group("export and evaluation")
+    e = p.add_argument_group("export and calibration")
     e.add_argument("--export", type=Path, help="ONNX path to write (its card goes beside it); default OUT/model.onnx")
     e.add_argument("--name", help="model name in the card (default: the ONNX file's stem)")
-    e.add_argument("--max-heldout-fpr", type=float, default=0.05,
-                   help="card threshold: the lowest (>= 0.5) at which at most this share of held-out real faces "
-                        "score as fake")
-    e.add_argument("--eval-photos", type=Path, help="folder of real photos: per-face false-positive rate")
-    e.add_argument("--eval-crops", type=Path, help="folder of aligned crops in real/ and df|fake/ sub-folders")
-    e.add_argument("--eval-video", type=Path, action="append", default=[],
-                   help="video named real_* or fake_*: per-face scores at 1 FPS (repeatable)")
+    e.add_argument("--max-face-fpr", type=float, default=0.01,
+                   help="card threshold: at most this share of held-out real photo faces score at or above it")
+    e.add_argument("--calibration-fps", type=float, default=5.0, help="samples per second scored of each --calibration "
+                   "clip (1 FPS sequences at every phase are cut from them)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -95,6 +103,9 @@ def gather(args: argparse.Namespace) -> tuple[list[MediaItem], set[str]]:
     items: list[MediaItem] = []
     for src in args.real:
         items += discover_real(src)
+    if args.max_real is not None and len(items) > args.max_real:
+        keep = np.random.default_rng(args.seed).permutation(len(items))[: args.max_real]
+        items = [items[i] for i in sorted(keep)]
     train_only = []
     for src in args.real_train:
         train_only += discover_real(src)
@@ -102,6 +113,10 @@ def gather(args: argparse.Namespace) -> tuple[list[MediaItem], set[str]]:
         items += discover(src)
     if not items and not train_only:
         raise SystemExit("no training media: give --real, --real-train or --labelled")
+    calibration = {p.resolve() for p in args.calibration}
+    clash = [i.path for i in items + train_only if i.path.resolve() in calibration]
+    if clash:
+        raise SystemExit(f"calibration media must not be trained on: {', '.join(map(str, clash))}")
     return items + train_only, {i.identity for i in train_only}
 
 
@@ -124,93 +139,57 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def _summary(scored, threshold: float) -> dict:
-    s = np.asarray(scored.scores, np.float64)
-    if s.size == 0:
-        return {"faces": 0}
+def calibration_clips(classifier, paths: list[Path], fps: float) -> list:
+    """Each clip's faces scored through the serving path (FaceAnalyzer at the card's margin, quality gate)."""
+    from streamguard.training.calibrate import ClipScores
+    from streamguard.training.evaluation import score_video
+
+    clips = []
+    for path in paths:
+        scored = score_video(classifier, path, fps=fps)
+        times = [float(s.rsplit("@", 1)[1]) for s in scored.sources]
+        clips.append(ClipScores(path.name, times, scored.scores, fps))
+    return clips
+
+
+def heldout_metrics(result, n_ids: int) -> dict:
+    from streamguard.training.data import REAL, SBI, XRAY
+    from streamguard.training.trainer import kind_aucs
+
+    if result.val_scores is None:
+        return {}
+    kinds = np.array([k[1] for k in result.val_keys])
+    sbi_auc, xray_auc = kind_aucs(result.val_keys, result.val_scores, result.val_labels)
     return {
-        "faces": int(s.size),
-        "mean": round(float(s.mean()), 4),
-        "median": round(float(np.median(s)), 4),
-        "min": round(float(s.min()), 4),
-        "max": round(float(s.max()), 4),
-        "at_or_above_threshold": int((s >= threshold).sum()),
-        "rate_at_or_above_threshold": round(float((s >= threshold).mean()), 4),
+        "heldout_sbi": {
+            "what": "AUC of real faces vs fresh SBI pseudo-fakes of identities held out of training",
+            "auc": None if sbi_auc is None else round(sbi_auc, 4),
+            "real_faces": int((kinds == REAL).sum()), "sbi_fakes": int((kinds == SBI).sum()), "identities": n_ids,
+        },
+        "heldout_cross_identity": {
+            "what": "AUC of real faces vs cross-identity blends (donors also held out) of held-out identities",
+            "auc": None if xray_auc is None else round(xray_auc, 4), "fakes": int((kinds == XRAY).sum()),
+        },
     }
 
 
-def evaluate_external(args, classifier, heldout_ids: set[str]) -> tuple[float, dict, dict]:
-    """Threshold from held-out real photos, then every report-only check.
-
-    Returns (threshold, metrics for the card, per-face scores for the report)."""
-    from sklearn.metrics import roc_auc_score
-
-    from streamguard.evaluate import label_of_name
-    from streamguard.training.evaluation import (
-        image_files,
-        score_crops,
-        score_photos,
-        score_video,
-        threshold_for_fpr,
+def training_text(cfg, faces, train_idx, val_idx, n_train_ids, n_val_ids, args, argv, times) -> str:
+    seconds = round(sum(times.values()), 1)
+    return (
+        f"Fine-tuned from ImageNet ({WEIGHTS_PACKAGE}) on real faces only: self-blended images (Shiohara & "
+        f"Yamasaki, CVPR 2022) and cross-identity blends (Li et al., Face X-ray, CVPR 2020; {cfg.xray_share:.0%} of "
+        f"the pseudo-fakes). Data: {len(faces)} face crops ({len(train_idx)} train / {len(val_idx)} held out; "
+        f"{n_train_ids} / {n_val_ids} identities, split by identity), real video frames {cfg.video_share:.0%} of the "
+        f"draws. Recipe: stem + {cfg.frozen_blocks} blocks frozen, {cfg.input_size} px, crop margin {cfg.margin} "
+        f"(jittered {cfg.margin_range[0]}-{cfg.margin_range[1]}, shift {cfg.max_shift}), pairs of a real face and its "
+        f"pseudo-fake with the same augmentation (flip, roll, colour, beauty filter, blur, noise, downscale, H.264/VP8 "
+        f"via PyAV, JPEG), {cfg.epochs} epochs x {cfg.samples_per_epoch} samples, batch {cfg.batch_size}, AdamW lr "
+        f"{cfg.lr} (head x{cfg.head_lr_scale}) warmup+cosine, weight decay {cfg.weight_decay}, BCE + "
+        f"{cfg.map_weight} x blend-map BCE. Thresholds from held-out real faces and real calls only (see "
+        f"metrics.calibration). Command: {command_line(argv)}. Run time {seconds / 60:.1f} min on {os.cpu_count()} "
+        f"CPU cores, {cfg.threads} torch threads (faces {times['faces_s']} s, training {times['train_s']} s, "
+        f"calibration {times['calibration_s']} s)."
     )
-
-    metrics: dict = {}
-    details: dict = {}
-    threshold = 0.5
-    if args.eval_photos:
-        photos = discover_real(args.eval_photos)
-        files = [i.path for i in photos]
-        held = [i.path for i in photos if i.identity in heldout_ids]
-        held_scores = score_photos(classifier, held)
-        threshold = threshold_for_fpr(held_scores.scores, args.max_heldout_fpr)
-        all_scores = score_photos(classifier, files)
-        details["real_photos"] = {k: round(v, 4) for k, v in zip(all_scores.sources, all_scores.scores, strict=True)}
-        metrics["real_photos_heldout"] = {
-            "what": f"real faces of the {len(held)} photos whose identities were held out of training",
-            **_summary(held_scores, threshold),
-        }
-        metrics["real_photos_all"] = {
-            "what": f"real faces of all {len(files)} photos of {_rel(args.eval_photos)} (partly training data)",
-            **_summary(all_scores, threshold),
-        }
-    if args.eval_crops:
-        labels, paths = [], []
-        for sub in sorted(p for p in args.eval_crops.iterdir() if p.is_dir()):
-            label = label_of_name(sub.name)
-            if label is not None:
-                for f in image_files(sub):
-                    labels.append(label)
-                    paths.append(f)
-        scored = score_crops(classifier, paths)
-        per = {f"{p.parent.name}/{p.name}": round(s, 4) for p, s in zip(paths, scored.scores, strict=True)}
-        crops = {"what": f"aligned crops in {_rel(args.eval_crops)} (folder = label)", "scores": per}
-        if len(set(labels)) == 2:
-            crops["auc"] = round(float(roc_auc_score(labels, scored.scores)), 4)
-        y = np.array(labels)
-        s = np.array(scored.scores)
-        crops["fakes_called_fake"] = f"{int((s[y == 1] >= threshold).sum())}/{int((y == 1).sum())}"
-        crops["reals_called_fake"] = f"{int((s[y == 0] >= threshold).sum())}/{int((y == 0).sum())}"
-        metrics["mesonet_crops"] = crops
-    if args.eval_video:
-        videos = {}
-        for path in args.eval_video:
-            scored = score_video(classifier, path, fps=1.0)
-            label = label_of_name(path.stem.split("_")[0])
-            videos[path.name] = {"label": {0: "real", 1: "fake"}.get(label, "unknown"), **_summary(scored, threshold)}
-            details.setdefault("videos", {})[path.name] = {
-                k: round(v, 4) for k, v in zip(scored.sources, scored.scores, strict=True)
-            }
-        labels_seen = {v["label"] for v in videos.values()}
-        if labels_seen == {"real", "fake"}:
-            # Per-face AUC over all the videos' faces: a threshold-free view of the same numbers.
-            ys, ss = [], []
-            for name, v in videos.items():
-                scores = list(details["videos"][name].values())
-                ys += [v["label"] == "fake"] * len(scores)
-                ss += scores
-            videos["per_face_auc"] = round(float(roc_auc_score(ys, ss)), 4)
-        metrics["videos_1fps"] = videos
-    return threshold, metrics, details
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,15 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     times["faces_s"] = round(time.perf_counter() - t, 1)
     if len(faces) == 0:
         raise SystemExit("no faces found in the training media")
+    log.info("%d faces from %d files", len(faces), len(items))
+    if args.extract_only:
+        return 0
     train_idx, val_idx = split_by_identity(faces.identities, args.val_fraction, args.seed, keep_in_train=train_only)
     train_ids = sorted({faces.identities[i] for i in train_idx})
     val_ids = sorted({faces.identities[i] for i in val_idx})
-    log.info("%d faces: %d train (%d identities), %d held out (%d identities)", len(faces), len(train_idx),
-             len(train_ids), len(val_idx), len(val_ids))
+    log.info("%d train faces (%d identities), %d held out (%d identities)", len(train_idx), len(train_ids),
+             len(val_idx), len(val_ids))
 
     cfg = TrainConfig(
         epochs=args.epochs, samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, lr=args.lr,
         input_size=args.input_size, seed=args.seed, num_workers=args.workers, threads=args.threads,
+        frozen_blocks=args.frozen_blocks, xray_share=args.xray_share, video_share=args.video_share,
+        margin=args.margin,
     )
     t = time.perf_counter()
     result = train(faces, train_idx, val_idx, cfg, out, resume=args.resume, progress=not args.quiet)
@@ -245,52 +229,38 @@ def main(argv: list[str] | None = None) -> int:
     save_history(result.history, out / "history.json", out / "curves.png")
 
     from streamguard.inference.models import load_classifier
+    from streamguard.training.calibrate import calibrate
+    from streamguard.training.data import REAL
     from streamguard.training.export import check_onnx, export_onnx, write_card
     from streamguard.training.model import ARCHITECTURE, count_parameters
 
     onnx_path = Path(args.export) if args.export else out / "model.onnx"
     export_onnx(result.model, onnx_path, cfg.input_size)
     max_diff = check_onnx(result.model, onnx_path, cfg.input_size)
-    # A provisional card so the serving loader can score the evaluation media; rewritten below with the results.
+    # A provisional card so the serving loader can score the calibration clips; rewritten below with the results.
     name = args.name or onnx_path.stem
-    arch = f"{ARCHITECTURE} widths={list(cfg.widths)} blocks={list(cfg.blocks)} input={cfg.input_size}"
-    common = {"name": name, "architecture": arch, "input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std}
+    arch = f"{ARCHITECTURE} (ImageNet EfficientNet-Lite0, stem+{cfg.frozen_blocks} blocks frozen) input={cfg.input_size}"
+    common = {"name": name, "architecture": arch, "input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std,
+              "crop_margin": cfg.margin, "license": LICENSE, "version": "2"}
     write_card(onnx_path, threshold=0.5, training="", metrics={}, **common)
 
     t = time.perf_counter()
-    heldout_auc = None
-    if result.val_scores is not None and len(set(result.val_labels.tolist())) == 2:
-        from sklearn.metrics import roc_auc_score
-
-        heldout_auc = float(roc_auc_score(result.val_labels, result.val_scores))
     classifier = load_classifier(str(onnx_path))
-    threshold, external, per_face = evaluate_external(args, classifier, set(val_ids))
-    times["eval_s"] = round(time.perf_counter() - t, 1)
+    clips = calibration_clips(classifier, args.calibration, args.calibration_fps)
+    real_val = [s for k, s in zip(result.val_keys, result.val_scores, strict=True) if k[1] == REAL
+                and faces.labels[k[0]] == 0] if result.val_scores is not None else []
+    calibration = calibrate(real_val, clips, max_face_fpr=args.max_face_fpr)
+    times["calibration_s"] = round(time.perf_counter() - t, 1)
+    log.info("calibration: threshold %.2f, raise %.2f, clear %.2f", calibration.threshold,
+             calibration.raise_threshold, calibration.clear_threshold)
 
-    n_val_real = int((result.val_labels == 0).sum()) if result.val_labels is not None else 0
-    metrics = {
-        "heldout_sbi": {
-            "what": "AUC of real faces vs fresh SBI pseudo-fakes of identities held out of training (clean crops)",
-            "auc": None if heldout_auc is None else round(heldout_auc, 4),
-            "real_faces": n_val_real,
-            "sbi_fakes": int(len(result.val_keys) - n_val_real),
-            "identities": len(val_ids),
-        },
-        **external,
-    }
-    seconds = round(sum(times.values()), 1)
-    training = (
-        f"Self-blended images (Shiohara & Yamasaki, CVPR 2022) from real faces only, trained from scratch. "
-        f"Data: {len(faces)} face crops ({len(train_idx)} train / {len(val_idx)} held out; {len(train_ids)} / "
-        f"{len(val_ids)} identities, split by identity). Recipe: identity-balanced pairs (a real face and its SBI with "
-        f"the same augmentation), {cfg.epochs} epochs x {cfg.samples_per_epoch} samples, batch {cfg.batch_size}, "
-        f"AdamW lr {cfg.lr} warmup+cosine, weight decay {cfg.weight_decay}, augmentations flip/shift/zoom/brightness/"
-        f"colour/blur/noise/downscale/JPEG. Threshold: the lowest >= 0.5 at which at most "
-        f"{args.max_heldout_fpr:.0%} of held-out real photo faces score as fake. "
-        f"Command: {command_line(argv)}. Run time {seconds / 60:.1f} min on {os.cpu_count()} CPU cores "
-        f"(faces {times['faces_s']} s, training {times['train_s']} s, evaluation {times['eval_s']} s)."
-    )
-    card = write_card(onnx_path, threshold=threshold, training=training, metrics=metrics, **common)
+    metrics = {**heldout_metrics(result, len(val_ids)),
+               "calibration": {"what": "thresholds from held-out real faces and held-out real calls "
+                               f"({', '.join(c.name for c in clips) or 'none'}); never from fakes",
+                               **calibration.to_dict()}}
+    training = training_text(cfg, faces, train_idx, val_idx, len(train_ids), len(val_ids), args, argv, times)
+    card = write_card(onnx_path, threshold=calibration.threshold, raise_threshold=calibration.raise_threshold,
+                      clear_threshold=calibration.clear_threshold, training=training, metrics=metrics, **common)
 
     report = {
         "command": command_line(argv),
@@ -299,19 +269,16 @@ def main(argv: list[str] | None = None) -> int:
         "weights_sha256": weights_digest(result.model),
         "onnx": {"path": _rel(onnx_path), "bytes": onnx_path.stat().st_size, "sha256": card.sha256,
                  "max_abs_diff_vs_torch": max_diff},
-        "threshold": threshold,
         "data": {
             "faces": len(faces), "train_faces": len(train_idx), "heldout_faces": len(val_idx),
-            "train_identities": train_ids, "heldout_identities": val_ids,
+            "train_identities": len(train_ids), "heldout_identities": val_ids,
         },
         "history": [asdict(h) for h in result.history],
         "metrics": metrics,
-        "per_face_scores": per_face,
         "times": times,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("parameters", "weights_sha256", "onnx", "threshold", "metrics", "times")},
-                     indent=2))
+    print(json.dumps({k: report[k] for k in ("parameters", "weights_sha256", "onnx", "metrics", "times")}, indent=2))
     return 0
 
 

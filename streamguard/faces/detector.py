@@ -62,6 +62,11 @@ _CLOSE_UP_MIN_FRACTION = 0.35
 _TILE_OVERLAP = 0.08
 # Two detections of one face (full frame vs tile, or a tile cut) overlap by more than this fraction of the smaller box.
 _DUPLICATE_OVERLAP = 0.5
+# Dark frames (mean luma under this, 0-255) are detected on a gamma-brightened copy, brought to about _DARK_TARGET.
+# Measured on the DFDC sample's dim 1080p room (mean luma 35, a 125 px face): the full-range pass found the face in
+# 3 of 10 samples as decoded and in 10 of 10 brightened (gamma 0.6). The classifier still sees the frame's own pixels.
+_DARK_LUMA = 60.0
+_DARK_TARGET = 80.0
 
 
 class FaceDetector:
@@ -105,15 +110,16 @@ class FaceDetector:
         """Faces in an (H, W, 3) RGB uint8 frame (grey (H, W) and RGBA are converted), highest score first."""
         rgb = _as_rgb(rgb)
         h, w = rgb.shape[:2]
+        view = _brightened(rgb)  # what the detector looks at; boxes are the same in both
         with self._lock:
             if self._closed:
                 raise RuntimeError("FaceDetector is closed")
-            found = self._run(rgb, scale=1.0, off_x=0.0, off_y=0.0)
+            found = self._run(view, scale=1.0, off_x=0.0, off_y=0.0)
             grid = self._grid(found, max(h, w))
             if grid > 1:
-                found = _dedupe(found + self._tiled(rgb, grid))
+                found = _dedupe(found + self._tiled(view, grid))
             if not found and self.retry_close_ups:
-                found = self._close_up(rgb)
+                found = self._close_up(view)
         dets = [d for d in (_clip(d, w, h) for d in found) if d is not None]
         return sorted(dets, key=lambda d: -d.score)
 
@@ -200,6 +206,16 @@ def _as_rgb(img: np.ndarray) -> np.ndarray:
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {img.shape}")
     return img
+
+
+def _brightened(rgb: np.ndarray) -> np.ndarray:
+    """`rgb` itself, or for a dark frame a gamma-brightened copy whose mean luma is about _DARK_TARGET."""
+    mean = float(rgb[::8, ::8].mean())  # a 1/64 sample: the mean of a frame, for ~0.1 ms
+    if mean >= _DARK_LUMA:
+        return rgb
+    gamma = math.log(_DARK_TARGET / 255.0) / math.log(max(mean, 1.0) / 255.0)
+    lut = np.round(255.0 * np.linspace(0.0, 1.0, 256) ** gamma).astype(np.uint8)
+    return cv2.LUT(rgb, lut)
 
 
 def _clip(det: Detection, w: int, h: int) -> Detection | None:

@@ -16,23 +16,29 @@ from streamguard.types import Detection, Quality, QualityVerdict
 # Sharpness is measured on the face box resized to this side, so it compares across face sizes: a sharp 300 px face
 # and a sharp 60 px face score alike, and a blur is measured relative to the face, like the classifier sees it.
 SHARPNESS_SIDE = 64
-
-# Variance of the Laplacian of the grey 64x64 face (pixel values 0-255), measured with `sharpness()` on the 62
-# single-face photos of ../shared/data/real_faces (detector boxes):
-#   as shipped                              min 559, 5th pct 739, median 1341
-#   JPEG quality 30                         min 558 (compression barely moves it)
-#   downscaled so the face is 48 / 40 px    min 194 / 146 (small but sharp: min_face_px, not this, judges size)
-#   at half brightness                      min 141 (the measure scales with contrast squared)
-#   Gaussian blur sigma = face_px / 64      min 67, median 139, max 304 (mild: looks like a soft 64 px face)
-#   Gaussian blur sigma = face_px / 32      max 67, median 31
-#   Gaussian blur sigma = face_px / 16      max 23
-# 100 passes every real face, sharp 40 px face and half-bright face (margin >= 1.4x) and rejects every face blurred
-# with sigma >= face_px / 32 (a 300 px face blurred by sigma 9 px; margin 1.5x); mild blurs mostly pass on purpose.
-DEFAULT_MIN_SHARPNESS = 100.0
+# Variance of the Laplacian of the grey 64x64 face, divided by the variance of the face itself and scaled to a face
+# of standard deviation 50: how much of the face's contrast is fine detail. Normalised so that exposure does not
+# read as blur (the plain Laplacian variance scales with contrast squared, and rejected every face of the DFDC
+# sample's dim room, mean luma 35, as "blurry" at 8-17). Measured with `sharpness()` on the 62 single-face photos of
+# ../shared/data/real_faces (detector boxes): min / 5th percentile / median / max
+#   as shipped                              490 / 553 / 1309 / 3013
+#   JPEG quality 30                         485 / 527 / 1318 / 2978 (compression barely moves it)
+#   at half brightness, at 0.3x + noise     491 / 556 / 1316 / 3031 and 501 / 564 / 1326 / 3046 (exposure: no change)
+#   Gaussian blur sigma = face_px / 64      55 / 75 / 167 / 414 (mild: looks like a soft 64 px face)
+#   Gaussian blur sigma = face_px / 32      12 / 16 / 46 / 136
+#   Gaussian blur sigma = face_px / 16      5 / 6 / 18 / 55
+#   the DFDC sample's dim 125 px face       154-295 (10 samples)
+# 120 passes every real face at any exposure (margin 4x) and the dim DFDC face, and rejects all faces blurred with
+# sigma >= face_px / 16 and nearly all with face_px / 32 (a 300 px face blurred by sigma 9 px); mild blurs mostly pass
+# on purpose.
+DEFAULT_MIN_SHARPNESS = 120.0
+# Faces flatter than this (grey standard deviation) have no detail to measure: a blank patch, not a face.
+_MIN_FACE_STD = 2.0
 
 
 def sharpness(rgb: np.ndarray, detection: Detection) -> float:
-    """Variance of the Laplacian of the face box (clipped to the frame), grey, resized to SHARPNESS_SIDE²."""
+    """Variance of the Laplacian of the face box (clipped to the frame), grey, resized to SHARPNESS_SIDE², relative to
+    the face's own variance and scaled to a face of standard deviation 50 (see DEFAULT_MIN_SHARPNESS)."""
     h, w = rgb.shape[:2]
     b = detection.box
     x0, y0 = max(int(b.x0), 0), max(int(b.y0), 0)
@@ -42,8 +48,11 @@ def sharpness(rgb: np.ndarray, detection: Detection) -> float:
     face = rgb[y0:y1, x0:x1]
     grey = cv2.cvtColor(face, cv2.COLOR_RGB2GRAY) if face.ndim == 3 else face
     interp = cv2.INTER_AREA if max(grey.shape) > SHARPNESS_SIDE else cv2.INTER_LINEAR
-    grey = cv2.resize(grey, (SHARPNESS_SIDE, SHARPNESS_SIDE), interpolation=interp)
-    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    grey = cv2.resize(grey, (SHARPNESS_SIDE, SHARPNESS_SIDE), interpolation=interp).astype(np.float64)
+    std = float(grey.std())
+    if std < _MIN_FACE_STD:
+        return 0.0
+    return float(cv2.Laplacian(grey, cv2.CV_64F).var()) * (50.0 / std) ** 2
 
 
 @dataclass(frozen=True, slots=True)

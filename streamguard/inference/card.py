@@ -27,6 +27,13 @@ class ModelCard(BaseModel):
     # The ONNX graph's first output, shape (N,) or (N, 1): what it means before we turn it into P(fake).
     output: Literal["p_fake", "p_real", "logit_fake"] = "p_fake"
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="P(fake) at or above which a face/file is called fake")
+    raise_threshold: float | None = Field(
+        None, gt=0.0, lt=1.0, description="live: smoothed P(fake) that raises an alert, calibrated on real calls; "
+        "None: derived from `threshold` (see ScoringSettings)"
+    )
+    clear_threshold: float | None = Field(
+        None, gt=0.0, lt=1.0, description="live: smoothed P(fake) under which an alert clears; None: `threshold`"
+    )
     source: str = Field(description="where the weights came from")
     license: str = "unknown"
     training: str = ""

@@ -43,11 +43,28 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+@dataclass(frozen=True, slots=True)
+class CardThresholds:
+    """What a model card says about thresholds: the face/file `threshold` and, for a model calibrated on real
+    calls, explicit live `raise_threshold` / `clear_threshold` (None: derived from `threshold`)."""
+
+    threshold: float = 0.5
+    raise_threshold: float | None = None
+    clear_threshold: float | None = None
+
+    @classmethod
+    def from_card(cls, card: object) -> CardThresholds:
+        """From a `ModelCard` (read by attribute, so scoring imports nothing of inference)."""
+        return cls(float(getattr(card, "threshold")), getattr(card, "raise_threshold", None),
+                   getattr(card, "clear_threshold", None))
+
+
 class ScoringSettings(BaseModel):
     """Thresholds and window of the live scorer; one block of the service config.
 
-    Thresholds default to the model card's own threshold, so a recalibrated model keeps its meaning:
-    `raise_threshold` = card threshold + `raise_margin` × (1 − card threshold): the margin is a share of the room
+    Thresholds default to the model card's: its explicit live `raise_threshold` / `clear_threshold` when it was
+    calibrated on real calls (the default model's are), otherwise derived from its threshold, so a recalibrated model
+    keeps its meaning: `raise_threshold` = card threshold + `raise_margin` × (1 − card threshold): the margin is a share of the room
     left above the card's threshold (0.5 + 0.4 × 0.5 = 0.7, Frigate's median threshold; a card calibrated to 0.88
     for few false positives gets 0.928), so the raise threshold always lies in (card threshold, 1),
     `clear_threshold` = card threshold (0.5). The 0.2 gap is the hysteresis band. Set either to a number to pin it.
@@ -90,16 +107,24 @@ class ScoringSettings(BaseModel):
                 raise ValueError("clear_threshold must be below raise_threshold (the gap is the hysteresis)")
         return self
 
-    def thresholds(self, card_threshold: float = 0.5) -> tuple[float, float]:
-        """(raise, clear) for a model whose card says `card_threshold`."""
-        raise_at = self.raise_threshold if self.raise_threshold is not None else card_threshold + self.raise_margin * (1.0 - card_threshold)
-        clear_at = self.clear_threshold if self.clear_threshold is not None else card_threshold
+    def thresholds(self, card: CardThresholds | float = 0.5) -> tuple[float, float]:
+        """(raise, clear) for a model whose card says `card` (a bare float: its threshold alone).
+
+        This config's own values come first, then the card's explicit live thresholds, then the derivation."""
+        card = card if isinstance(card, CardThresholds) else CardThresholds(float(card))
+        t = card.threshold
+        raise_at = _first(self.raise_threshold, card.raise_threshold, t + self.raise_margin * (1.0 - t))
+        clear_at = _first(self.clear_threshold, card.clear_threshold, t)
         if not 0 < clear_at < raise_at < 1:
             raise ValueError(
                 f"need 0 < clear_threshold ({clear_at:.3f}) < raise_threshold ({raise_at:.3f}) < 1; "
-                f"set them explicitly for a model card threshold of {card_threshold}"
+                f"set them explicitly for a model card threshold of {t}"
             )
         return raise_at, clear_at
+
+
+def _first(*values: float | None) -> float:
+    return next(v for v in values if v is not None)
 
 
 class ParticipantState(str, Enum):
@@ -149,7 +174,7 @@ class ParticipantScorer:
     now, so a raised alert whose face is gone reads state no_face with `alert_active` True.
     """
 
-    def __init__(self, settings: ScoringSettings | None = None, *, card_threshold: float = 0.5):
+    def __init__(self, settings: ScoringSettings | None = None, *, card_threshold: CardThresholds | float = 0.5):
         self.settings = settings or ScoringSettings()
         self.raise_threshold, self.clear_threshold = self.settings.thresholds(card_threshold)
         self._window: deque[tuple[float, float]] = deque()

@@ -1,10 +1,11 @@
 """Training augmentations for face crops (numpy/cv2 only), applied alike to real faces and fakes.
 
-They mimic what a live call does to a face before we see it, so the classifier does not read "compressed" or
-"soft" as fake: flips, sensor noise, defocus blur, exposure changes, JPEG re-encoding, and the H.264-like
-downscale-upscale of an adaptive-bitrate stream; plus a small jitter of the crop's scale, position and roll, because
-detector boxes move from frame to frame and heads tilt (DuckDuckGoose: the crop scale matters). The jitter also
-keeps a small training set from being memorised image by image.
+They mimic what a live call does to a face before we see it, so the classifier does not read "compressed",
+"soft" or "filtered" as fake: flips, sensor noise, defocus blur, exposure and white-balance changes, the skin
+smoothing of a phone's beauty filter, JPEG re-encoding, a real H.264 or VP8 encode at a random quality (PyAV, the
+codecs calls use), and the downscale-upscale of an adaptive-bitrate stream; plus a small roll, because heads tilt.
+The crop's scale and position jitter (detector boxes move from frame to frame; DuckDuckGoose: the crop scale matters)
+is done by the data set when it cuts the model's crop out of the cached wider one.
 
 Every function takes a uint8 (H, W, 3) image and an explicit numpy Generator and returns a new uint8 image of the
 same shape, so a sample is reproducible from its seed alone.
@@ -13,6 +14,7 @@ same shape, so a sample is reproducible from its seed alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import cv2
 import numpy as np
@@ -35,6 +37,18 @@ class AugmentConfig:
     min_downscale: float = 0.4
     p_jpeg: float = 0.5
     jpeg_quality: tuple[int, int] = (40, 95)
+    p_beauty: float = 0.0
+    p_codec: float = 0.0
+    vp8_share: float = 0.3  # of the codec draws; the rest are H.264
+    h264_crf: tuple[int, int] = (18, 40)  # x264 CRF: 23 is its default, ~35-40 a congested call
+    vp8_q: tuple[int, int] = (8, 50)  # libvpx quantiser (0..63), fixed per frame
+
+
+# What a live call does (the default model's recipe): a codec on half the faces, beauty filters, rolls.
+CALL_AUGMENT = AugmentConfig(
+    p_geometry=0.3, max_shift=0.0, max_zoom=0.0, max_rotate=10.0, p_colour=0.3, p_blur=0.1, p_noise=0.15,
+    p_downscale=0.25, p_jpeg=0.2, p_beauty=0.15, p_codec=0.5,
+)
 
 
 def _check(img: np.ndarray) -> None:
@@ -106,6 +120,61 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
+def beauty_filter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A phone/meeting app's skin smoothing: an edge-preserving (bilateral) blur mixed back over the whole frame.
+
+    Applied to real faces and fakes alike it teaches that a smooth, filtered face is not in itself a blend."""
+    d = int(rng.choice([5, 7, 9]))
+    smooth = cv2.bilateralFilter(img, d, float(rng.uniform(30, 80)), float(rng.uniform(3, 9)))
+    a = float(rng.uniform(0.4, 1.0))
+    return np.clip(a * smooth.astype(np.float32) + (1 - a) * img.astype(np.float32), 0, 255).astype(np.uint8)
+
+
+def _even(img: np.ndarray) -> np.ndarray:
+    """yuv420p needs even sides: pad one replicated row/column where a side is odd."""
+    h, w = img.shape[:2]
+    if h % 2 == 0 and w % 2 == 0:
+        return img
+    return cv2.copyMakeBorder(img, 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
+
+
+def video_codec(img: np.ndarray, codec: str, quality: int) -> np.ndarray:
+    """Encode the image as one frame of H.264 (x264 at CRF `quality`) or VP8 (libvpx at quantiser `quality`) and
+    decode it again, with PyAV: the 4:2:0 chroma, block transform, deblocking and ringing of a real call's codec."""
+    import av  # PyAV: a serving dependency already; imported here so augment stays cheap to import
+
+    h, w = img.shape[:2]
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(_even(img)), format="rgb24").reformat(format="yuv420p")
+    frame.pts = 0
+    if codec == "h264":
+        enc = av.CodecContext.create("libx264", "w")
+        enc.options = {"crf": str(int(quality)), "preset": "ultrafast", "tune": "zerolatency"}
+        decoder = "h264"
+    elif codec == "vp8":
+        enc = av.CodecContext.create("libvpx", "w")
+        # libvpx ignores crf without a bitrate cap; a fixed quantiser is the quality knob that works.
+        enc.options = {"qmin": str(int(quality)), "qmax": str(int(quality)), "deadline": "realtime",
+                       "cpu-used": "8", "lag-in-frames": "0"}
+        enc.bit_rate = 20_000_000
+        decoder = "vp8"
+    else:
+        raise ValueError(f"codec must be 'h264' or 'vp8', got {codec!r}")
+    enc.width, enc.height, enc.pix_fmt = frame.width, frame.height, "yuv420p"
+    enc.time_base = Fraction(1, 30)
+    packets = [*enc.encode(frame), *enc.encode(None)]
+    dec = av.CodecContext.create(decoder, "r")
+    frames = [f for p in packets for f in dec.decode(p)] + list(dec.decode(None))
+    if not frames:
+        raise RuntimeError(f"{codec} round trip gave no frame")
+    return np.ascontiguousarray(frames[0].to_ndarray(format="rgb24")[:h, :w])
+
+
+def random_codec(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    if rng.random() < cfg.vp8_share:
+        return video_codec(img, "vp8", int(rng.integers(cfg.vp8_q[0], cfg.vp8_q[1] + 1)))
+    return video_codec(img, "h264", int(rng.integers(cfg.h264_crf[0], cfg.h264_crf[1] + 1)))
+
+
 def h264_like(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
     """What a video call does to a frame: downscale-upscale, then block-DCT coding at a random quality."""
     return jpeg(downscale(img, rng, cfg.min_downscale), int(rng.integers(cfg.jpeg_quality[0], 60)))
@@ -139,6 +208,8 @@ def augment_with_mask(
         out = brightness_contrast(out, rng)
     if rng.random() < cfg.p_colour:
         out = colour(out, rng)
+    if rng.random() < cfg.p_beauty:
+        out = beauty_filter(out, rng)
     if rng.random() < cfg.p_blur:
         out = gaussian_blur(out, rng)
     if rng.random() < cfg.p_noise:
@@ -148,6 +219,8 @@ def augment_with_mask(
         out = downscale(out, rng, cfg.min_downscale)
     elif r < cfg.p_downscale:
         out = h264_like(out, rng, cfg)
+    if rng.random() < cfg.p_codec:
+        out = random_codec(out, rng, cfg)
     if rng.random() < cfg.p_jpeg:
         out = jpeg(out, int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1)))
     return np.ascontiguousarray(out), mask

@@ -1,9 +1,13 @@
 """Training data: media discovery (dataset layouts), face extraction with a cache, identity split, torch dataset.
 
-Faces come from the same pipeline that serves (`FaceDetector` → `square_crop` at the card's margin), so the model
-trains on the crops it will see. Each crop is cached once at `crop_size` (256 px, more than the model input, so SBI
-blends and codec augmentations happen before the final resize, as they do in a real capture chain), with its 468
-mediapipe face-mesh landmarks for the SBI mask.
+Faces come from the same detector that serves (`FaceDetector` → `square_crop`), so the model trains on the boxes it
+will see. Each crop is cached once at `crop_size` (256 px) and at a margin (1.4) wider than the model's, with its 468
+mediapipe face-mesh landmarks for the blend masks and the rectangle of it that holds picture (the rest is the black
+padding of faces at the frame's edge, or of tight photo crops padded before detection). The data set then blends and
+augments at that size and cuts the model's crop out of it at a jittered margin and position (a live detector's box
+moves from frame to frame), so blends and codec artefacts happen before the final resize, as in a real capture chain.
+The whole set is consolidated into one memory-mapped folder (19 k faces are 3.8 GB at 256 px: DataLoader workers
+share the pages instead of each unpickling a copy).
 
 Layouts understood by `discover` (labels: 1 fake, 0 real; identities keep the split honest):
 
@@ -42,8 +46,10 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 N_LANDMARKS = 468
+# Fake kinds in a sample key: a face as it is, its self-blend, or a blend of another person's face onto it.
+REAL, SBI, XRAY = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +57,11 @@ class MediaItem:
     path: Path
     label: int  # 1 fake, 0 real
     identity: str
+
+    @property
+    def group(self) -> str:
+        """Which kind of footage: "video" frames or still "image"s (the sampler can weigh them)."""
+        return "video" if self.path.suffix.lower() in VIDEO_SUFFIXES else "image"
 
 
 # ---------------------------------------------------------------------------------------------------- identities
@@ -214,40 +225,108 @@ def discover(source: Path) -> list[MediaItem]:
 
 @dataclass(slots=True)
 class FaceSet:
-    """Cached face crops and what we know about each."""
+    """Cached face crops and what we know about each. `crops` may be a read-only memory map (see `save`/`load`)."""
 
     crops: np.ndarray  # (N, S, S, 3) uint8
     landmarks: np.ndarray  # (N, 468, 2) float32 pixels in the crop; NaN where the face mesh found nothing
     labels: np.ndarray  # (N,) int64, 1 fake
     identities: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # "path@pts_s#face"
+    valid: np.ndarray | None = None  # (N, 4) int32 x0, y0, x1, y1: the part of the crop that is picture
+    groups: list[str] = field(default_factory=list)  # MediaItem.group of each face
+    margin: float = 1.65  # crop side / face box long side the crops were cut at
+    path: Path | None = None  # the folder it was loaded from, when memory-mapped
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if self.valid is None:
+            side = self.crops.shape[1] if self.crops.ndim == 4 else 0
+            self.valid = np.tile(np.array([0, 0, side, side], np.int32), (n, 1))
+        if not self.groups:
+            self.groups = ["image"] * n
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def crop_size(self) -> int:
+        return int(self.crops.shape[1])
+
+    def valid_mask(self, index: int) -> np.ndarray:
+        """(S, S) bool: True where the crop holds picture, False on its black padding."""
+        assert self.valid is not None
+        x0, y0, x1, y1 = (int(v) for v in self.valid[index])
+        m = np.zeros((self.crop_size, self.crop_size), bool)
+        m[y0:y1, x0:x1] = True
+        return m
+
     @classmethod
-    def empty(cls, size: int) -> FaceSet:
+    def empty(cls, size: int, margin: float = 1.65) -> FaceSet:
         return cls(
-            np.zeros((0, size, size, 3), np.uint8), np.zeros((0, N_LANDMARKS, 2), np.float32), np.zeros((0,), np.int64)
+            np.zeros((0, size, size, 3), np.uint8), np.zeros((0, N_LANDMARKS, 2), np.float32), np.zeros((0,), np.int64),
+            valid=np.zeros((0, 4), np.int32), margin=margin,
         )
 
     @classmethod
-    def concat(cls, parts: Sequence[FaceSet], size: int) -> FaceSet:
+    def concat(cls, parts: Sequence[FaceSet], size: int, margin: float = 1.65) -> FaceSet:
         if not parts:
-            return cls.empty(size)
+            return cls.empty(size, margin)
         return cls(
             np.concatenate([p.crops for p in parts]),
             np.concatenate([p.landmarks for p in parts]),
             np.concatenate([p.labels for p in parts]),
             [i for p in parts for i in p.identities],
             [s for p in parts for s in p.sources],
+            np.concatenate([p.valid for p in parts if p.valid is not None]),
+            [g for p in parts for g in p.groups],
+            margin,
         )
+
+    def save(self, folder: Path) -> None:
+        """crops.npy (loadable as a memory map), the other arrays, and meta.json; written to a temporary folder and
+        renamed, so a run killed while saving leaves no half set behind."""
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        np.save(tmp / "crops.npy", self.crops)
+        np.save(tmp / "landmarks.npy", self.landmarks)
+        np.save(tmp / "labels.npy", self.labels)
+        np.save(tmp / "valid.npy", self.valid)
+        meta = {"identities": self.identities, "sources": self.sources, "groups": self.groups, "margin": self.margin}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        tmp.replace(folder)
+
+    @classmethod
+    def load(cls, folder: Path) -> FaceSet:
+        folder = Path(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        return cls(
+            np.load(folder / "crops.npy", mmap_mode="r"), np.load(folder / "landmarks.npy"),
+            np.load(folder / "labels.npy"), meta["identities"], meta["sources"], np.load(folder / "valid.npy"),
+            meta["groups"], float(meta["margin"]), folder,
+        )
+
+    def __getstate__(self) -> dict:
+        # Into a DataLoader worker: a memory-mapped set travels as its folder, not as gigabytes of pickled pixels.
+        state = {k: getattr(self, k) for k in self.__slots__}
+        if self.path is not None:
+            state["crops"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        if self.crops is None:
+            assert self.path is not None
+            self.crops = np.load(Path(self.path) / "crops.npy", mmap_mode="r")
 
 
 @dataclass(frozen=True, slots=True)
 class ExtractConfig:
     crop_size: int = 256
-    margin: float = 1.65
+    margin: float = 1.4  # wider than the model's crop, which the data set cuts out of it with jitter
+    image_pad: float = 0.2  # still images are padded (black, this share of the side) before detection: tight
+    # portrait crops (UTKFace: the face fills ~0.9 of the image) are otherwise missed by the full-range detector
     fps: float = 5.0  # frames per second of video to sample for training
     max_frames: int = 300  # per video
     min_confidence: float = 0.5
@@ -292,7 +371,8 @@ class FaceExtractor:
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         return self.cache_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', path.stem)[:40]}-{digest}.npz"
 
-    def _frames(self, path: Path) -> Iterator[tuple[float, np.ndarray]]:
+    def _frames(self, path: Path) -> Iterator[tuple[float, np.ndarray, int]]:
+        """(pts_s, RGB frame, black padding added on each side in pixels)."""
         if path.suffix.lower() in VIDEO_SUFFIXES:
             from streamguard.ingest.av_source import iter_sampled_frames
 
@@ -300,22 +380,29 @@ class FaceExtractor:
             for i, frame in enumerate(iter_sampled_frames(str(path), fps=self.cfg.fps, skip_nonref=False)):
                 if i >= self.cfg.max_frames:
                     break
-                yield frame.pts_s, frame.rgb
+                yield frame.pts_s, frame.rgb, 0
         else:
             bgr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
             if bgr is None:
                 raise ValueError(f"{path}: not a readable image")
-            yield 0.0, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            pad = round(self.cfg.image_pad * max(bgr.shape[:2]))
+            bgr = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0) if pad else bgr
+            yield 0.0, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), pad
 
     def _extract(self, item: MediaItem) -> FaceSet:
-        from streamguard.faces.crop import square_crop
+        from streamguard.faces.crop import crop_box, square_crop
 
         detector, mesh = self._models()
         size = self.cfg.crop_size
-        crops, lms, sources = [], [], []
-        for pts, rgb in self._frames(item.path):
+        crops, lms, sources, valid = [], [], [], []
+        for pts, rgb, pad in self._frames(item.path):
+            h, w = rgb.shape[:2]
             dets = [d for d in detector.detect(rgb) if d.box.long_side >= self.cfg.min_face_px][: self.cfg.max_faces]
             for k, det in enumerate(dets):
+                x0, y0, side = crop_box(det.box, self.cfg.margin, w, h)
+                scale = size / side
+                rect = [(pad - x0) * scale, (pad - y0) * scale, (w - pad - x0) * scale, (h - pad - y0) * scale]
+                valid.append(np.clip(np.round(rect), 0, size).astype(np.int32))
                 crop = square_crop(rgb, det.box, margin=self.cfg.margin, out_size=size)
                 result = mesh.process(crop)
                 if result.multi_face_landmarks:
@@ -327,37 +414,57 @@ class FaceExtractor:
                 lms.append(lm)
                 sources.append(f"{item.path}@{pts:.3f}#{k}")
         if not crops:
-            return FaceSet.empty(size)
+            return FaceSet.empty(size, self.cfg.margin)
+        return self._faceset(item, np.stack(crops), np.stack(lms), sources, np.stack(valid))
+
+    def _faceset(self, item: MediaItem, crops: np.ndarray, lms: np.ndarray, sources: list[str],
+                 valid: np.ndarray) -> FaceSet:
         n = len(crops)
-        return FaceSet(np.stack(crops), np.stack(lms), np.full(n, item.label, np.int64), [item.identity] * n, sources)
+        return FaceSet(crops, lms, np.full(n, item.label, np.int64), [item.identity] * n, sources, valid,
+                       [item.group] * n, self.cfg.margin)
 
     def faces(self, item: MediaItem) -> FaceSet:
         """The item's faces, from the cache when it has them. Label and identity come from the item, not the cache."""
         cache = self._cache_path(item.path)
         if cache is not None and cache.exists():
             with np.load(cache) as z:
-                crops, lms, sources = z["crops"], z["landmarks"], [str(s) for s in z["sources"]]
-        else:
-            fs = self._extract(item)
-            crops, lms, sources = fs.crops, fs.landmarks, fs.sources
-            if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(".tmp.npz")
-                np.savez(tmp, crops=crops, landmarks=lms, sources=np.array(sources, dtype=str))
-                tmp.replace(cache)
-        n = len(crops)
-        return FaceSet(crops, lms, np.full(n, item.label, np.int64), [item.identity] * n, sources)
+                return self._faceset(item, z["crops"], z["landmarks"], [str(s) for s in z["sources"]], z["valid"])
+        fs = self._extract(item)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp.npz")
+            np.savez(tmp, crops=fs.crops, landmarks=fs.landmarks, sources=np.array(fs.sources, dtype=str),
+                     valid=fs.valid)
+            tmp.replace(cache)
+        return fs
 
     def extract_all(self, items: Sequence[MediaItem], progress: bool = True) -> FaceSet:
+        """Every item's faces in one set, in item order. With a cache folder the set is consolidated there once
+        (keyed by the items and settings) and returned memory-mapped."""
         from tqdm import tqdm
 
+        consolidated = self._consolidated_path(items)
+        if consolidated is not None and (consolidated / "meta.json").exists():
+            return FaceSet.load(consolidated)
         parts = []
         for item in tqdm(items, desc="faces", unit="file", disable=not progress):
             try:
                 parts.append(self.faces(item))
             except (SourceError, OSError, ValueError, cv2.error) as exc:  # one bad file must not end a long run
                 log.warning("%s: skipped (%s)", item.path, exc)
-        return FaceSet.concat(parts, self.cfg.crop_size)
+        faces = FaceSet.concat(parts, self.cfg.crop_size, self.cfg.margin)
+        if consolidated is None:
+            return faces
+        faces.save(consolidated)
+        del faces, parts
+        return FaceSet.load(consolidated)
+
+    def _consolidated_path(self, items: Sequence[MediaItem]) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = json.dumps([[str(i.path.resolve()), i.label, i.identity] for i in items]
+                         + [CACHE_VERSION, sorted(_cfg_dict(self.cfg).items())])
+        return self.cache_dir / f"set-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
 
 def _cfg_dict(cfg: ExtractConfig) -> dict:
@@ -387,8 +494,8 @@ def split_by_identity(
 
 # ---------------------------------------------------------------------------------------------------- torch side
 
-# A sample key: (face index, whether to make an SBI fake of it, the sample's own seed). Every random choice of a
-# sample derives from its key, so a run is reproducible whatever the number of DataLoader workers.
+# A sample key: (face index, fake kind: REAL, SBI or XRAY, the sample's own seed). Every random choice of a sample
+# derives from its key, so a run is reproducible whatever the number of DataLoader workers.
 SampleKey = tuple[int, int, int]
 
 
@@ -396,23 +503,33 @@ class IdentityBalancedSampler(Sampler[SampleKey]):
     """Deepware's sampler: pick an identity uniformly, then real or fake with equal odds, then one of its faces.
 
     A fake is one of the identity's labelled fakes when it has some (with probability 1 - `sbi_share`) and otherwise
-    an SBI made from one of its real faces. An identity with no real face gives its real draw to a random identity
-    that has one.
+    a pseudo-fake made from one of its real faces: a cross-identity blend (XRAY) with probability `xray_share`, else
+    an SBI. An identity with no real face gives its real draw to a random identity that has one.
 
-    `paired=True` yields two keys per draw, a real and a fake of the same identity: for an SBI, the real face it is
-    made from, with the same seed, so both get the same augmentation and differ only by the blend (the SBI paper's
+    `group_weights` (e.g. {"video": 0.2, "image": 0.8}, with `groups` naming each face's group) first picks the
+    group, then an identity within it: 300 frames of five real video calls would otherwise be 5 identities among
+    14 000 photo ones, drawn once in 3 000 samples.
+
+    `paired=True` yields two keys per draw, a real and a fake of the same identity: for a pseudo-fake, the real face it
+    is made from, with the same seed, so both get the same augmentation and differ only by the blend (the SBI paper's
     batches); the halves stay together in batches of even size. The draws depend on (seed, epoch) only: call
     `set_epoch` before each epoch.
     """
 
     def __init__(self, labels: np.ndarray, identities: Sequence[str], indices: Sequence[int], num_samples: int,
-                 seed: int, sbi: bool = True, sbi_share: float = 0.5, paired: bool = False):
+                 seed: int, sbi: bool = True, sbi_share: float = 0.5, paired: bool = False, xray_share: float = 0.0,
+                 groups: Sequence[str] | None = None, group_weights: dict[str, float] | None = None):
+        if not 0.0 <= xray_share <= 1.0:
+            raise ValueError(f"xray_share must be in [0, 1], got {xray_share}")
         self.num_samples = int(num_samples)
         self.seed, self.epoch, self.sbi, self.sbi_share, self.paired = int(seed), 0, sbi, sbi_share, paired
+        self.xray_share = xray_share
         reals: dict[str, list[int]] = defaultdict(list)
         fakes: dict[str, list[int]] = defaultdict(list)
+        group_of: dict[str, str] = {}
         for i in indices:
             (fakes if labels[i] == 1 else reals)[identities[i]].append(int(i))
+            group_of.setdefault(identities[i], groups[i] if groups is not None else "")
         self.identities = sorted(set(reals) | set(fakes))
         self.reals, self.fakes = dict(reals), dict(fakes)
         self._with_reals = sorted(reals)
@@ -420,12 +537,29 @@ class IdentityBalancedSampler(Sampler[SampleKey]):
             raise ValueError("no real faces to sample from")
         if not self.fakes and not sbi:
             raise ValueError("no fake faces, and SBI is off")
+        self._by_group, self._group_p = self._groups(group_of, group_weights)
+
+    def _groups(self, group_of: dict[str, str], weights: dict[str, float] | None,
+                ) -> tuple[list[list[str]], np.ndarray | None]:
+        if not weights:
+            return [self.identities], None
+        present = sorted({g for g in group_of.values() if weights.get(g, 0.0) > 0})
+        if not present:
+            raise ValueError(f"group_weights {weights} name no group of the training faces")
+        by_group = [sorted(i for i in self.identities if group_of[i] == g) for g in present]
+        p = np.array([weights[g] for g in present], np.float64)
+        return by_group, p / p.sum()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def _identity(self, rng: np.random.Generator) -> str:
+        pool = self._by_group[0] if self._group_p is None else self._by_group[rng.choice(len(self._by_group),
+                                                                                          p=self._group_p)]
+        return pool[rng.integers(len(pool))]
 
     def _real(self, ident: str, rng: np.random.Generator) -> int:
         if ident not in self.reals:
@@ -434,27 +568,28 @@ class IdentityBalancedSampler(Sampler[SampleKey]):
         return pool[rng.integers(len(pool))]
 
     def _fake(self, ident: str, rng: np.random.Generator) -> tuple[int, int]:
-        """(face index, make_sbi) of a fake of `ident`."""
+        """(face index, kind) of a fake of `ident`."""
         labelled = self.fakes.get(ident)
         if labelled and (not self.sbi or ident not in self.reals or rng.random() >= self.sbi_share):
-            return labelled[rng.integers(len(labelled))], 0
+            return labelled[rng.integers(len(labelled))], REAL
         if not self.sbi:  # this identity has no labelled fake: someone else's
             pool = self.fakes[sorted(self.fakes)[rng.integers(len(self.fakes))]]
-            return pool[rng.integers(len(pool))], 0
-        return self._real(ident, rng), 1
+            return pool[rng.integers(len(pool))], REAL
+        kind = XRAY if self.xray_share and rng.random() < self.xray_share else SBI
+        return self._real(ident, rng), kind
 
     def __iter__(self) -> Iterator[SampleKey]:
         rng = np.random.default_rng([self.seed, self.epoch])
         produced = 0
         while produced < self.num_samples:
-            ident = self.identities[rng.integers(len(self.identities))]
+            ident = self._identity(rng)
             seed = int(rng.integers(2**31))
             if self.paired:
-                fake, sbi = self._fake(ident, rng)
-                real = fake if sbi else self._real(ident, rng)
-                keys: list[SampleKey] = [(real, 0, seed), (fake, sbi, seed)]
+                fake, kind = self._fake(ident, rng)
+                real = fake if kind != REAL else self._real(ident, rng)
+                keys: list[SampleKey] = [(real, REAL, seed), (fake, kind, seed)]
             elif rng.random() < 0.5:
-                keys = [(self._real(ident, rng), 0, seed)]
+                keys = [(self._real(ident, rng), REAL, seed)]
             else:
                 keys = [(*self._fake(ident, rng), seed)]
             yield from keys[: self.num_samples - produced]
@@ -468,40 +603,114 @@ def to_tensor(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> t
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
+@dataclass(frozen=True, slots=True)
+class CropConfig:
+    """How the model's crop is cut out of a cached (wider) one: the card's margin, jittered in training.
+
+    `margin_range` and `max_shift` (of the face box side) stand for a live detector's box, which grows, shrinks and
+    moves by a few per cent between samples; at evaluation the crop is the card's, centred."""
+
+    margin: float = 1.65
+    margin_range: tuple[float, float] | None = None  # None: no scale jitter
+    max_shift: float = 0.0
+
+
+def cut_crop(img: np.ndarray, mask: np.ndarray | None, cached_margin: float, out_size: int, margin: float,
+             shift: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray | None]:
+    """The square crop at `margin` × the face box, centred on the box centre + `shift` (fractions of the box side),
+    out of a crop cut at `cached_margin`, resized to `out_size` as `square_crop` resizes (area when shrinking).
+    Past the cached crop's edge it is black, as a frame's edge is in `square_crop`."""
+    from streamguard.faces.crop import square_crop
+    from streamguard.types import Box
+
+    size = img.shape[0]
+    box_side = size / cached_margin
+    cx, cy = size / 2 + shift[0] * box_side, size / 2 + shift[1] * box_side
+    box = Box(cx - box_side / 2, cy - box_side / 2, cx + box_side / 2, cy + box_side / 2)
+    out = square_crop(img, box, margin=margin, out_size=out_size)
+    if mask is not None:
+        mask = square_crop(mask, box, margin=margin, out_size=out_size)
+    return out, mask
+
+
 class FaceDataset(Dataset):
     """Maps a SampleKey to (input tensor, label, blend-map target, whether the target is known).
 
-    The target is the SBI blend region (mask / its peak, moved with the augmentation) area-averaged to the model's
+    The target is the blend region (mask / its peak, moved with the augmentation) area-averaged to the model's
     map size (input_size / map_stride): zeros for a real face, unknown (weight 0) for a labelled fake, whose blend
-    region we do not have. `train` applies the augmentations; eval only blends and resizes.
+    region we do not have. `train` applies the augmentations and the crop jitter; eval only blends and cuts the
+    card's crop. `donors`: the faces cross-identity blends may take a face from (the training faces; never
+    held-out ones in training).
     """
 
     def __init__(self, faces: FaceSet, input_size: int, mean: Sequence[float], std: Sequence[float],
-                 train: bool = True, augment_cfg: AugmentConfig | None = None, map_stride: int = 16):
+                 train: bool = True, augment_cfg: AugmentConfig | None = None, map_stride: int = 16,
+                 crop: CropConfig | None = None, donors: Sequence[int] | None = None):
         self.faces, self.input_size, self.mean, self.std = faces, input_size, tuple(mean), tuple(std)
         self.train, self.map_stride = train, map_stride
         self.augment_cfg = augment_cfg or AugmentConfig()
+        self.crop = crop or CropConfig(margin=faces.margin)
+        if self.crop.margin > faces.margin * 1.5:
+            raise ValueError(f"model margin {self.crop.margin} is far wider than the cached crops' {faces.margin}")
+        self.donors = None if donors is None else np.asarray(donors, np.int64)
+        self._donor_shapes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.faces)
 
+    def _blend(self, index: int, kind: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        from streamguard.training.xray import cross_blend, pick_donor
+
+        img = np.asarray(self.faces.crops[index])
+        valid = self.faces.valid_mask(index)
+        lm = self.faces.landmarks[index]
+        rng = np.random.default_rng([seed, 1])
+        if kind == XRAY:
+            donor = pick_donor(index, lm, self.faces, self._donor_pool(), rng)
+            if donor is not None:
+                blend = cross_blend(img, lm, np.asarray(self.faces.crops[donor]), self.faces.landmarks[donor], rng,
+                                    valid=valid)
+                return blend.fake, blend.mask
+        blend = self_blend(img, lm, rng, valid=valid)
+        return blend.fake, blend.mask
+
+    def _donor_pool(self) -> tuple[np.ndarray, np.ndarray]:
+        """(donor indices with landmarks, their normalised landmark shapes), computed once per worker."""
+        from streamguard.training.xray import normalised_shapes
+
+        if self._donor_shapes is None:
+            pool = self.donors if self.donors is not None else np.arange(len(self.faces))
+            pool = pool[np.isfinite(self.faces.landmarks[pool]).all(axis=(1, 2))]
+            self.donors, self._donor_shapes = pool, normalised_shapes(self.faces.landmarks[pool])
+        assert self.donors is not None
+        return self.donors, self._donor_shapes
+
     def sample(self, key: SampleKey) -> tuple[np.ndarray, int, np.ndarray | None]:
         """The sample as a uint8 crop at input size, its label, and its blend mask at input size (None: unknown)."""
-        index, make_sbi, seed = key
-        img = self.faces.crops[index]
+        index, kind, seed = key
+        img = np.asarray(self.faces.crops[index])
         label = int(self.faces.labels[index])
         mask: np.ndarray | None = None if label == 1 else np.zeros(img.shape[:2], np.float32)
-        if make_sbi:
-            blend = self_blend(img, self.faces.landmarks[index], np.random.default_rng([seed, 1]))
-            img, label = blend.fake, 1
-            peak = float(blend.mask.max())
-            mask = blend.mask / peak if peak > 0 else blend.mask
+        if kind != REAL:
+            img, blend_mask = self._blend(index, kind, seed)
+            label = 1
+            peak = float(blend_mask.max())
+            mask = blend_mask / peak if peak > 0 else blend_mask
+        margin, shift = self.crop.margin, (0.0, 0.0)
         if self.train:
-            # Its own stream: a real face and its SBI with the same seed get the very same augmentation.
-            img, mask = augment_with_mask(img, mask, np.random.default_rng([seed, 2]), self.augment_cfg)
-        img = resize_to(img, self.input_size)
-        if mask is not None:
-            mask = cv2.resize(mask, (self.input_size, self.input_size), interpolation=cv2.INTER_AREA)
+            # Its own stream: a real face and its fake with the same seed get the very same augmentation and crop.
+            rng = np.random.default_rng([seed, 2])
+            img, mask = augment_with_mask(img, mask, rng, self.augment_cfg)
+            if self.crop.margin_range is not None:
+                margin = float(rng.uniform(*self.crop.margin_range))
+            if self.crop.max_shift:
+                shift = (float(rng.uniform(-1, 1)) * self.crop.max_shift, float(rng.uniform(-1, 1)) * self.crop.max_shift)
+        if margin == self.faces.margin and shift == (0.0, 0.0):
+            img = resize_to(img, self.input_size)
+            if mask is not None:
+                mask = cv2.resize(mask, (self.input_size, self.input_size), interpolation=cv2.INTER_AREA)
+        else:
+            img, mask = cut_crop(img, mask, self.faces.margin, self.input_size, margin, shift)
         return img, label, mask
 
     def image(self, key: SampleKey) -> tuple[np.ndarray, int]:
@@ -523,12 +732,15 @@ class FaceDataset(Dataset):
         )
 
 
-def eval_keys(faces: FaceSet, indices: Sequence[int], sbi_per_face: int, seed: int) -> list[SampleKey]:
-    """A fixed validation set: every face as it is, plus `sbi_per_face` fresh SBI fakes of each real face."""
+def eval_keys(faces: FaceSet, indices: Sequence[int], sbi_per_face: int, seed: int,
+              xray_per_face: int = 0) -> list[SampleKey]:
+    """A fixed validation set: every face as it is, plus `sbi_per_face` fresh SBI fakes (and `xray_per_face`
+    cross-identity blends) of each real face."""
     rng = np.random.default_rng([seed, 7919])
     keys: list[SampleKey] = []
     for i in indices:
-        keys.append((int(i), 0, int(rng.integers(2**31))))
+        keys.append((int(i), REAL, int(rng.integers(2**31))))
         if faces.labels[i] == 0:
-            keys += [(int(i), 1, int(rng.integers(2**31))) for _ in range(sbi_per_face)]
+            keys += [(int(i), SBI, int(rng.integers(2**31))) for _ in range(sbi_per_face)]
+            keys += [(int(i), XRAY, int(rng.integers(2**31))) for _ in range(xray_per_face)]
     return keys

@@ -17,7 +17,7 @@ OPSET = 17
 
 def export_onnx(model: torch.nn.Module, path: Path, input_size: int) -> Path:
     """Write `model` as ONNX: input "input" (N, 3, S, S); outputs "p_fake" (N, 1) first, as the card says, and
-    "fake_map" (N, 1, S/16, S/16), the local P(blended) behind it (a coarse heatmap); dynamic batch axis."""
+    "fake_map" (N, 1, S/32, S/32), the local P(blended) behind it (a coarse heatmap); dynamic batch axis."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapped = WithSigmoid(model).eval().to(memory_format=torch.contiguous_format)
@@ -62,6 +62,8 @@ def write_card(
     std: tuple[float, float, float],
     threshold: float,
     training: str,
+    raise_threshold: float | None = None,
+    clear_threshold: float | None = None,
     metrics: dict,
     crop_margin: float = 1.65,
     source: str = "trained by this project (tools/train.py)",
@@ -76,6 +78,8 @@ def write_card(
         preprocess=Preprocess(input_size=input_size, mean=mean, std=std, layout="NCHW", crop_margin=crop_margin),
         output="p_fake",
         threshold=threshold,
+        raise_threshold=raise_threshold,
+        clear_threshold=clear_threshold,
         source=source,
         license=license,
         training=training,

@@ -164,41 +164,72 @@ def random_affine(
     return img, mask
 
 
+def check_image(img: np.ndarray) -> None:
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {img.dtype} {img.shape}")
+
+
+def face_landmarks(landmarks: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """The landmarks, or the ellipse stand-in where the face mesh found none."""
+    if landmarks is None or not np.all(np.isfinite(landmarks)):
+        return ellipse_landmarks(min(shape[:2]))
+    return landmarks
+
+
+def augment_one_side(source: np.ndarray, target: np.ndarray, rng: np.random.Generator,
+                     augment_side: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's source-target augmentation on one side (drawn 50/50 unless `augment_side` says which)."""
+    side = augment_side or ("source" if rng.random() < 0.5 else "target")
+    if side == "source":
+        return source_target_augment(source, rng), target
+    if side == "target":
+        return source, source_target_augment(target, rng)
+    raise ValueError(f"augment_side must be 'source', 'target' or None, got {augment_side!r}")
+
+
+def deform_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Elastic deformation, the two-blur soft edge and a blend ratio: the mask a blend is made with."""
+    # albumentations' ElasticTransform(alpha=50, sigma=7) on the paper's 380 px crops, scaled to this size.
+    s = min(mask.shape) / 380.0
+    mask = elastic(mask, rng, alpha=50.0 * s, sigma=7.0 * s)
+    return blend_mask(mask, rng) * float(rng.choice(BLEND_RATIOS))
+
+
+def compose(source: np.ndarray, target: np.ndarray, mask: np.ndarray, original: np.ndarray,
+            valid: np.ndarray | None) -> SelfBlend:
+    """fake = mask × source + (1 − mask) × target. Outside `valid` (the crop's black padding) fake and target are
+    the original's pixels: a colour-jittered target would otherwise tint the padding of fakes only, and a classifier
+    learns that border instead of the blend."""
+    if valid is not None:
+        mask = mask * valid
+    m = mask[..., None]
+    fake = m * source + (1.0 - m) * target
+    target_u8 = np.clip(np.round(target), 0, 255).astype(np.uint8)
+    fake_u8 = np.clip(np.round(fake), 0, 255).astype(np.uint8)
+    if valid is not None:
+        outside = ~valid.astype(bool)
+        fake_u8[outside] = original[outside]
+        target_u8[outside] = original[outside]
+    return SelfBlend(fake=fake_u8, target=target_u8, mask=mask.astype(np.float32))
+
+
 def self_blend(
     img: np.ndarray,
     landmarks: np.ndarray | None,
     rng: np.random.Generator,
     augment_side: str | None = None,
+    valid: np.ndarray | None = None,
 ) -> SelfBlend:
     """Blend `img` (H, W, 3) uint8 with an altered copy of itself inside a deformed face mask.
 
     `augment_side` forces which side gets the source-target augmentation ("source" or "target"); None draws it 50/50
-    as the paper does. With "source" the fake equals the input outside the mask.
+    as the paper does. With "source" the fake equals the input outside the mask. `valid` (H, W) bool marks the part
+    of the crop that is picture; the rest (black padding) stays as it is.
     """
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 image, got {img.dtype} {img.shape}")
+    check_image(img)
     h, w = img.shape[:2]
-    if landmarks is None or not np.all(np.isfinite(landmarks)):
-        landmarks = ellipse_landmarks(min(h, w))
-    mask = hull_mask(landmarks, (h, w), rng)
-
-    target = img.astype(np.float32)
-    source = target.copy()
-    side = augment_side or ("source" if rng.random() < 0.5 else "target")
-    if side == "source":
-        source = source_target_augment(source, rng)
-    elif side == "target":
-        target = source_target_augment(target, rng)
-    else:
-        raise ValueError(f"augment_side must be 'source', 'target' or None, got {augment_side!r}")
-
+    mask = hull_mask(face_landmarks(landmarks, img.shape), (h, w), rng)
+    original = img.astype(np.float32)
+    source, target = augment_one_side(original.copy(), original.copy(), rng, augment_side)
     source, mask = random_affine(source, mask, rng)
-    # albumentations' ElasticTransform(alpha=50, sigma=7) on the paper's 380 px crops, scaled to this size.
-    s = min(h, w) / 380.0
-    mask = elastic(mask, rng, alpha=50.0 * s, sigma=7.0 * s)
-    mask = blend_mask(mask, rng) * float(rng.choice(BLEND_RATIOS))
-    m = mask[..., None]
-    fake = m * source + (1.0 - m) * target
-    target_u8 = np.clip(np.round(target), 0, 255).astype(np.uint8)
-    fake_u8 = np.clip(np.round(fake), 0, 255).astype(np.uint8)
-    return SelfBlend(fake=fake_u8, target=target_u8, mask=mask.astype(np.float32))
+    return compose(source, target, deform_mask(mask, rng), img, valid)

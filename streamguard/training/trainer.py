@@ -24,45 +24,55 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
-from streamguard.training.augment import AugmentConfig
+from streamguard.training.augment import CALL_AUGMENT, AugmentConfig
+from streamguard.training.backbone import LITE_MEAN, LITE_STD
 from streamguard.training.data import (
+    SBI,
+    XRAY,
+    CropConfig,
     FaceDataset,
     FaceSet,
     IdentityBalancedSampler,
     SampleKey,
     eval_keys,
 )
-from streamguard.training.model import DEFAULT_BLOCKS, DEFAULT_WIDTHS, build_model
+from streamguard.training.model import FakeDetector, build_model
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass(slots=True)
 class TrainConfig:
-    epochs: int = 16
-    samples_per_epoch: int = 2048
+    epochs: int = 8
+    samples_per_epoch: int = 32768
     batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    input_size: int = 160
-    widths: tuple[int, ...] = DEFAULT_WIDTHS
-    blocks: tuple[int, ...] = DEFAULT_BLOCKS
-    dropout: float = 0.1
-    topk_fraction: float = 0.1  # image logit = mean of the top 10 % cells of the blend map
-    map_weight: float = 1.0  # weight of the per-cell blend-map loss beside the image loss
+    lr: float = 3e-4  # backbone; the new head learns `head_lr_scale` times faster
+    head_lr_scale: float = 10.0
+    weight_decay: float = 1e-2
+    warmup_epochs: float = 0.25
+    input_size: int = 192
+    frozen_blocks: int = 3  # stem + the first blocks keep ImageNet's filters (and run ~1.5x faster without backward)
+    pretrained: bool = True
+    dropout: float = 0.2
+    topk_fraction: float = 0.25  # image logit = mean of the top quarter of the blend map's cells
+    map_weight: float = 0.5  # weight of the per-cell blend-map loss beside the image loss
     seed: int = 0
-    val_sbi_per_face: int = 4
+    val_sbi_per_face: int = 2
+    val_xray_per_face: int = 1
     num_workers: int = 1
     threads: int = 2
     sbi_share: float = 0.5
-    paired: bool = True  # real + its SBI in the same batch (batch_size must then be even)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    xray_share: float = 0.25  # of the pseudo-fakes: cross-identity blends; the rest are SBIs
+    video_share: float = 0.2  # of the draws: real video frames (the rest: still photos), when both are there
+    paired: bool = True  # real + its fake in the same batch (batch_size must then be even)
+    margin: float = 1.15  # the model's crop (card crop_margin): crop side / face box long side
+    margin_range: tuple[float, float] = (1.05, 1.3)  # training jitter of the margin
+    max_shift: float = 0.04  # training jitter of the crop centre, share of the box side
+    augment: AugmentConfig = CALL_AUGMENT
+    mean: tuple[float, float, float] = LITE_MEAN
+    std: tuple[float, float, float] = LITE_STD
 
 
 @dataclass(slots=True)
@@ -74,6 +84,7 @@ class EpochStats:
     val_auc: float | None
     lr: float
     seconds: float
+    val_auc_xray: float | None = None  # real vs cross-identity blends of held-out identities
 
 
 @dataclass(slots=True)
@@ -103,6 +114,20 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def param_groups(model: FakeDetector, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: no weight decay on BatchNorm and biases; the new head at `head_lr_scale` × the backbone's rate.
+    Frozen parameters are left out."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name.startswith("head."), p.ndim > 1), []).append(p)
+    return [
+        {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+         "lr_scale": cfg.head_lr_scale if head else 1.0}
+        for (head, decay), params in sorted(groups.items())
+    ]
+
+
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -124,6 +149,18 @@ def predict(model: torch.nn.Module, dataset: FaceDataset, keys: Sequence[SampleK
     if not scores:
         return np.zeros(0, np.float32), np.zeros(0, np.float32)
     return np.concatenate(scores).astype(np.float32), np.concatenate(labels).astype(np.float32)
+
+
+def kind_aucs(keys: Sequence[SampleKey], scores: np.ndarray, labels: np.ndarray) -> tuple[float | None, float | None]:
+    """(AUC of reals vs SBIs, AUC of reals vs cross-identity blends) over validation keys; None where a side is
+    missing."""
+    kinds = np.array([k[1] for k in keys])
+
+    def auc(select: np.ndarray) -> float | None:
+        y = labels[select]
+        return float(roc_auc_score(y, scores[select])) if len(set(y.tolist())) == 2 else None
+
+    return auc(kinds != XRAY), auc(kinds != SBI) if (kinds == XRAY).any() else None
 
 
 def _bce(p: np.ndarray, y: np.ndarray) -> float:
@@ -156,12 +193,9 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed, cfg.threads)
 
-    model = build_model(cfg.widths, cfg.blocks, cfg.dropout, cfg.topk_fraction).to(memory_format=torch.channels_last)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-    )
+    model = build_model(cfg.frozen_blocks, cfg.dropout, cfg.topk_fraction, cfg.pretrained)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
     steps_per_epoch = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
@@ -181,12 +215,17 @@ def train(
 
     if cfg.input_size % model.stride:
         raise ValueError(f"input_size must be a multiple of {model.stride}")
-    train_ds = FaceDataset(faces, cfg.input_size, cfg.mean, cfg.std, train=True, augment_cfg=AugmentConfig(),
-                           map_stride=model.stride)
-    val_ds = FaceDataset(faces, cfg.input_size, cfg.mean, cfg.std, train=False, map_stride=model.stride)
+    crop = CropConfig(cfg.margin, cfg.margin_range, cfg.max_shift)
+    train_ds = FaceDataset(faces, cfg.input_size, cfg.mean, cfg.std, train=True, augment_cfg=cfg.augment,
+                           map_stride=model.stride, crop=crop, donors=train_idx)
+    # Held-out cross-identity blends take their donors among held-out faces: no training face in validation.
+    val_ds = FaceDataset(faces, cfg.input_size, cfg.mean, cfg.std, train=False, map_stride=model.stride,
+                         crop=CropConfig(cfg.margin), donors=val_idx)
+    groups = {faces.groups[i] for i in train_idx}
+    weights = {"video": cfg.video_share, "image": 1.0 - cfg.video_share} if groups == {"video", "image"} else None
     sampler = IdentityBalancedSampler(
         faces.labels, faces.identities, train_idx, cfg.samples_per_epoch, cfg.seed, sbi=True, sbi_share=cfg.sbi_share,
-        paired=cfg.paired,
+        paired=cfg.paired, xray_share=cfg.xray_share, groups=faces.groups, group_weights=weights,
     )
     loader = DataLoader(
         train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
@@ -196,7 +235,7 @@ def train(
         # in this process) can deadlock on a lock held by a thread that does not exist in the child.
         multiprocessing_context="spawn" if cfg.num_workers else None,
     )
-    keys = eval_keys(faces, val_idx, cfg.val_sbi_per_face, cfg.seed)
+    keys = eval_keys(faces, val_idx, cfg.val_sbi_per_face, cfg.seed, cfg.val_xray_per_face if cfg.xray_share else 0)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     val_scores = val_labels = None
 
@@ -211,7 +250,7 @@ def train(
             global_step = epoch * steps_per_epoch + step
             lr = lr_at(global_step, total_steps, warmup, cfg.lr)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["lr_scale"]
             x = x.contiguous(memory_format=torch.channels_last)
             fake_map = model.forward_map(x)
             logit = model.pool(fake_map).flatten()
@@ -228,20 +267,20 @@ def train(
             loss_sum += loss.item() * n
             correct += int(((logit > 0).float() == y).sum())
             bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.3f}")
-        val_auc = val_loss = None
+        val_auc = val_auc_xray = val_loss = None
         if keys:
             val_scores, val_labels = predict(model, val_ds, keys)
             val_loss = _bce(val_scores, val_labels)
-            if len(set(val_labels.tolist())) == 2:
-                val_auc = float(roc_auc_score(val_labels, val_scores))
+            val_auc, val_auc_xray = kind_aucs(keys, val_scores, val_labels)
         stats = EpochStats(epoch + 1, loss_sum / max(1, total), correct / max(1, total), val_loss, val_auc, lr,
-                           round(time.perf_counter() - t0, 2))
+                           round(time.perf_counter() - t0, 2), val_auc_xray)
         history.append(stats)
-        log.info("epoch %d: train loss %.4f acc %.3f, val loss %s auc %s (%.0f s)", stats.epoch, stats.train_loss,
-                 stats.train_acc, _fmt(val_loss), _fmt(val_auc), stats.seconds)
+        log.info("epoch %d: train loss %.4f acc %.3f, val loss %s auc %s (cross-identity %s) (%.0f s)", stats.epoch,
+                 stats.train_loss, stats.train_acc, _fmt(val_loss), _fmt(val_auc), _fmt(val_auc_xray), stats.seconds)
         if progress:
             tqdm.write(f"epoch {stats.epoch}: train loss {stats.train_loss:.4f} acc {stats.train_acc:.3f}  "
-                       f"val loss {_fmt(val_loss)} auc {_fmt(val_auc)}  ({stats.seconds:.0f} s)")
+                       f"val loss {_fmt(val_loss)} auc {_fmt(val_auc)} x-id {_fmt(val_auc_xray)}  "
+                       f"({stats.seconds:.0f} s)")
         _save_checkpoint(ckpt_path, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "history": [asdict(h) for h in history], "config": asdict(cfg),
