@@ -1,7 +1,15 @@
-"""The shipped default model (engines/streamguard-sbi.onnx + card) works out of the box, without torch."""
+"""The shipped default model (engines/streamguard-sbi.onnx + card) works out of the box, without torch, and does
+what its card says on the shared real data, measured with the project's own scan/eval code (tools/model_report.py).
+
+The acceptance lines of the detector work: the FF++ pair called right at the card's threshold; both DFDC fake videos
+called fake and the 22 DFDC crops (re-detected) ranked with AUC >= 0.8; at most 1 of the 64 real photos and none of
+the 8 real talking-head clips called fake; MesoNet's 4 crops with AUC >= 0.75. The FF++ pair and DFDC are validation
+only: neither trained nor calibrated the model.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +23,11 @@ from streamguard.inference.models import (
     load_classifier,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-REAL_FACES = SHARED / "real_faces"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
 ONNX_PATH = ENGINES_DIR / f"{DEFAULT_MODEL}.onnx"
-
-# Measured when the model was trained (card metrics "real_photos_all"): faces of the 64 real photos at or above the
-# card threshold. The photos are partly training data, so this is a floor on the real-world false-positive rate, not
-# an estimate of it; the margin absorbs ONNX Runtime version differences.
-MEASURED_REAL_PHOTO_FPR = 1 / 68  # one face of 68 (img26.jpg, 0.89) at threshold 0.88
-FPR_MARGIN = 0.05
+needs_shared = pytest.mark.skipif(not (SHARED / "ffpp_smoke").is_dir(),
+                                  reason=f"needs the shared data at {SHARED} (absent in a user's clone)")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,7 @@ def classifier():
     return load_classifier(None)
 
 
-def test_default_model_is_the_shipped_sbi_model(classifier):
+def test_default_model_is_the_shipped_model(classifier):
     card = classifier.card
     assert classifier.card.name == DEFAULT_MODEL == "streamguard-sbi"
     assert Path(classifier.path) == ONNX_PATH
@@ -43,15 +47,19 @@ def test_card_fields(classifier):
     card = classifier.card
     p = card.preprocess
     assert card.output == "p_fake"
-    assert p.layout == "NCHW" and p.crop_margin == pytest.approx(1.65)
-    assert 128 <= p.input_size <= 192 and classifier.input_size == p.input_size
+    assert p.layout == "NCHW" and 1.05 <= p.crop_margin <= 1.65
+    assert 128 <= p.input_size <= 256 and classifier.input_size == p.input_size
     assert all(s > 0 for s in p.std) and len(p.mean) == 3
-    assert 0.5 <= card.threshold < 1.0
-    assert card.architecture.startswith("sgnet")
-    assert "tools/train.py" in card.training and "Self-blended" in card.training
-    for key in ("heldout_sbi", "real_photos_heldout", "real_photos_all", "mesonet_crops", "videos_1fps"):
-        assert key in card.metrics, key
-    assert 0.0 <= card.metrics["heldout_sbi"]["auc"] <= 1.0
+    assert card.architecture.startswith("efficientnet-lite0")
+    assert "tools/train.py" in card.training and "ImageNet" in card.training and "min on" in card.training
+    assert "non-commercial" in card.license  # UTKFace's terms travel with the weights
+    # Live thresholds calibrated on held-out real calls, explicit in the card.
+    assert card.raise_threshold is not None and card.clear_threshold is not None
+    assert 0.5 <= card.clear_threshold <= card.threshold < card.raise_threshold < 1.0
+    assert card.metrics["heldout_sbi"]["auc"] >= 0.95
+    cal = card.metrics["calibration"]
+    assert cal["threshold"] == card.threshold and cal["raise_threshold"] == card.raise_threshold
+    assert all(c["max_smoothed"] is None or c["max_smoothed"] < card.raise_threshold for c in cal["clips"])
 
 
 def test_graph_has_dynamic_batch():
@@ -72,14 +80,40 @@ def test_accepts_batches(classifier, batch: int):
     np.testing.assert_allclose(classifier.predict(crops[:1]), p[:1], atol=1e-5)
 
 
-@pytest.mark.shared
-@pytest.mark.skipif(not REAL_FACES.is_dir(), reason=f"needs the shared test data at {SHARED}")
-def test_real_photos_mostly_score_below_threshold(classifier):
-    from streamguard.training.evaluation import image_files, score_photos
+@pytest.fixture(scope="module")
+def report(classifier) -> dict:
+    """tools/model_report.py's measurements of the default model on every shared set (about a minute)."""
+    spec = importlib.util.spec_from_file_location("model_report", REPO / "tools" / "model_report.py")
+    assert spec and spec.loader
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return {name: tool.measure(classifier, items, crops) for name, (items, crops) in tool.labelled_sets(SHARED).items()}
 
-    scored = score_photos(classifier, image_files(REAL_FACES))
-    assert len(scored.scores) >= 60
-    fpr = scored.above(classifier.card.threshold) / len(scored.scores)
-    assert fpr <= MEASURED_REAL_PHOTO_FPR + FPR_MARGIN, (fpr, sorted(zip(scored.scores, scored.sources))[-5:])
-    card_fpr = classifier.card.metrics["real_photos_all"]["rate_at_or_above_threshold"]
-    assert fpr == pytest.approx(card_fpr, abs=0.02)
+
+@pytest.mark.shared
+@pytest.mark.slow
+@needs_shared
+class TestOnTheSharedData:
+    def test_ffpp_pair_called_right(self, report, classifier):
+        s = report["ffpp"]["scores"]
+        t = classifier.card.threshold
+        assert s["fake_deepfakes_519_515.mp4"] >= t > s["real_519.mp4"], (s, t)
+
+    def test_dfdc(self, report):
+        assert report["dfdc_videos"]["fakes_called_fake"] == "2/2", report["dfdc_videos"]
+        assert report["dfdc_crops"]["file_auc"] >= 0.8, report["dfdc_crops"]
+
+    def test_real_photos_and_calls(self, report):
+        assert int(report["real_photos"]["reals_called_fake"].split("/")[0]) <= 1, report["real_photos"]
+        assert report["real_photos"]["files"] == 64
+        assert report["talking_heads"]["reals_called_fake"] == "0/8", report["talking_heads"]
+
+    def test_mesonet_crops(self, report):
+        assert report["mesonet_crops"]["file_auc"] >= 0.75, report["mesonet_crops"]
+
+    def test_card_records_these_numbers(self, report, classifier):
+        stored = classifier.card.metrics.get("evaluation")
+        assert stored is not None, "run tools/model_report.py --update-card after training"
+        for name in ("ffpp", "dfdc_videos", "talking_heads"):  # within ONNX Runtime's run-to-run / CPU differences
+            assert stored[name]["scores"] == pytest.approx(report[name]["scores"], abs=0.01), name
+        assert stored["real_photos"]["reals_called_fake"] == report["real_photos"]["reals_called_fake"]

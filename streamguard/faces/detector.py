@@ -53,6 +53,10 @@ from streamguard.types import Box, Detection
 # (fraction of the long side, each side). A face filling the frame then fills ~2/3 of the padded image.
 _CLOSE_UP_SIDE = 512
 _CLOSE_UP_PAD = 0.25
+# ...and a tiny one (a face crop of ~60 px, like DFDC's prepared crops) that still shows none is tried once more
+# enlarged to this long side: the model finds no face in a 62x50 crop padded as it is, and finds it at 256 px (but
+# enlarging every small crop first lost two 100-140 px DFDC crops that are found as they are).
+_CLOSE_UP_MIN_SIDE = 256
 # The retry exists for close-ups, so it keeps only faces at least this fraction of the frame's long side: on 219
 # face-free photo regions the padded pass found 3 "faces", all < 0.33 (hair, background crowd, a chest).
 _CLOSE_UP_MIN_FRACTION = 0.35
@@ -155,9 +159,16 @@ class FaceDetector:
         return out
 
     def _close_up(self, rgb: np.ndarray) -> list[Detection]:
+        long_side = max(rgb.shape[:2])
+        found = self._letterboxed(rgb, min(1.0, _CLOSE_UP_SIDE / long_side))
+        if not found and long_side < _CLOSE_UP_MIN_SIDE:
+            found = self._letterboxed(rgb, _CLOSE_UP_MIN_SIDE / long_side)
+        return found
+
+    def _letterboxed(self, rgb: np.ndarray, scale: float) -> list[Detection]:
         h, w = rgb.shape[:2]
-        scale = min(1.0, _CLOSE_UP_SIDE / max(h, w))
-        small = rgb if scale == 1.0 else cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+        small = rgb if scale == 1.0 else cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=interp)
         pad = round(_CLOSE_UP_PAD * max(small.shape[:2]))
         padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
         found = self._run(padded, scale=scale, off_x=pad / scale, off_y=pad / scale)
