@@ -12,8 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from streamguard.config import ScoringSettings
 from streamguard.faces.tracker import ParticipantTracker
-from streamguard.scoring.live import ParticipantScorer, ScoringSettings, Transition
+from streamguard.scoring.live import ParticipantScorer, Transition
 from streamguard.types import FaceCrop
 
 # Per-participant sample scores kept for the final per-person score (id_strategy): an hour at 1 FPS.

@@ -16,17 +16,17 @@ from streamguard.config import ServiceConfig, StreamSpec
 from streamguard.events.hub import EventHub
 from streamguard.events.schema import EVIDENCE_MIME, EventType, EvidenceKind, evidence_path
 from streamguard.events.store import EventStore
+from streamguard.faces.analyzer import FacePool
+from streamguard.inference.backends import BackendOptions, select_backend
 from streamguard.inference.batcher import Batcher
 from streamguard.inference.classifier import Classifier
 from streamguard.inference.heatmap import occlusion_map, render_overlay
-from streamguard.inference.backends import BackendOptions, select_backend
 from streamguard.ingest.nvdec import choose_hwdecode
 from streamguard.ingest.pull import PullSource, StreamState, redact_url
 from streamguard.ingest.sampler import spread_phase
 from streamguard.ingest.webrtc import WhipManager, WhipSession, rtc_ice_servers
 from streamguard.metrics import Metrics
 from streamguard.participants import Roster
-from streamguard.pipeline import FacePool
 from streamguard.worker import StreamWorker, WorkerDeps, encode_jpeg
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,7 @@ class Service:
                                workers=cfg.batcher.workers, on_batch=self.metrics.on_batch)
         await self.batcher.start()
         card = self.classifier.card
-        self.faces = FacePool(cfg.faces, self.classifier.input_size, card.preprocess.crop_margin,
-                              threads=min(2, os.cpu_count() or 1))
+        self.faces = FacePool(card, cfg.faces, threads=min(2, os.cpu_count() or 1))
         self.deps = WorkerDeps(
             faces=self.faces, batcher=self.batcher, classifier=self.classifier, hub=self.hub, metrics=self.metrics,
             make_evidence=self._make_evidence, window_s=cfg.scoring.window_s, publish_scores=cfg.events.publish_scores,

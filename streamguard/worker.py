@@ -13,12 +13,12 @@ import numpy as np
 
 from streamguard.events.hub import EventHub
 from streamguard.events.schema import EventType, EvidenceKind, evidence_path, new_alert_id
+from streamguard.faces.analyzer import FacePool
 from streamguard.inference.batcher import Batcher
 from streamguard.inference.classifier import Classifier
 from streamguard.ingest.slot import FrameSlot
 from streamguard.metrics import Metrics
 from streamguard.participants import LiveParticipant, Roster
-from streamguard.pipeline import FacePool
 from streamguard.scoring.live import AlertCleared, AlertRaised, Transition
 from streamguard.scoring.verdicts import id_strategy
 from streamguard.types import FaceCrop, SampledFrame

@@ -230,7 +230,7 @@ def check_pod(workload: dict, configmap: dict) -> None:
     # Every STREAMGUARD_* variable the manifest sets is a setting (the service refuses unknown ones), and Kubernetes
     # adds none of its own: service links would set STREAMGUARD_SERVICE_HOST, STREAMGUARD_PORT=tcp://... .
     from streamguard.api.app import DRAIN_TIMEOUT_S
-    from streamguard.config import _unknown_variables
+    from streamguard.config.service import _unknown_variables
 
     pod = workload["spec"]["template"]["spec"]
     assert _unknown_variables({name: "x" for name in env}) == []

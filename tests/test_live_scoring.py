@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from streamguard.config import ScoringSettings
 from streamguard.scoring.live import (
     AlertCleared,
     AlertRaised,
     ParticipantScorer,
     ParticipantState,
-    ScoringSettings,
     StateChanged,
     Transition,
 )

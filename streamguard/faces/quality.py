@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from streamguard.faces.crop import resize_square
 from streamguard.types import Detection, Quality, QualityVerdict
 
 # Sharpness is measured on the face box resized to this side, so it compares across face sizes: a sharp 300 px face
@@ -41,8 +42,7 @@ def sharpness(rgb: np.ndarray, detection: Detection) -> float:
         return 0.0
     face = rgb[y0:y1, x0:x1]
     grey = cv2.cvtColor(face, cv2.COLOR_RGB2GRAY) if face.ndim == 3 else face
-    interp = cv2.INTER_AREA if max(grey.shape) > SHARPNESS_SIDE else cv2.INTER_LINEAR
-    grey = cv2.resize(grey, (SHARPNESS_SIDE, SHARPNESS_SIDE), interpolation=interp)
+    grey = resize_square(grey, SHARPNESS_SIDE)
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import cv2
 import numpy as np
 
+from streamguard.faces.crop import resize_square
 from streamguard.inference.classifier import Classifier, preprocess
 
 if TYPE_CHECKING:
@@ -47,10 +48,7 @@ def occlusion_cost(size: int, patch: int, stride: int, batch: int) -> int:
 def _fit(crop: np.ndarray, size: int) -> np.ndarray:
     if crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8:
         raise ValueError(f"crop must be (H, W, 3) uint8 RGB, got {crop.shape} {crop.dtype}")
-    if crop.shape[:2] == (size, size):
-        return crop
-    shrink = crop.shape[0] > size or crop.shape[1] > size
-    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return resize_square(crop, size)
 
 
 def occlusion_map(
