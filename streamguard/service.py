@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from streamguard.config import ServiceConfig, StreamSpec
 from streamguard.events.hub import EventHub
-from streamguard.events.schema import EVIDENCE_MIME, EventType, EvidenceKind, evidence_path
+from streamguard.events.schema import EVIDENCE_MIME, EventDraft, EventType, EvidenceKind, evidence_path
 from streamguard.events.store import EventStore
 from streamguard.faces.analyzer import FacePool
 from streamguard.inference.backends import BackendOptions, select_backend
@@ -137,8 +137,8 @@ class Service:
                             max_events=ev.max_events)
         if degraded_reason:
             self._degraded.add("inference")
-            await self.hub.publish(EventType.SERVICE_DEGRADED, None, None,
-                                   {"component": "inference", "reason": degraded_reason, "active": True})
+            await self.hub.publish(EventDraft(EventType.SERVICE_DEGRADED, None, None,
+                                   {"component": "inference", "reason": degraded_reason, "active": True}))
         await self._close_dangling_alerts()
         await self._choose_decoding()
         decode = "nvdec" if self.hwdecode.hwaccel is not None else "cpu"
@@ -169,10 +169,10 @@ class Service:
         (a graceful stop clears them as participants leave): they are over, so they are cleared, with that reason."""
         while (page := await asyncio.to_thread(self.store.alerts, open_only=True, limit=100)).items:
             for alert in page.items:
-                await self.hub.publish(EventType.ALERT_CLEARED, alert.stream_id, alert.participant_id, {
+                await self.hub.publish(EventDraft(EventType.ALERT_CLEARED, alert.stream_id, alert.participant_id, {
                     "alert_id": alert.alert_id, "reason": "service restarted: the participant's session ended",
                     "duration_s": max(0.0, time.time() - alert.raised_ts),
-                })
+                }))
                 log.warning("cleared alert %s of %s left open by the previous run", alert.alert_id,
                             alert.participant_id)
 
@@ -184,8 +184,8 @@ class Service:
             return
         log.warning("decoding degraded: %s", self.hwdecode.reason)
         self._degraded.add("ingest")
-        await self.hub.publish(EventType.SERVICE_DEGRADED, None, None,
-                               {"component": "ingest", "reason": self.hwdecode.reason, "active": True})
+        await self.hub.publish(EventDraft(EventType.SERVICE_DEGRADED, None, None,
+                               {"component": "ingest", "reason": self.hwdecode.reason, "active": True}))
 
     async def _load_classifier(self) -> str | None:
         """The configured backend, or the next one that loads (TensorRT, CUDA, then ONNX Runtime on the CPU);
@@ -317,7 +317,7 @@ class Service:
                 data["attempt"] = info["attempt"]
             if info.get("delay_s") is not None:
                 data["retry_in_s"] = info["delay_s"]
-        await self.hub.publish(EventType.STREAM_STATE, stream.id, None, data)
+        await self.hub.publish(EventDraft(EventType.STREAM_STATE, stream.id, None, data))
 
     # --- WHIP ----------------------------------------------------------------------------------------------------
 
@@ -334,7 +334,7 @@ class Service:
         stream.session = session
         await self._publish_state(stream, StreamState.LIVE.value, None)
         person = stream.worker.roster.start(time.time())
-        await self.hub.publish(EventType.PARTICIPANT_JOINED, stream.id, person.id, {"label": display_name})
+        await self.hub.publish(EventDraft(EventType.PARTICIPANT_JOINED, stream.id, person.id, {"label": display_name}))
         return session
 
     def _on_whip_frame(self, stream_id: str, frame) -> None:

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from streamguard.events.hub import EventHub
-from streamguard.events.schema import EventType, EvidenceKind, evidence_path, new_alert_id
+from streamguard.events.schema import EventDraft, EventType, EvidenceKind, evidence_path, new_alert_id
 from streamguard.faces.analyzer import FacePool
 from streamguard.inference.batcher import Batcher
 from streamguard.inference.classifier import Classifier
@@ -143,8 +143,8 @@ class StreamWorker:
         self.deps.metrics.faces_detected.inc(len(crops))
         obs = self.roster.observe(ts, crops)
         for person in obs.joined:
-            await self.deps.hub.publish(EventType.PARTICIPANT_JOINED, self.stream_id, person.id,
-                                        {"label": person.label, "pts_s": frame.pts_s})
+            await self.deps.hub.publish(EventDraft(EventType.PARTICIPANT_JOINED, self.stream_id, person.id,
+                                        {"label": person.label, "pts_s": frame.pts_s}))
             await self._apply(person, person.confirm(), None)
         scorable = [(p, c) for p, c in obs.faces if c.quality.ok]
         scores = await self.deps.batcher.score_many(np.stack([c.crop for _, c in scorable])) if scorable else []
@@ -178,18 +178,18 @@ class StreamWorker:
             except Exception:  # evidence is a courtesy: the alert goes out without it
                 log.exception("evidence for alert %s failed", alert_id)
         person.alert_id = alert_id
-        await self.deps.hub.publish(EventType.ALERT_RAISED, self.stream_id, person.id, {
+        await self.deps.hub.publish(EventDraft(EventType.ALERT_RAISED, self.stream_id, person.id, {
             "alert_id": alert_id, "score": t.p_fake, "smoothed": t.smoothed, "threshold": t.threshold,
             "window_s": self.deps.window_s, "samples": t.samples, "evidence": evidence,
-        })
+        }))
         self.deps.metrics.alerts_raised.inc()
 
     async def _clear(self, person: LiveParticipant, reason: str, smoothed: float | None, threshold: float | None,
                      duration_s: float) -> None:
-        await self.deps.hub.publish(EventType.ALERT_CLEARED, self.stream_id, person.id, {
+        await self.deps.hub.publish(EventDraft(EventType.ALERT_CLEARED, self.stream_id, person.id, {
             "alert_id": person.alert_id, "reason": reason, "smoothed": smoothed, "threshold": threshold,
             "duration_s": max(0.0, duration_s),
-        })
+        }))
         person.alert_id = None
         self.deps.metrics.alerts_cleared.inc()
 
@@ -200,17 +200,17 @@ class StreamWorker:
             # Why they left matters to an operator: a camera that failed is not a deepfake that went away.
             await self._clear(person, f"participant left: {reason}", person.scorer.smoothed, None, duration)
         score = id_strategy(person.scores) if person.scores else None
-        await self.deps.hub.publish(EventType.PARTICIPANT_LEFT, self.stream_id, person.id,
-                                    {"reason": reason, "samples": len(person.scores), "score": score})
+        await self.deps.hub.publish(EventDraft(EventType.PARTICIPANT_LEFT, self.stream_id, person.id,
+                                    {"reason": reason, "samples": len(person.scores), "score": score}))
 
     async def _publish_score(self, person: LiveParticipant, p: float | None, crop: FaceCrop) -> None:
         if not (self.deps.publish_scores and person.confirmed):
             return
         s = person.scorer
-        await self.deps.hub.publish(EventType.PARTICIPANT_SCORE, self.stream_id, person.id, {
+        await self.deps.hub.publish(EventDraft(EventType.PARTICIPANT_SCORE, self.stream_id, person.id, {
             "p_fake": p, "smoothed": s.smoothed, "samples": len(s.window), "state": s.state.value,
             "quality": crop.quality.verdict.value,
-        })
+        }))
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:

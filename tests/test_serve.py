@@ -19,7 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from serve_helpers import (
     SHARED,
     Feed,
@@ -854,15 +853,15 @@ async def test_participants_leave_before_a_file_stream_closes(tmp_path, servers)
 
 @pytest.mark.asyncio
 async def test_alerts_left_open_by_a_dead_process_are_cleared_at_start(tmp_path, servers):
-    from streamguard.events.schema import new_alert_id
+    from streamguard.events.schema import EventDraft, new_alert_id
     from streamguard.events.store import EventStore
 
     data = tmp_path / "data"
     aid = new_alert_id()
     with EventStore(data / "events.sqlite3") as store:  # what a killed process leaves: raised, never cleared
-        store.append("alert.raised", "cam", "cam/p1", {
+        store.append(EventDraft("alert.raised", "cam", "cam/p1", {
             "alert_id": aid, "score": 0.97, "smoothed": 0.95, "threshold": 0.93, "window_s": 10.0, "samples": 10,
-            "evidence": {}})
+            "evidence": {}}))
     srv = servers(fast_settings(data))
     async with Feed(srv.url, since=0) as feed, httpx.AsyncClient(base_url=srv.url) as http:
         cleared = await feed.wait_for(is_("alert.cleared", "cam"), 10, "the dangling alert cleared")
