@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from ..ingest.source import StreamState
 from ..types import QualityVerdict
 
 SCHEMA_VERSION = "1.1"  # 1.1: feed.gap
@@ -47,15 +48,6 @@ class EventType(str, Enum):
     ALERT_CLEARED = "alert.cleared"
     SERVICE_DEGRADED = "service.degraded"
     FEED_GAP = "feed.gap"  # made by the hub for one subscriber; never published or stored
-
-
-class StreamState(str, Enum):
-    CONNECTING = "connecting"
-    LIVE = "live"
-    STALLED = "stalled"  # connected, but no frame for the watchdog's timeout
-    RECONNECTING = "reconnecting"
-    FAILED = "failed"  # gave up: no more reconnect attempts
-    CLOSED = "closed"  # ended on purpose (source ended, stream removed)
 
 
 class EvidenceKind(str, Enum):
