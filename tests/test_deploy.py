@@ -229,7 +229,7 @@ def check_pod(workload: dict, configmap: dict) -> None:
     assert sec["runAsNonRoot"] is True and sec["runAsUser"] != 0
     # Every STREAMGUARD_* variable the manifest sets is a setting (the service refuses unknown ones), and Kubernetes
     # adds none of its own: service links would set STREAMGUARD_SERVICE_HOST, STREAMGUARD_PORT=tcp://... .
-    from streamguard.api.app import DRAIN_TIMEOUT_S
+    from streamguard.api.lifecycle import DRAIN_TIMEOUT_S
     from streamguard.config.service import _unknown_variables
 
     pod = workload["spec"]["template"]["spec"]
