@@ -1,6 +1,6 @@
 """Quality gate: faces too small, too blurry or too uncertain are reported as low quality and never scored.
 
-DESIGN.md (DuckDuckGoose): below half resolution a deepfake classifier's accuracy drops, so such a face would be
+DuckDuckGoose's robustness study: below half resolution a deepfake classifier's accuracy drops, so such a face would be
 scored as real or fake by chance; reporting "low quality" is the honest answer.
 """
 

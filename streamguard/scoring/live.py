@@ -28,7 +28,7 @@ Numbers behind the defaults (simulated 10-minute calls at 1 FPS, 2,000 per row; 
 Smoothing removes frame noise, not errors that last longer than the window: if a real face's logit drifts with
 ~10 s correlation (AR(1), rho 0.9, sd 1 around P = 0.2), 32 % of 10-minute calls alert with these defaults;
 window_s = 30 brings that to 3 % for ~12 s more latency after a mid-call switch (raise_after = 10 at 10 s: 9 %).
-Those are knobs for a model whose errors are known to persist; the defaults are the issue's 10 s window.
+Those are knobs for a model whose errors are known to persist; the default window is 10 s (10 samples at 1 FPS).
 """
 
 from __future__ import annotations
