@@ -162,7 +162,8 @@ class Scanner:
                 return self._scan_frames(path, kind, [read_image(path)], min_samples=1, stats=None)
             stats = DecodeStats()
             frames = iter_sampled_frames(
-                str(path), fps=self.settings.fps, stream_id=path.name, skip_nonref=self.settings.skip_nonref, stats=stats,
+                str(path), fps=self.settings.fps, stream_id=path.name, skip_nonref=self.settings.skip_nonref,
+                stats=stats,
                 hwaccel=self.hwdecode.hwaccel,
             )
             return self._scan_frames(path, kind, frames, self.settings.min_samples, stats, on_sample)
@@ -206,8 +207,8 @@ class Scanner:
             t = time.perf_counter()
         self._classify(pending, logs)
         report = self._report(path, kind, logs, tracker.participants(min_samples), sampled, stats)
-        evidence = {p.id: logs[p.id].best for p in report.participants if logs[p.id].best is not None}
-        return ScanResult(report, evidence)
+        best = {p.id: logs[p.id].best for p in report.participants}
+        return ScanResult(report, {pid: b for pid, b in best.items() if b is not None})
 
     def _scan_crop_image(self, path: Path) -> ScanResult:
         rgb = read_image(path).rgb

@@ -67,15 +67,17 @@ def one_of_each(store: EventStore) -> list[Event]:
     """One event of every type, through the store (what clients receive)."""
     aid = new_alert_id()
     return [
-        store.append(EventDraft(EventType.STREAM_STATE, "s1", None, state("reconnecting", reason="no frame for 20 s", attempt=2,
-                                                                 retry_in_s=4.0))),
+        store.append(EventDraft(EventType.STREAM_STATE, "s1", None,
+                                state("reconnecting", reason="no frame for 20 s", attempt=2, retry_in_s=4.0))),
         store.append(EventDraft(EventType.PARTICIPANT_JOINED, "s1", "p1", {"label": "Alice", "pts_s": 3.0})),
         store.append(EventDraft(EventType.PARTICIPANT_SCORE, "s1", "p1",
-                     {"p_fake": 0.2, "smoothed": 0.25, "samples": 7, "state": "ok", "quality": "ok"})),
+                                {"p_fake": 0.2, "smoothed": 0.25, "samples": 7, "state": "ok", "quality": "ok"})),
         store.append(EventDraft(EventType.ALERT_RAISED, "s1", "p1", AlertRaisedData.model_validate(raised(aid)))),
         store.append(EventDraft(EventType.ALERT_CLEARED, "s1", "p1", cleared(aid))),
-        store.append(EventDraft(EventType.PARTICIPANT_LEFT, "s1", "p1", {"reason": "stream closed", "samples": 40, "score": 0.3})),
-        store.append(EventDraft(EventType.SERVICE_DEGRADED, None, None, {"component": "inference", "reason": "GPU lost"})),
+        store.append(EventDraft(EventType.PARTICIPANT_LEFT, "s1", "p1",
+                                {"reason": "stream closed", "samples": 40, "score": 0.3})),
+        store.append(EventDraft(EventType.SERVICE_DEGRADED, None, None,
+                                {"component": "inference", "reason": "GPU lost"})),
     ]
 
 
@@ -143,7 +145,8 @@ def test_committed_event_survives_a_killed_process(tmp_path: Path) -> None:
 
 def test_since_returns_exactly_the_events_after_n_in_order(store: EventStore) -> None:
     for i in range(30):
-        store.append(EventDraft("participant.score", f"s{i % 3}", f"p{i % 5}", {"p_fake": i / 30, "samples": i}, ts=1000.0 + i))
+        store.append(EventDraft("participant.score", f"s{i % 3}", f"p{i % 5}", {"p_fake": i / 30, "samples": i},
+                                ts=1000.0 + i))
     every = store.since(0)
     assert [e.seq for e in every] == list(range(1, 31))
     assert [e.ts for e in every] == [1000.0 + i for i in range(30)]
@@ -218,7 +221,8 @@ def test_alerts_history_is_paged_newest_first(store: EventStore) -> None:
     ids = [f"alert{i:02d}" for i in range(23)]
     for i, aid in enumerate(ids):
         store.append(EventDraft("alert.raised", f"s{i % 2}", f"p{i}", raised(aid, score=0.9), ts=100.0 + i))
-        store.append(EventDraft("participant.score", f"s{i % 2}", f"p{i}", {"p_fake": 0.9}))  # interleaved non-alert events
+        # interleaved non-alert events
+        store.append(EventDraft("participant.score", f"s{i % 2}", f"p{i}", {"p_fake": 0.9}))
     for aid in ids[::3]:
         store.append(EventDraft("alert.cleared", "s0", None, cleared(aid), ts=500.0))
 
@@ -403,7 +407,8 @@ async def test_replay_and_live_race_has_no_gap_and_no_duplicate(store: EventStor
         for i in range(total):
             stream = f"s{i % 3}"
             if i % 4 == 0:  # bursts queued without awaiting: they share a group commit
-                futs = [hub.publish_nowait(EventDraft("participant.score", stream, "p1", {"p_fake": 0.5})) for _ in range(3)]
+                draft = EventDraft("participant.score", stream, "p1", {"p_fake": 0.5})
+                futs = [hub.publish_nowait(draft) for _ in range(3)]
                 published.extend(await asyncio.gather(*futs))
             else:
                 published.append(await hub.publish(EventDraft("participant.score", stream, "p1", {"p_fake": 0.5})))
@@ -497,9 +502,11 @@ async def test_burst_larger_than_the_queue_reaches_a_prompt_reader_once_in_order
         # Holding the store's write lock while queueing makes the writer commit them in batches of max_batch
         # (512): whatever the scheduling, the loop is handed hundreds of events in one callback.
         with store._wlock:
-            futs = [hub.publish_nowait(EventDraft("participant.score", f"s{i % 2}", "p1", {"p_fake": 0.5})) for i in range(600)]
+            futs = [hub.publish_nowait(EventDraft("participant.score", f"s{i % 2}", "p1", {"p_fake": 0.5}))
+                    for i in range(600)]
         published += await asyncio.gather(*futs)
-        published.append(await hub.publish(EventDraft("stream.state", "s1", None, state())))  # and a single one in between
+        # and a single one in between
+        published.append(await hub.publish(EventDraft("stream.state", "s1", None, state())))
     n = len(published)
 
     async with asyncio.timeout(60):
@@ -715,7 +722,8 @@ def test_prune_deletes_the_oldest_events_with_their_cleared_alerts_and_evidence(
         s.append(EventDraft("alert.raised", "s1", "p1", raised("open"), ts=old))  # 3
         s.append(EventDraft("alert.raised", "s1", "p2", raised("late"), ts=old))  # 4
         s.append(EventDraft("stream.state", "s1", None, state(), ts=new))  # 5: a newer ts (the producer's clock)...
-        s.append(EventDraft("stream.state", "s1", None, state(), ts=old))  # 6: ...keeps this older one: only a prefix goes
+        # 6: ...keeps this older one: only a prefix goes
+        s.append(EventDraft("stream.state", "s1", None, state(), ts=old))
         s.append(EventDraft("alert.cleared", "s1", "p2", cleared("late"), ts=new))  # 7
         assert s.pruned_through() == 0
 
@@ -725,7 +733,8 @@ def test_prune_deletes_the_oldest_events_with_their_cleared_alerts_and_evidence(
         assert s.get_alert("gone") is None and s.get_evidence("gone", "crop") is None  # both its events are gone
         assert s.get_alert("open") is not None and s.get_evidence("open", "crop") is not None  # open: current state
         assert s.get_alert("late") is not None and s.get_evidence("late", "crop") is not None  # cleared at 7, kept
-        assert s.append(EventDraft("alert.cleared", "s1", "p1", cleared("open"), ts=new)).seq == 8  # can still be cleared
+        # can still be cleared
+        assert s.append(EventDraft("alert.cleared", "s1", "p1", cleared("open"), ts=new)).seq == 8
         assert s.prune(before_ts=cutoff) == 0  # nothing more is due
 
         # By count, at most `limit` events per call: keep the last 2 seqs.
@@ -777,7 +786,7 @@ async def test_hub_prunes_by_age_and_by_count_on_its_writer_thread(store: EventS
             await asyncio.sleep(0.02)
     assert [e.seq for e in store.since(0)] == [18, 19, 20]
     # prune() runs after everything queued before it.
-    futs = [hub.publish_nowait(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1})) for _ in range(4)]  # 21..24
+    futs = [hub.publish_nowait(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1})) for _ in range(4)]  # 21-24
     await hub.prune()
     assert all(f.done() for f in futs)
     assert [e.seq for e in store.since(0)] == [22, 23, 24]

@@ -168,7 +168,8 @@ async def test_a_tracked_face_joins_on_its_third_sample_then_alerts_and_leaves_i
     await worker.stop("stream closed")
     assert hub.kinds() == ["alert.cleared", "participant.left"]
     cleared, left = hub
-    assert cleared.data["reason"] == "participant left: stream closed" and cleared.data["alert_id"] == raised.data["alert_id"]
+    assert cleared.data["reason"] == "participant left: stream closed"
+    assert cleared.data["alert_id"] == raised.data["alert_id"]
     assert left.data == {"reason": "stream closed", "samples": 3, "score": pytest.approx(0.99)}
 
 

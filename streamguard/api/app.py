@@ -23,6 +23,7 @@ from streamguard.api.errors import install_error_handlers
 from streamguard.api.lifecycle import drain_on_signal
 from streamguard.service import Service
 
+
 def create_app(service: Service) -> FastAPI:
     api = ApiState(service, service.config.token.get_secret_value() if service.config.token else None)
 

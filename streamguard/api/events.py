@@ -90,7 +90,7 @@ async def _stream_events(ws: WebSocket, service: Service, since: int | None, str
             # Wait for the next event *or* the client leaving: an idle feed must not keep a gone client's handler
             # (and uvicorn's graceful shutdown) waiting for the next event or ping tick.
             got = await _until_gone(sub.get(timeout=ping_s), reader)
-            if got is _GONE:
+            if isinstance(got, _Gone):
                 return
             if got is None:  # idle; uvicorn sends protocol-level pings meanwhile
                 continue
@@ -98,7 +98,7 @@ async def _stream_events(ws: WebSocket, service: Service, since: int | None, str
             # subscriber once it stays behind past events.slow_consumer_grace_s; notice that during the send and
             # close with 4008 rather than wait for a client that may never read again.
             sent = await _until_gone(ws.send_text(got.model_dump_json()), reader, lambda: sub.ended is not None)
-            if sent is _GONE:
+            if isinstance(sent, _Gone):
                 if sub.ended is None:
                     return
                 raise sub.ended
@@ -112,7 +112,11 @@ async def _stream_events(ws: WebSocket, service: Service, since: int | None, str
         service.ws_clients -= 1
 
 
-_GONE = object()
+class _Gone:
+    """What _until_gone returns instead of a result when the client left (or give_up said so)."""
+
+
+_GONE = _Gone()
 _EVENT_TYPES = frozenset(t.value for t in EventType)
 
 
@@ -124,7 +128,7 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
 
 
 async def _until_gone(aw: Awaitable[T], reader: asyncio.Task[None], give_up: Callable[[], bool] | None = None,
-                      poll_s: float = 0.25) -> T | object:
+                      poll_s: float = 0.25) -> T | _Gone:
     """aw's result, or _GONE (aw cancelled) once the client disconnected or give_up() says so."""
     task = asyncio.ensure_future(aw)
     try:

@@ -16,15 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from streamguard.config.stages import (
-    BatcherSettings,
-    EventSettings,
-    FaceSettings,
-    ParticipantSettings,
-    SamplingSettings,
-    ScoringSettings,
-    SourceSettings,
-)
+from streamguard.config import stages
 from streamguard.config.streams import StreamSpec
 from streamguard.config.whip import WhipSettings
 
@@ -42,14 +34,14 @@ class ServiceConfig(BaseSettings):
     cors_origins: list[str] = Field(
         default_factory=list, description="browser origins allowed to call the API and WHIP from other sites "
         "(CORS), e.g. https://meet.example.com; none by default: the console is same-origin")
-    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
-    faces: FaceSettings = Field(default_factory=FaceSettings)
-    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
-    participants: ParticipantSettings = Field(default_factory=ParticipantSettings)
-    batcher: BatcherSettings = Field(default_factory=BatcherSettings)
-    sources: SourceSettings = Field(default_factory=SourceSettings)
+    sampling: stages.SamplingSettings = Field(default_factory=stages.SamplingSettings)
+    faces: stages.FaceSettings = Field(default_factory=stages.FaceSettings)
+    scoring: stages.ScoringSettings = Field(default_factory=stages.ScoringSettings)
+    participants: stages.ParticipantSettings = Field(default_factory=stages.ParticipantSettings)
+    batcher: stages.BatcherSettings = Field(default_factory=stages.BatcherSettings)
+    sources: stages.SourceSettings = Field(default_factory=stages.SourceSettings)
     whip: WhipSettings = Field(default_factory=WhipSettings)
-    events: EventSettings = Field(default_factory=EventSettings)
+    events: stages.EventSettings = Field(default_factory=stages.EventSettings)
     streams: list[StreamSpec] = Field(default_factory=list, description="pull streams started with the service")
 
     @field_validator("streams")

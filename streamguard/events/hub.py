@@ -405,9 +405,9 @@ class EventHub:
         """
         loop = self._check_loop()
         # Stamped here, in call order, so ts does not go backwards along seq (unless a caller passes its own).
-        if draft.ts is None:
-            draft = dataclasses.replace(draft, ts=time.time())
-        validate_draft(draft, draft.ts)
+        ts = time.time() if draft.ts is None else draft.ts
+        draft = dataclasses.replace(draft, ts=ts)
+        validate_draft(draft, ts)
         future: asyncio.Future[Event] = loop.create_future()
         self._track(future)
         self._requests.put(_Request(draft, future))

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -231,16 +231,8 @@ class FeedGapEvent(_Envelope):
 
 
 TypedEvent = Annotated[
-    Union[
-        StreamStateEvent,
-        ParticipantJoinedEvent,
-        ParticipantLeftEvent,
-        ParticipantScoreEvent,
-        AlertRaisedEvent,
-        AlertClearedEvent,
-        ServiceDegradedEvent,
-        FeedGapEvent,
-    ],
+    StreamStateEvent | ParticipantJoinedEvent | ParticipantLeftEvent | ParticipantScoreEvent | AlertRaisedEvent
+    | AlertClearedEvent | ServiceDegradedEvent | FeedGapEvent,
     Field(discriminator="type"),
 ]
 TYPED_EVENT: TypeAdapter[TypedEvent] = TypeAdapter(TypedEvent)

@@ -68,7 +68,7 @@ def square_crop(rgb: np.ndarray, box: Box, margin: float = 1.65, out_size: int |
         left=ix0 - x0,
         right=x0 + side - ix1,
         borderType=cv2.BORDER_CONSTANT,
-        value=0,
+        value=(0, 0, 0, 0),
     )
     if rgb.ndim == 3 and crop.ndim == 2:  # cv2 drops a trailing channel axis of size 1
         crop = crop[:, :, None]

@@ -153,7 +153,7 @@ class FaceDetector:
         scale = min(1.0, _CLOSE_UP_SIDE / max(h, w))
         small = rgb if scale == 1.0 else cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         pad = round(_CLOSE_UP_PAD * max(small.shape[:2]))
-        padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+        padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0, 0))
         found = self._run(padded, scale=scale, off_x=pad / scale, off_y=pad / scale)
         return [d for d in found if d.box.long_side >= _CLOSE_UP_MIN_FRACTION * max(h, w)]
 

@@ -100,7 +100,7 @@ def occlusion_map(
 
     total = np.zeros((size, size), np.float64)
     count = np.zeros((size, size), np.float64)
-    for (top, left), score in zip(boxes, occluded):
+    for (top, left), score in zip(boxes, occluded, strict=True):
         total[top : top + patch, left : left + patch] += max(base - score, 0.0)
         count[top : top + patch, left : left + patch] += 1.0
     heat = np.clip(total / np.maximum(count, 1.0), 0.0, 1.0).astype(np.float32)
@@ -149,9 +149,9 @@ def gradcam_map(
         raise ValueError("the target layer's output does not influence the score")
     weights = a.grad.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * a).sum(dim=1, keepdim=True)).detach()
-    cam = F.interpolate(cam, size=crop.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
-    peak = float(cam.max())
-    return (cam / peak if peak > 0 else cam).astype(np.float32)
+    heat = F.interpolate(cam, size=crop.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
+    peak = float(heat.max())
+    return (heat / peak if peak > 0 else heat).astype(np.float32)
 
 
 def render_overlay(

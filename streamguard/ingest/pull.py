@@ -309,9 +309,8 @@ class PullSource:
         """Wait for the session to end, or end it when a deadline passes or close() is called."""
         assert self._close_requested is not None
         while True:
-            done, _ = await asyncio.wait(
-                {session.done, self._close_requested}, timeout=self._tick_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            waiting: set[asyncio.Future[Any]] = {session.done, self._close_requested}
+            done, _ = await asyncio.wait(waiting, timeout=self._tick_s, return_when=asyncio.FIRST_COMPLETED)
             if session.done in done:
                 return session.done.result()
             if self._closing:

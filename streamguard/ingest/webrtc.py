@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+import av
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
@@ -337,7 +338,7 @@ class WhipManager:
                 if track.kind == "audio":
                     session.audio_frames += 1
                     continue
-                if sampler is None:
+                if sampler is None or not isinstance(frame, av.VideoFrame):  # (a decoded track has no packets)
                     session.other_frames += 1
                     continue
                 session.video_frames += 1
