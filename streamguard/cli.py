@@ -9,14 +9,21 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
 
 import typer
 from tqdm import tqdm
 
 from streamguard.inference.classifier import Classifier
 from streamguard.inference.models import ModelNotFound, available_models, load_classifier, resolve_model
+
+if TYPE_CHECKING:  # imported where used: scan pulls in mediapipe and cv2, which a bad flag must not wait for
+    from streamguard.config import ServiceConfig
+    from streamguard.inference.card import ModelCard
+    from streamguard.ingest.av_source import ProbeInfo
+    from streamguard.scan import FileReport, ScanSettings
 
 # mediapipe's C++ side logs warnings to stderr at every graph start; they are noise to our users.
 os.environ.setdefault("GLOG_minloglevel", "2")
@@ -29,7 +36,7 @@ engine_app = typer.Typer(help="TensorRT engines for NVIDIA GPUs.", no_args_is_he
 app.add_typer(engine_app, name="engine")
 
 ModelOption = Annotated[
-    Optional[str], typer.Option("--model", "-m", help="a model name in engines/ or a path to its .onnx")
+    str | None, typer.Option("--model", "-m", help="a model name in engines/ or a path to its .onnx")
 ]
 
 
@@ -43,13 +50,14 @@ def _load_model(model: str | None) -> Classifier:
         raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="--model") from None
 
 
-def _settings(fps: float, min_samples: int, images_are_crops: bool, hwdecode: str = "off"):
+def _settings(fps: float, min_samples: int, images_are_crops: bool, hwdecode: str = "off") -> ScanSettings:
     from pydantic import ValidationError
 
     from streamguard.scan import ScanSettings
 
-    try:
-        return ScanSettings(fps=fps, min_samples=min_samples, images_are_crops=images_are_crops, hwdecode=hwdecode)
+    try:  # validated as the flags' values: an unknown --hwdecode is refused here, with the flag named
+        return ScanSettings.model_validate({"fps": fps, "min_samples": min_samples,
+                                            "images_are_crops": images_are_crops, "hwdecode": hwdecode})
     except ValidationError as exc:
         err = exc.errors()[0]
         raise typer.BadParameter(err["msg"], param_hint=f"--{str(err['loc'][0]).replace('_', '-')}") from None
@@ -149,17 +157,18 @@ def _save_report(path: Path, text: str, option: str, make_folder: bool = False) 
 def scan(
     paths: Annotated[list[Path], typer.Argument(help="videos, images or folders")],
     model: ModelOption = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the JSON report here ('-': stdout)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the JSON report here ('-': stdout)")] = None,
     fps: Annotated[float, typer.Option(help="samples per second of video")] = 1.0,
     min_samples: Annotated[int, typer.Option(help="scored samples a person needs in a video")] = 3,
     images_are_crops: Annotated[bool, typer.Option(help="images are aligned face crops: skip detection")] = False,
-    heatmaps: Annotated[Optional[Path], typer.Option(help="write an artefact heatmap PNG per flagged participant here")] = None,
+    heatmaps: Annotated[
+        Path | None, typer.Option(help="write an artefact heatmap PNG per flagged participant here")] = None,
     hwdecode: Annotated[str, typer.Option(help="decode on NVDEC: off, auto (when it works here) or nvdec")] = "off",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Scan files for deepfaked faces: a verdict per file and a score per participant."""
     from streamguard.ingest.av_source import SourceError, probe
-    from streamguard.scan import ScanReport, Scanner, expand_paths, model_info
+    from streamguard.scan import Scanner, ScanReport, expand_paths, model_info
 
     settings = _settings(fps, min_samples, images_are_crops, hwdecode)
     if json_out is not None and str(json_out) != "-":
@@ -182,7 +191,7 @@ def scan(
         for path in tqdm(files, desc="files", unit="file", disable=quiet or len(files) < 2, file=sys.stderr):
             bar = tqdm(desc=path.name, unit="s", leave=False, disable=quiet, file=sys.stderr,
                        total=_duration(probe, path), bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s")
-            result = scanner.scan(path, on_sample=lambda pts: bar.update(max(0.0, pts - bar.n)))
+            result = scanner.scan(path, on_sample=_progress(bar))
             bar.close()
             if heatmaps is not None:
                 try:
@@ -210,14 +219,19 @@ def scan(
         raise typer.Exit(1)
 
 
-def _duration(probe, path: Path) -> float | None:
+def _progress(bar: Any) -> Callable[[float], None]:
+    """The file's bar moved to media time `pts` (seconds)."""
+    return lambda pts: bar.update(max(0.0, pts - bar.n))
+
+
+def _duration(probe: Callable[[str], ProbeInfo], path: Path) -> float | None:
     try:
         return probe(str(path)).get("duration_s")
     except Exception:
         return None
 
 
-def _print_file(r) -> None:
+def _print_file(r: FileReport) -> None:
     score = "   -  " if r.score is None else f"{r.score:.3f}"
     line = f"{r.verdict.value.upper():8s} P(fake) {score}  {r.path}"
     if r.error:
@@ -226,7 +240,8 @@ def _print_file(r) -> None:
     for p in r.participants:
         pscore = "-" if p.score is None else f"{p.score:.3f}"
         typer.echo(f"  {p.id:4s} samples {p.samples:4d}  low-quality {p.low_quality:3d}  P(fake) {pscore}"
-                   f"  seen {p.first_seen_s:.1f}-{p.last_seen_s:.1f} s" + (f"  heatmap {p.heatmap}" if p.heatmap else ""))
+                   f"  seen {p.first_seen_s:.1f}-{p.last_seen_s:.1f} s"
+                   + (f"  heatmap {p.heatmap}" if p.heatmap else ""))
 
 
 @app.command("eval")
@@ -288,12 +303,12 @@ def eval_cmd(
 
 @app.command()
 def serve(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")] = None,
-    host: Annotated[Optional[str], typer.Option(help="listen address (default 127.0.0.1)")] = None,
-    port: Annotated[Optional[int], typer.Option(help="listen port (default 8080)")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="event store and evidence (default ./streamguard-data)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None,
+    host: Annotated[str | None, typer.Option(help="listen address (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="listen port (default 8080)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="event store and evidence (default ./streamguard-data)")] = None,
     model: ModelOption = None,
-    log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning or error")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error")] = None,
 ) -> None:
     """Run the live service: WHIP and RTSP/RTMP/HLS ingest, scoring, alerts over WebSocket, API and console.
 
@@ -382,9 +397,9 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _check_thresholds(cfg, card) -> None:
+def _check_thresholds(cfg: ServiceConfig, card: ModelCard) -> None:
     """The alert thresholds the service would derive from the model card (Service.start's check), named."""
-    from streamguard.scoring.live import CardThresholds
+    from streamguard.config import CardThresholds
 
     scoring = cfg.scoring
     try:
@@ -456,38 +471,54 @@ def models_list() -> None:
 
 
 IMPORT_KINDS = ("mesonet", "deepware", "selimsef", "icpr2020dfdc", "sbi")
+_CHECKPOINT_KINDS: tuple[Literal["deepware", "selimsef", "icpr2020dfdc", "sbi"], ...] = (
+    "deepware", "selimsef", "icpr2020dfdc", "sbi")
+_ARCHS: tuple[Literal["meso4", "mesoinception"], ...] = ("meso4", "mesoinception")
+_PADDINGS: tuple[Literal["per_layer", "global"], ...] = ("per_layer", "global")
+_PRECISIONS: tuple[Literal["fp32", "fp16", "int8"], ...] = ("fp32", "fp16", "int8")
+_L = TypeVar("_L", bound=str)
+
+
+def _one_of(value: str | None, choices: tuple[_L, ...], message: str, hint: str) -> _L:
+    """`value` as the choice it names (typed as that choice), or the flag's error."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise typer.BadParameter(message, param_hint=hint)
 
 
 @models_app.command("import")
 def models_import(
     kind: Annotated[str, typer.Argument(help=f"checkpoint kind: {', '.join(IMPORT_KINDS)}")],
     file: Annotated[Path, typer.Argument(help="the checkpoint file")],
-    arch: Annotated[Optional[str], typer.Option(help="mesonet only: meso4 or mesoinception")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="write the .onnx here (card beside it) instead of engines/")] = None,
-    name: Annotated[Optional[str], typer.Option(help="model name (default: from the file name)")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="allow pickled objects in a torch checkpoint (only for files you trust)")] = False,
-    padding: Annotated[Optional[str], typer.Option(help="icpr2020dfdc/sbi: efficientnet_pytorch padding, per_layer or global")] = None,
+    arch: Annotated[str | None, typer.Option(help="mesonet only: meso4 or mesoinception")] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="write the .onnx here (card beside it) instead of engines/")] = None,
+    name: Annotated[str | None, typer.Option(help="model name (default: from the file name)")] = None,
+    trust_pickle: Annotated[
+        bool, typer.Option(help="allow pickled objects in a torch checkpoint (only for files you trust)")] = False,
+    padding: Annotated[
+        str | None, typer.Option(help="icpr2020dfdc/sbi: efficientnet_pytorch padding, per_layer or global")] = None,
 ) -> None:
     """Convert a published checkpoint into an ONNX model + model card (output: P(fake)). See engines/IMPORTING.md."""
     if kind not in IMPORT_KINDS:
         raise typer.BadParameter(f"unknown kind {kind!r}; known: {', '.join(IMPORT_KINDS)}", param_hint="KIND")
     try:
         if kind == "mesonet":
-            if arch not in ("meso4", "mesoinception"):
-                raise typer.BadParameter("mesonet needs --arch meso4 or --arch mesoinception", param_hint="--arch")
+            mesonet_arch = _one_of(arch, _ARCHS, "mesonet needs --arch meso4 or --arch mesoinception", "--arch")
             from streamguard.inference.importers.mesonet import import_mesonet
 
-            onnx_path, _ = import_mesonet(file, arch, output=output, name=name)
+            onnx_path, _ = import_mesonet(file, mesonet_arch, output=output, name=name)
         else:
             try:
                 from streamguard.inference.importers.checkpoints import import_checkpoint
             except ImportError:
                 raise typer.BadParameter(f"importing {kind} checkpoints needs torch: pip install -e '.[train]'",
                                          param_hint="KIND") from None
-            if padding not in (None, "per_layer", "global"):
-                raise typer.BadParameter("use per_layer or global", param_hint="--padding")
-            onnx_path, _ = import_checkpoint(kind, file, output=output, name=name, trust_pickle=trust_pickle,
-                                             lukemelas_padding=padding)
+            lukemelas = None if padding is None else _one_of(padding, _PADDINGS, "use per_layer or global", "--padding")
+            onnx_path, _ = import_checkpoint(_one_of(kind, _CHECKPOINT_KINDS, f"unknown kind {kind!r}", "KIND"), file,
+                                             output=output, name=name, trust_pickle=trust_pickle,
+                                             lukemelas_padding=lukemelas)
     except (OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="FILE") from None
     typer.echo(f"wrote {onnx_path} and its card {onnx_path.with_suffix('.json').name} (output: P(fake))")
@@ -495,19 +526,19 @@ def models_import(
 
 @engine_app.command("build")
 def engine_build(
-    model: Annotated[Optional[str], typer.Argument(help="name in engines/ or path to an .onnx (default model)")] = None,
+    model: Annotated[str | None, typer.Argument(help="name in engines/ or path to an .onnx (default model)")] = None,
     precision: Annotated[str, typer.Option(help="fp32, fp16 or int8")] = "fp16",
     max_batch: Annotated[int, typer.Option(help="largest batch the engine runs")] = 64,
-    opt_batch: Annotated[Optional[int], typer.Option(help="batch TensorRT tunes for (default: the batcher's 16)")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(help="INT8: folder of real face photos")] = None,
+    opt_batch: Annotated[int | None, typer.Option(help="batch TensorRT tunes for (default: the batcher's 16)")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="INT8: folder of real face photos")] = None,
     calibration_are_crops: Annotated[bool, typer.Option(help="the calibration images are aligned crops")] = False,
     tolerance: Annotated[float, typer.Option(help="INT8: max |dP(fake)| against ONNX Runtime")] = 0.02,
     int8_fallback: Annotated[bool, typer.Option(
         "--int8-fallback/--no-int8-fallback",
         help="when INT8 loses accuracy, build FP16 instead (--no-int8-fallback: fail)")] = True,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="default: engines/cache or $STREAMGUARD_ENGINE_CACHE")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="default: engines/cache or $STREAMGUARD_ENGINE_CACHE")] = None,
     force: Annotated[bool, typer.Option(help="rebuild even when a matching engine is cached")] = False,
-    workspace_gb: Annotated[Optional[float], typer.Option(help="TensorRT builder workspace limit")] = None,
+    workspace_gb: Annotated[float | None, typer.Option(help="TensorRT builder workspace limit")] = None,
 ) -> None:
     """Build (or reuse) a TensorRT engine, cached under (model hash, TensorRT version, GPU, precision, profile).
 
@@ -535,7 +566,8 @@ def engine_build(
         raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="MODEL") from None
     try:
         result = build_engine(
-            model, precision=precision, max_batch=max_batch, opt_batch=opt_batch, calibration=calibration,
+            model, precision=_one_of(precision, _PRECISIONS, "use fp32, fp16 or int8", "--precision"),
+            max_batch=max_batch, opt_batch=opt_batch, calibration=calibration,
             calibration_images_are_crops=calibration_are_crops, tolerance=tolerance,
             int8_fallback=int8_fallback, cache_dir=cache_dir, force=force, workspace_bytes=workspace_bytes,
         )

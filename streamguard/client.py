@@ -146,23 +146,7 @@ async def publish(
         mime = _CODECS.get(str(codec).lower())
         if mime is None:
             raise ValueError(f"codec must be H264 or VP8, got {codec!r}")
-    owned: list[MediaStreamTrack] = []
-    if isinstance(source, MediaStreamTrack):
-        if source.kind != "video":
-            raise ValueError(f"source must be a video track, got a {source.kind} track")
-        video = source
-        audio_track = audio if isinstance(audio, MediaStreamTrack) else None
-    else:
-        if loop is None:
-            loop = "://" not in source or source.startswith("file://")
-        player = MediaPlayer(source, format=player_format, options=player_options, loop=loop)
-        owned = [t for t in (player.video, player.audio) if t is not None]
-        if player.video is None:
-            _stop_all(owned)
-            raise ValueError(f"{source}: no video stream")
-        video = player.video
-        audio_track = audio if isinstance(audio, MediaStreamTrack) else (player.audio if audio else None)
-
+    video, audio_track, owned = _tracks(source, audio, loop, player_format, player_options)
     client = http if http is not None else httpx.AsyncClient(timeout=15.0, follow_redirects=True)
     auth = {"Authorization": f"Bearer {token}"} if token else {}
     pc: RTCPeerConnection | None = None
@@ -172,24 +156,8 @@ async def publish(
             ice_servers = await _advertised_ice_servers(client, whip_url, auth)
         servers = list(ice_servers)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
-        transceiver = pc.addTransceiver(video, direction="sendonly")
-        if mime is not None:
-            caps = RTCRtpSender.getCapabilities("video").codecs
-            # Keep RTX so NACKed packets can still be retransmitted.
-            transceiver.setCodecPreferences([c for c in caps if c.mimeType in (mime, "video/rtx")])
-        if audio_track is not None:
-            pc.addTransceiver(audio_track, direction="sendonly")
-        await pc.setLocalDescription(await pc.createOffer())  # gathers every candidate: no trickle needed
-
-        headers = {"Content-Type": "application/sdp", "Accept": "application/sdp", **auth}
-        params = {"participant_id": participant_id}
-        headers["X-Participant-Id"] = participant_id
-        if display_name is not None:
-            params["name"] = display_name
-            if display_name.isascii() and display_name.isprintable():
-                headers["X-Participant-Name"] = display_name
-        url = httpx.URL(whip_url).copy_merge_params(params)  # keeps any query the WHIP URL already has
-        response = await client.post(url, content=pc.localDescription.sdp.encode(), headers=headers)
+        offer = await _offer(pc, video, audio_track, mime)
+        response = await _post_offer(client, whip_url, offer, participant_id, display_name, auth)
         if response.status_code != 201:
             raise _error_from(response)
         if not response.headers.get("Location"):
@@ -226,6 +194,53 @@ async def publish(
         if http is None:
             await client.aclose()
         raise
+
+
+def _tracks(source: str | MediaStreamTrack, audio: bool | MediaStreamTrack, loop: bool | None,
+            player_format: str | None, player_options: dict[str, str] | None,
+            ) -> tuple[MediaStreamTrack, MediaStreamTrack | None, list[MediaStreamTrack]]:
+    """(video, audio or None, the tracks we opened and must stop) for `publish`'s source and audio arguments."""
+    if isinstance(source, MediaStreamTrack):
+        if source.kind != "video":
+            raise ValueError(f"source must be a video track, got a {source.kind} track")
+        return source, audio if isinstance(audio, MediaStreamTrack) else None, []
+    if loop is None:
+        loop = "://" not in source or source.startswith("file://")
+    player = MediaPlayer(source, format=player_format, options=player_options, loop=loop)
+    owned = [t for t in (player.video, player.audio) if t is not None]
+    if player.video is None:
+        _stop_all(owned)
+        raise ValueError(f"{source}: no video stream")
+    audio_track = audio if isinstance(audio, MediaStreamTrack) else (player.audio if audio else None)
+    return player.video, audio_track, owned
+
+
+async def _offer(pc: RTCPeerConnection, video: MediaStreamTrack, audio: MediaStreamTrack | None,
+                 mime: str | None) -> str:
+    transceiver = pc.addTransceiver(video, direction="sendonly")
+    if mime is not None:
+        caps = RTCRtpSender.getCapabilities("video").codecs
+        # Keep RTX so NACKed packets can still be retransmitted.
+        transceiver.setCodecPreferences([c for c in caps if c.mimeType in (mime, "video/rtx")])
+    if audio is not None:
+        pc.addTransceiver(audio, direction="sendonly")
+    await pc.setLocalDescription(await pc.createOffer())  # gathers every candidate: no trickle needed
+    return str(pc.localDescription.sdp)
+
+
+async def _post_offer(client: httpx.AsyncClient, whip_url: str, offer: str, participant_id: str,
+                      display_name: str | None, auth: dict[str, str]) -> httpx.Response:
+    """POST the offer with the participant in headers and query (proxies may strip either; non-ASCII names go in
+    the query only, since header values are ASCII)."""
+    headers = {"Content-Type": "application/sdp", "Accept": "application/sdp", **auth}
+    params = {"participant_id": participant_id}
+    headers["X-Participant-Id"] = participant_id
+    if display_name is not None:
+        params["name"] = display_name
+        if display_name.isascii() and display_name.isprintable():
+            headers["X-Participant-Name"] = display_name
+    url = httpx.URL(whip_url).copy_merge_params(params)  # keeps any query the WHIP URL already has
+    return await client.post(url, content=offer.encode(), headers=headers)
 
 
 def ice_servers_from_links(values: Iterable[str]) -> list[RTCIceServer]:
@@ -360,13 +375,8 @@ async def events(
         raise ValueError(f"since must be a seq, an integer >= 0 (0: every stored event), got {since!r}")
     url = _events_url(base_url)
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    filters: dict[str, str] = {}
-    if stream_id is not None:
-        filters["stream_id"] = stream_id
-    if participant_id is not None:
-        filters["participant_id"] = participant_id
-    if types:
-        filters["types"] = ",".join(types)
+    filters = {k: v for k, v in (("stream_id", stream_id), ("participant_id", participant_id),
+                                 ("types", ",".join(types) if types else None)) if v is not None}
     last = since
     attempt = 0
     while True:
@@ -390,25 +400,12 @@ async def events(
         except ConnectionClosed as exc:
             code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else (1006, "connection lost")
         except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status in (401, 403):
-                # StreamGuard itself refuses a token after the handshake (4401); these come from a proxy, or from a
-                # server that refuses bad queries before the handshake (Starlette's 403).
-                raise EventAuthError(f"event feed: HTTP {status} at the handshake (token missing or wrong, or the "
-                                     "request refused before the WebSocket opened)", status) from None
-            if 400 <= status < 500 and status not in (408, 429):
-                raise EventRequestError(f"event feed: HTTP {status} at the handshake", status) from None
-            code, reason = 0, f"HTTP {status}"
+            code, reason = _refused_handshake(exc.response.status_code)
         except InvalidURI:
             raise
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             code, reason = 0, f"{type(exc).__name__}: {exc}"
-        if code in AUTH_CLOSE_CODES:
-            raise EventAuthError(f"event feed closed {code}: {reason}", code)
-        if code in BAD_REQUEST_CLOSE_CODES:
-            raise EventRequestError(f"event feed refused the request (close {code}): {reason}", code)
-        if code and code not in RETRY_CLOSE_CODES:
-            raise EventStreamError(f"event feed closed {code}: {reason}", code)
+        _raise_if_final(code, reason)
         why = f"closed {code} {reason}".strip() if code else reason
         attempt += 1
         if max_retries is not None and attempt > max_retries:
@@ -419,6 +416,28 @@ async def events(
         if on_reconnect is not None:
             on_reconnect(attempt, delay, why)
         await asyncio.sleep(delay)
+
+
+def _refused_handshake(status: int) -> tuple[int, str]:
+    """A handshake refused with HTTP `status`: raises when asking again cannot help, else (0, why) to retry."""
+    if status in (401, 403):
+        # StreamGuard itself refuses a token after the handshake (4401); these come from a proxy, or from a server
+        # that refuses bad queries before the handshake (Starlette's 403).
+        raise EventAuthError(f"event feed: HTTP {status} at the handshake (token missing or wrong, or the request "
+                             "refused before the WebSocket opened)", status) from None
+    if 400 <= status < 500 and status not in (408, 429):
+        raise EventRequestError(f"event feed: HTTP {status} at the handshake", status) from None
+    return 0, f"HTTP {status}"
+
+
+def _raise_if_final(code: int, reason: str) -> None:
+    """Close codes that a reconnect would only meet again raise; the others (and 0: no close frame) return."""
+    if code in AUTH_CLOSE_CODES:
+        raise EventAuthError(f"event feed closed {code}: {reason}", code)
+    if code in BAD_REQUEST_CLOSE_CODES:
+        raise EventRequestError(f"event feed refused the request (close {code}): {reason}", code)
+    if code and code not in RETRY_CLOSE_CODES:
+        raise EventStreamError(f"event feed closed {code}: {reason}", code)
 
 
 def _events_url(base_url: str) -> str:

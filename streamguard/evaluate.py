@@ -6,6 +6,7 @@ import csv
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -109,26 +110,30 @@ def evaluate(
 ) -> tuple[EvalReport, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Scan every labelled file; return the report and the (labels, scores) behind each level, for the ROC plot."""
     threshold = scanner.classifier.card.threshold
-    file_y, file_s, face_y, face_s, rows = [], [], [], [], []
+    file_y: list[int] = []
+    face_y: list[int] = []
+    file_s: list[float] = []
+    face_s: list[float] = []
+    rows: list[dict[str, Any]] = []
     no_face = errors = 0
     for item in items:
-        report = scanner.scan(item.path).report
-        rows.append({"path": str(item.path), "label": "fake" if item.label else "real", "score": report.score,
-                     "verdict": report.verdict.value, "error": report.error})
+        scanned = scanner.scan(item.path).report
+        rows.append({"path": str(item.path), "label": "fake" if item.label else "real", "score": scanned.score,
+                     "verdict": scanned.verdict.value, "error": scanned.error})
         if on_file:
-            on_file(report)
-        if report.error:
+            on_file(scanned)
+        if scanned.error:
             errors += 1
             continue
-        if report.score is None:
+        if scanned.score is None:
             no_face += 1
             continue
         file_y.append(item.label)
-        file_s.append(report.score)
-        for person in report.participants:
+        file_s.append(scanned.score)
+        for person in scanned.participants:
             face_y += [item.label] * len(person.sample_scores)
             face_s += person.sample_scores
-    curves = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if file_y:
         curves["file"] = (np.array(file_y), np.array(file_s))
     if face_y:

@@ -56,7 +56,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.info = Info("streamguard", "Version, model, inference backend and pull-source decoding (cpu or nvdec)", registry=r)
+        self.info = Info("streamguard", "Version, model, inference backend and pull-source decoding (cpu or nvdec)",
+                         registry=r)
         self.frames_sampled = Counter("streamguard_frames_sampled_total", "Frames kept by the sampler",
                                       ["kind"], registry=r)
         self.frames_dropped = Counter("streamguard_frames_dropped_total",

@@ -1,6 +1,6 @@
 """Who is who in one stream: faces → participants, with join and leave.
 
-Two modes, as DESIGN.md says: a WebRTC track *is* a participant (mode "single": the largest face in the frame is
+Two modes: a WebRTC track *is* a participant (mode "single": the largest face in the frame is
 theirs, everyone else in their camera is ignored), while a camera or gallery view is tracked (mode "tracked":
 faces are tracked into participants by `ParticipantTracker`, and a track only becomes a participant once it has
 `min_samples` consistent samples; one-off detections are noise and never reach a scorer or an event).
@@ -12,8 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from streamguard.config import CardThresholds, ScoringSettings
 from streamguard.faces.tracker import ParticipantTracker
-from streamguard.scoring.live import CardThresholds, ParticipantScorer, ScoringSettings, Transition
+from streamguard.scoring.live import ParticipantScorer, Transition
 from streamguard.types import FaceCrop
 
 # Per-participant sample scores kept for the final per-person score (id_strategy): an hour at 1 FPS.
@@ -96,15 +97,17 @@ class Roster:
         self.card_threshold = card_threshold
         self.leave_after_s = leave_after_s
         self.participants: dict[str, LiveParticipant] = {}
-        self._tracker = ParticipantTracker(min_samples=min_samples, crop_margin=crop_margin) if mode == "tracked" else None
-        self._fixed = (participant_id, label)
+        tracked = mode == "tracked"
+        self._tracker = ParticipantTracker(min_samples=min_samples, crop_margin=crop_margin) if tracked else None
+        self._participant_id = participant_id or ""  # single mode: checked above
+        self._label = label
 
     def start(self, ts: float) -> LiveParticipant | None:
         """A single-participant stream's participant exists from the start (the publisher said who it is)."""
-        if self.mode != "single":
-            return None
-        pid, label = self._fixed
-        person = self._new(pid, label, ts)
+        return self._start_single(ts) if self.mode == "single" else None
+
+    def _start_single(self, ts: float) -> LiveParticipant:
+        person = self._new(self._participant_id, self._label, ts)
         person.confirmed = True
         return person
 
@@ -132,7 +135,7 @@ class Roster:
         return gone
 
     def _observe_single(self, ts: float, crops: list[FaceCrop]) -> Observation:
-        person = self.participants.get(self._fixed[0]) or self.start(ts)
+        person = self.participants.get(self._participant_id) or self._start_single(ts)
         if not crops:
             return Observation([], [])
         main = max(crops, key=lambda c: c.box.width * c.box.height)
@@ -142,7 +145,8 @@ class Roster:
     def _observe_tracked(self, ts: float, crops: list[FaceCrop]) -> Observation:
         assert self._tracker is not None
         track_ids = self._tracker.update(ts, [(c.detection, c.crop) for c in crops])
-        faces, joined = [], []
+        faces: list[tuple[LiveParticipant, FaceCrop]] = []
+        joined: list[LiveParticipant] = []
         for track_id, crop in zip(track_ids, crops, strict=True):
             pid = f"{self.stream_id}/{track_id}"
             person = self.participants.get(pid) or self._new(pid, None, ts)

@@ -8,17 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import cv2
 import numpy as np
 from pydantic import BaseModel, Field
 
 from streamguard import __version__
+from streamguard.config import FaceSettings
+from streamguard.faces.analyzer import FaceAnalyzer
+from streamguard.faces.crop import resize_square
 from streamguard.faces.tracker import ParticipantTracker
 from streamguard.inference.classifier import Classifier
 from streamguard.ingest.av_source import DecodeStats, SourceError, iter_sampled_frames
 from streamguard.ingest.image import is_image, is_video, read_image
 from streamguard.ingest.nvdec import choose_hwdecode
-from streamguard.pipeline import FaceAnalyzer, FaceSettings
 from streamguard.scoring.verdicts import Verdict, id_strategy, strategy, verdict_for
 from streamguard.types import FaceCrop, SampledFrame
 
@@ -141,9 +142,7 @@ class Scanner:
         self.hwdecode = choose_hwdecode(self.settings.hwdecode)
         if self.hwdecode.degraded:  # asked for NVDEC explicitly: a scan must not quietly run otherwise
             raise SourceError(f"--hwdecode nvdec: {self.hwdecode.reason.removeprefix('CPU decoding: ')}")
-        self.analyzer = FaceAnalyzer(
-            self.settings.faces, classifier.input_size, card_margin=classifier.card.preprocess.crop_margin
-        )
+        self.analyzer = FaceAnalyzer(classifier.card, self.settings.faces)
         self.timings: dict[str, float] = {"decode": 0.0, "faces": 0.0, "track": 0.0, "classify": 0.0}
 
     def close(self) -> None:
@@ -163,7 +162,8 @@ class Scanner:
                 return self._scan_frames(path, kind, [read_image(path)], min_samples=1, stats=None)
             stats = DecodeStats()
             frames = iter_sampled_frames(
-                str(path), fps=self.settings.fps, stream_id=path.name, skip_nonref=self.settings.skip_nonref, stats=stats,
+                str(path), fps=self.settings.fps, stream_id=path.name, skip_nonref=self.settings.skip_nonref,
+                stats=stats,
                 hwaccel=self.hwdecode.hwaccel,
             )
             return self._scan_frames(path, kind, frames, self.settings.min_samples, stats, on_sample)
@@ -207,14 +207,13 @@ class Scanner:
             t = time.perf_counter()
         self._classify(pending, logs)
         report = self._report(path, kind, logs, tracker.participants(min_samples), sampled, stats)
-        evidence = {p.id: logs[p.id].best for p in report.participants if logs[p.id].best is not None}
-        return ScanResult(report, evidence)
+        best = {p.id: logs[p.id].best for p in report.participants}
+        return ScanResult(report, {pid: b for pid, b in best.items() if b is not None})
 
     def _scan_crop_image(self, path: Path) -> ScanResult:
         rgb = read_image(path).rgb
         size = self.classifier.input_size
-        interp = cv2.INTER_AREA if max(rgb.shape[:2]) > size else cv2.INTER_LINEAR
-        crop = cv2.resize(rgb, (size, size), interpolation=interp)
+        crop = resize_square(rgb, size)
         p = float(self.classifier.predict(crop[None])[0])
         person = ParticipantReport(
             id="p1", samples=1, low_quality=0, score=p, first_seen_s=0.0, last_seen_s=0.0, sample_scores=[round(p, 5)]

@@ -7,28 +7,32 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, Field
 
-from streamguard.config import ServiceConfig, StreamSpec
+from streamguard.config import CardThresholds, ServiceConfig, StreamSpec
 from streamguard.events.hub import EventHub
-from streamguard.events.schema import EVIDENCE_MIME, EventType, EvidenceKind, evidence_path
+from streamguard.events.schema import EventDraft, EventType
 from streamguard.events.store import EventStore
+from streamguard.evidence import EvidenceMaker
+from streamguard.faces.analyzer import FacePool
+from streamguard.inference.backends import BackendOptions, select_backend
 from streamguard.inference.batcher import Batcher
 from streamguard.inference.classifier import Classifier
-from streamguard.inference.heatmap import occlusion_map, render_overlay
-from streamguard.inference.backends import BackendOptions, select_backend
+from streamguard.ingest.av_source import redact_url
 from streamguard.ingest.nvdec import choose_hwdecode
-from streamguard.ingest.pull import PullSource, StreamState, redact_url
+from streamguard.ingest.pull import PullSource
 from streamguard.ingest.sampler import spread_phase
+from streamguard.ingest.source import TERMINAL_STATES, OnFrame, OnState, Source, StateInfo, StreamState
 from streamguard.ingest.webrtc import WhipManager, WhipSession, rtc_ice_servers
+from streamguard.ingest.whip_source import WhipSource
 from streamguard.metrics import Metrics
 from streamguard.participants import Roster
-from streamguard.scoring.live import CardThresholds
-from streamguard.pipeline import FacePool
-from streamguard.worker import StreamWorker, WorkerDeps, encode_jpeg
+from streamguard.scoring.live import ParticipantState
+from streamguard.types import SampledFrame
+from streamguard.worker import StreamWorker, WorkerDeps
 
 log = logging.getLogger(__name__)
 
@@ -72,39 +76,54 @@ class ParticipantInfo(BaseModel):
     sparkline: list[tuple[float, float]]
 
 
-def stream_kind(url: str) -> str:
-    scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
-    return {"rtsps": "rtsp", "rtmps": "rtmp", "http": "hls", "https": "hls"}.get(scheme, scheme)
-
-
 class _Stream:
-    def __init__(self, stream_id: str, kind: str, url: str | None, name: str | None, worker: StreamWorker):
-        self.id, self.kind, self.url, self.name, self.worker = stream_id, kind, url, name, worker
-        self.state = StreamState.CONNECTING.value
+    """A listed stream: its source, the worker its frames go to, and what the API shows. The source is made with
+    this stream's `put` and the service's state callback, then `start`ed with the worker."""
+
+    source: Source
+    worker: StreamWorker
+
+    def __init__(self, url: str | None, name: str | None) -> None:
+        self.url, self.name = url, name
+        self.state = StreamState.CONNECTING
         self.reason: str | None = None
         self.created_at = time.time()
-        self.source: PullSource | None = None
-        self.session: WhipSession | None = None
         self.task: asyncio.Task[None] | None = None
-        self.final_state: tuple[str, str | None, dict[str, Any]] | None = None  # closed/failed, once participants left
+        self.ending: asyncio.Task[None] | None = None  # its end path (Service._end), once started
+
+    def start(self, source: Source, worker: StreamWorker) -> None:
+        self.source, self.worker = source, worker
+        self.state, self.reason = source.state or StreamState.CONNECTING, source.reason
+
+    def put(self, frame: SampledFrame) -> None:
+        self.worker.put(frame)
+
+    @property
+    def id(self) -> str:
+        return self.source.id
+
+    @property
+    def kind(self) -> str:
+        return self.source.kind
 
     def info(self) -> StreamInfo:
         scorers = [p.scorer for p in self.worker.roster.participants.values() if p.confirmed]
         alerts = sum(1 for sc in scorers if sc.alert_active)
         smoothed = [sc.smoothed for sc in scorers if sc.smoothed is not None]
+        verdict: Literal["alert", "suspicious", "clear", "pending"]
         if alerts:
             verdict = "alert"
-        elif self.state != StreamState.LIVE.value or not scorers or len(smoothed) < len(scorers):
+        elif self.state is not StreamState.LIVE or not scorers or len(smoothed) < len(scorers):
             verdict = "pending"  # no verdict on a stream that is down, or on participants still warming up
-        elif any(sc.state.value == "suspicious" for sc in scorers):
+        elif any(sc.state is ParticipantState.SUSPICIOUS for sc in scorers):
             verdict = "suspicious"
         else:
             verdict = "clear"
         return StreamInfo(
             id=self.id, kind=self.kind, url=redact_url(self.url) if self.url else None, name=self.name,
-            state=self.state, reason=self.reason, created_at=self.created_at, frames_sampled=self.worker.slot.put_count,
-            frames_dropped=self.worker.slot.dropped, participants=len(scorers), verdict=verdict, alerts_active=alerts,
-            max_smoothed=max(smoothed, default=None),
+            state=self.state.value, reason=self.reason, created_at=self.created_at,
+            frames_sampled=self.worker.slot.put_count, frames_dropped=self.worker.slot.dropped,
+            participants=len(scorers), verdict=verdict, alerts_active=alerts, max_smoothed=max(smoothed, default=None),
         )
 
 
@@ -118,7 +137,7 @@ class Service:
         self._decoded_retired: Counter[str] = Counter()
         self._ready = False
         self._degraded: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()  # event publications and WHIP endings in flight
+        self._tasks: set[asyncio.Task[None]] = set()  # state events and end paths in flight
         self.ws_clients = 0
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
@@ -138,8 +157,8 @@ class Service:
                             max_events=ev.max_events)
         if degraded_reason:
             self._degraded.add("inference")
-            await self.hub.publish(EventType.SERVICE_DEGRADED, None, None,
-                                   {"component": "inference", "reason": degraded_reason, "active": True})
+            await self.hub.publish(EventDraft(EventType.SERVICE_DEGRADED, None, None,
+                                   {"component": "inference", "reason": degraded_reason, "active": True}))
         await self._close_dangling_alerts()
         await self._choose_decoding()
         decode = "nvdec" if self.hwdecode.hwaccel is not None else "cpu"
@@ -148,16 +167,15 @@ class Service:
                                workers=cfg.batcher.workers, on_batch=self.metrics.on_batch)
         await self.batcher.start()
         card = self.classifier.card
-        self.faces = FacePool(cfg.faces, self.classifier.input_size, card.preprocess.crop_margin,
-                              threads=min(2, os.cpu_count() or 1))
+        self.faces = FacePool(card, cfg.faces, threads=min(2, os.cpu_count() or 1))
         self.deps = WorkerDeps(
-            faces=self.faces, batcher=self.batcher, classifier=self.classifier, hub=self.hub, metrics=self.metrics,
-            make_evidence=self._make_evidence, window_s=cfg.scoring.window_s, publish_scores=cfg.events.publish_scores,
+            faces=self.faces, batcher=self.batcher, hub=self.hub, metrics=self.metrics,
+            make_evidence=EvidenceMaker(self.classifier, self.store), window_s=cfg.scoring.window_s,
+            publish_scores=cfg.events.publish_scores,
         )
         self.whip = WhipManager(
             fps=cfg.sampling.fps, max_sessions=cfg.whip.max_sessions, max_sdp_bytes=cfg.whip.max_sdp_bytes,
-            no_frame_timeout_s=cfg.whip.no_frame_timeout_s, on_frame=self._on_whip_frame,
-            on_session_end=self._on_whip_end, phase_of=self.sampling_phase,
+            no_frame_timeout_s=cfg.whip.no_frame_timeout_s, phase_of=self.sampling_phase,
             ice_servers=rtc_ice_servers(cfg.whip.ice_servers), ice_transport_policy=cfg.whip.ice_transport_policy,
         )
         self.metrics.watch(self._snapshot)
@@ -171,10 +189,10 @@ class Service:
         (a graceful stop clears them as participants leave): they are over, so they are cleared, with that reason."""
         while (page := await asyncio.to_thread(self.store.alerts, open_only=True, limit=100)).items:
             for alert in page.items:
-                await self.hub.publish(EventType.ALERT_CLEARED, alert.stream_id, alert.participant_id, {
+                await self.hub.publish(EventDraft(EventType.ALERT_CLEARED, alert.stream_id, alert.participant_id, {
                     "alert_id": alert.alert_id, "reason": "service restarted: the participant's session ended",
                     "duration_s": max(0.0, time.time() - alert.raised_ts),
-                })
+                }))
                 log.warning("cleared alert %s of %s left open by the previous run", alert.alert_id,
                             alert.participant_id)
 
@@ -186,8 +204,8 @@ class Service:
             return
         log.warning("decoding degraded: %s", self.hwdecode.reason)
         self._degraded.add("ingest")
-        await self.hub.publish(EventType.SERVICE_DEGRADED, None, None,
-                               {"component": "ingest", "reason": self.hwdecode.reason, "active": True})
+        await self.hub.publish(EventDraft(EventType.SERVICE_DEGRADED, None, None,
+                               {"component": "ingest", "reason": self.hwdecode.reason, "active": True}))
 
     async def _load_classifier(self) -> str | None:
         """The configured backend, or the next one that loads (TensorRT, CUDA, then ONNX Runtime on the CPU);
@@ -208,22 +226,23 @@ class Service:
     async def stop(self) -> None:
         """Close every stream (participants leave, streams close), then flush events and close the store."""
         self._ready = False
-        await self.whip.close_all()
-        await self._settle()  # WHIP streams end: their participants leave, their streams close
+        await self.whip.close_all()  # no new sessions; live ones end with "server shutdown"
+        await self._finish_ended()  # their participants leave with that reason, their streams close
+        await self._settle()  # and so do end paths that their own tasks had started
         await asyncio.gather(*(self.remove_stream(sid) for sid in list(self._streams)), return_exceptions=True)
         await self._settle()  # the sources' last state events
         await self.batcher.close()
-        if callable(getattr(self.classifier, "close", None)):
-            self.classifier.close()  # TensorRT: device buffers, CUDA graphs
+        self.classifier.close()
         self.faces.close()
         await self.hub.close()
         self.store.close()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run coro as a task that stop() waits for (a bare create_task may be collected, or cut off by stop)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _settle(self) -> None:
         while self._tasks:
@@ -237,45 +256,45 @@ class Service:
     def degraded(self) -> set[str]:
         return set(self._degraded)
 
-    # --- pull streams --------------------------------------------------------------------------------------------
+    # --- streams: one path for every source ----------------------------------------------------------------------
 
     async def add_stream(self, spec: StreamSpec) -> StreamInfo:
+        """Start pulling an RTSP/RTMP/HLS/file stream; its participants are tracked faces."""
         if spec.id in self._streams:
             raise StreamExists(f"stream {spec.id!r} exists already")
-        kind = stream_kind(spec.url)
-        stream = self._new_stream(spec.id, kind, spec.url, spec.name, mode="tracked")
-        try:
-            stream.source = PullSource(
-                spec.id, spec.url, settings=self.config.sources, fps=self.config.sampling.fps,
-                phase=self.sampling_phase(spec.id), on_frame=stream.worker.put,
-                on_state=lambda state, info: self._on_state(stream, state, info), hwaccel=self.hwdecode.hwaccel,
-            )
-            stream.task = asyncio.create_task(self._run_source(stream), name=f"source:{spec.id}")
-        except BaseException:
-            # Not started: unlist it, or it would stay listed as `connecting` for ever and block its id.
-            self._streams.pop(spec.id, None)
-            await stream.worker.stop("stream not started")
-            raise
+
+        def pull(on_frame: OnFrame, on_state: OnState) -> Source:
+            return PullSource(spec.id, spec.url, settings=self.config.sources, fps=self.config.sampling.fps,
+                              phase=self.sampling_phase(spec.id), on_frame=on_frame, on_state=on_state,
+                              hwaccel=self.hwdecode.hwaccel)
+
+        stream = await self._open(pull, url=spec.url, name=spec.name, mode="tracked")
         return stream.info()
 
+    async def whip_publish(self, body: bytes, content_type: str | None, participant_id: str | None,
+                           display_name: str | None) -> WhipSession:
+        """A WHIP offer in, a session out; its stream's one participant is the publisher."""
+        session = await self.whip.create_session(body, content_type, participant_id, display_name)
+
+        def whip(on_frame: OnFrame, on_state: OnState) -> Source:
+            return WhipSource(session, self.whip, on_frame=on_frame, on_state=on_state)
+
+        stream = await self._open(whip, url=None, name=display_name, mode="single",
+                                  participant_id=session.participant_id)
+        person = stream.worker.roster.start(time.time())
+        assert person is not None  # a single-participant roster has its participant from the start
+        await self.hub.publish(EventDraft(EventType.PARTICIPANT_JOINED, stream.id, person.id, {"label": display_name}))
+        return session
+
     async def remove_stream(self, stream_id: str) -> None:
-        stream = self._streams.pop(stream_id)  # KeyError: unknown stream
+        stream = self._streams[stream_id]  # KeyError: unknown stream
+        self._unlist(stream)
         # The worker first: it finishes the frame in hand and participants leave before the source's `closed`
         # state is published, so no score ever follows a stream's end in the feed.
         await stream.worker.stop("stream closed")
-        if stream.session is not None and not stream.session.ended:
-            # A WHIP stream removed through the streams API: end its peer connection too, or it would keep
-            # sending frames to nobody until the publisher gives up.
-            await self.whip.end(stream.session, "stream removed")
-        if stream.source is not None:
-            await stream.source.close()
-            self._decoded_retired[stream.kind] += stream.source.stats.decoded
-        elif stream.session is not None:
-            self._decoded_retired[stream.kind] += stream.session.video_frames
+        await stream.source.close()
         if stream.task is not None:
-            await asyncio.gather(stream.task, return_exceptions=True)
-        if stream.session is not None:
-            await self._publish_state(stream, StreamState.CLOSED.value, stream.session.end_reason)
+            await asyncio.gather(stream.task, return_exceptions=True)  # its end path publishes the final state
 
     def streams(self) -> list[StreamInfo]:
         return [s.info() for s in self._streams.values()]
@@ -283,79 +302,87 @@ class Service:
     def stream(self, stream_id: str) -> StreamInfo:
         return self._streams[stream_id].info()
 
-    async def _run_source(self, stream: _Stream) -> None:
+    async def _open(self, make: Callable[[OnFrame, OnState], Source], *, url: str | None, name: str | None,
+                    mode: Literal["single", "tracked"], participant_id: str | None = None) -> _Stream:
+        """Make a source with this service's callbacks, list its stream and run it until it ends."""
+        # A source that ended but whose stream is still being finished (a WHIP session this one replaced) finishes
+        # first, so the feed never shows a participant joined twice, or leaving after they (re)joined.
+        await self._finish_ended()
+        stream = _Stream(url, name)
+        source = make(stream.put, lambda state, info: self._on_state(stream, state, info))
+        stream.start(source, StreamWorker(source.id, source.kind, self._roster(source.id, mode, participant_id, name),
+                                          self.deps))
+        self._streams[source.id] = stream
+        try:
+            stream.worker.start()
+            if source.state is not None:  # born in a state (a WHIP session is live at once): say so first
+                await self._publish_state(stream, source.state, source.reason)
+            stream.task = asyncio.create_task(self._run(stream), name=f"source:{source.id}")
+        except BaseException:
+            # Not started: unlist it, or it would stay listed as `connecting` for ever and block its id.
+            self._streams.pop(source.id, None)
+            await stream.worker.stop("stream not started")
+            raise
+        return stream
+
+    async def _run(self, stream: _Stream) -> None:
+        failure = None
         try:
             await stream.source.run()
         except Exception as exc:  # a source bug must not take the service down
             log.exception("stream %s: source crashed", stream.id)
-            stream.state, stream.reason = StreamState.FAILED.value, f"internal error: {exc}"
-            stream.final_state = (stream.state, stream.reason, {})
-        # The source ended (end of file, failed, or closed): its participants leave, then its final state is
-        # published (held back by _on_state), so no participant event follows the stream's end. The stream stays
-        # listed with that state until it is removed.
-        await stream.worker.stop(f"stream {stream.state}")
-        if stream.final_state is not None:
-            await self._publish_state(stream, *stream.final_state)
-            stream.final_state = None
+            failure = f"internal error: {exc}"
+        await self._end(stream, failure)
 
-    def _on_state(self, stream: _Stream, state: StreamState, info: dict[str, Any]) -> None:
+    def _end(self, stream: _Stream, failure: str | None = None) -> asyncio.Task[None]:
+        """The one end path, run once per stream (whoever asks first starts it; every caller, and stop(), awaits
+        that same run)."""
+        if stream.ending is None:
+            stream.ending = self._spawn(self._end_once(stream, failure))
+        return stream.ending
+
+    async def _end_once(self, stream: _Stream, failure: str | None) -> None:
+        """Participants leave, then the final state is published (held back by _on_state), so no participant event
+        follows the stream's end; a stream whose source is not `listed_after_end` goes."""
+        if not stream.source.listed_after_end:
+            self._unlist(stream)
+        state = StreamState.FAILED if failure else stream.source.state or StreamState.CLOSED
+        reason = failure or stream.source.reason
+        stream.state, stream.reason = state, reason
+        await stream.worker.stop(f"stream {state.value}" if failure else stream.source.leave_reason)
+        await self._publish_state(stream, state, reason)
+
+    async def _finish_ended(self) -> None:
+        """Run the end path now for every stream whose source has ended (rather than when its task gets to it)."""
+        for stream in [s for s in self._streams.values() if s.source.state in TERMINAL_STATES]:
+            await self._end(stream)
+
+    def _unlist(self, stream: _Stream) -> None:
+        if self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
+            # streamguard_frames_decoded_total is a counter: keep a gone stream's frames in it. In the same step as
+            # the unlisting, so no scrape sees them missing.
+            self._decoded_retired[stream.kind] += stream.source.counters.decoded
+
+    def _on_state(self, stream: _Stream, state: StreamState, info: StateInfo) -> None:
         if state is StreamState.RECONNECTING:
             self.metrics.reconnects.labels(stream.kind).inc()
-        # The state is current at once (the source's end reads it for the participants' leave reason); the event
-        # follows in order: tasks start in creation order and publish_nowait queues synchronously.
-        stream.state, stream.reason = state.value, info.get("reason")
-        if state in (StreamState.CLOSED, StreamState.FAILED):
-            stream.final_state = (state.value, info.get("reason"), info)  # published by _run_source, see there
-            return
-        self._spawn(self._publish_state(stream, state.value, info.get("reason"), info))
+        # The state is current at once; the event follows in order: tasks start in creation order and
+        # publish_nowait queues synchronously. A final state is published by _end, after the participants left.
+        stream.state, stream.reason = state, info.get("reason")
+        if state not in TERMINAL_STATES:
+            self._spawn(self._publish_state(stream, state, info.get("reason"), info))
 
-    async def _publish_state(self, stream: _Stream, state: str, reason: str | None, info: dict | None = None) -> None:
-        stream.state, stream.reason = state, reason
-        data = {"state": state, "reason": reason}
-        if info:
-            # attempt is 1-based and only meaningful while reconnecting; sources report 0 otherwise. The source
-            # calls the wait before the next attempt delay_s; the event schema calls it retry_in_s.
-            if info.get("attempt"):
-                data["attempt"] = info["attempt"]
-            if info.get("delay_s") is not None:
-                data["retry_in_s"] = info["delay_s"]
-        await self.hub.publish(EventType.STREAM_STATE, stream.id, None, data)
-
-    # --- WHIP ----------------------------------------------------------------------------------------------------
-
-    async def whip_publish(self, body: bytes, content_type: str | None, participant_id: str | None,
-                           display_name: str | None) -> WhipSession:
-        session = await self.whip.create_session(body, content_type, participant_id, display_name)
-        # A session of the same participant that this one replaced leaves (and its stream closes) first, so the
-        # feed never shows the participant joined twice, or leaving after it (re)joined.
-        for old in [st for st in self._streams.values() if st.session is not None and st.session is not session
-                    and st.session.participant_id == session.participant_id and st.session.end_reason]:
-            await self._end_whip(old.session, old.session.end_reason or "")
-        stream = self._new_stream(session.stream_id, "webrtc", None, display_name, mode="single",
-                                  participant_id=session.participant_id)
-        stream.session = session
-        await self._publish_state(stream, StreamState.LIVE.value, None)
-        person = stream.worker.roster.start(time.time())
-        await self.hub.publish(EventType.PARTICIPANT_JOINED, stream.id, person.id, {"label": display_name})
-        return session
-
-    def _on_whip_frame(self, stream_id: str, frame) -> None:
-        stream = self._streams.get(stream_id)
-        if stream is not None:
-            stream.worker.put(frame)
-
-    def _on_whip_end(self, session: WhipSession, reason: str) -> None:
-        if session.stream_id in self._streams:
-            self._spawn(self._end_whip(session, reason))
-
-    async def _end_whip(self, session: WhipSession, reason: str) -> None:
-        stream = self._streams.pop(session.stream_id, None)
-        if stream is None:
-            return
-        # streamguard_frames_decoded_total is a counter: keep an ended session's frames in it
-        self._decoded_retired[stream.kind] += session.video_frames
-        await stream.worker.stop(reason)
-        await self._publish_state(stream, StreamState.CLOSED.value, reason)
+    async def _publish_state(self, stream: _Stream, state: StreamState, reason: str | None,
+                             info: StateInfo | None = None) -> None:
+        data: dict[str, Any] = {"state": state.value, "reason": reason}
+        # attempt is 1-based and only meaningful while reconnecting; sources report 0 otherwise. The source calls the
+        # wait before the next attempt delay_s; the event schema calls it retry_in_s.
+        if info and info.get("attempt"):
+            data["attempt"] = info["attempt"]
+        if info and info.get("delay_s") is not None:
+            data["retry_in_s"] = info["delay_s"]
+        await self.hub.publish(EventDraft(EventType.STREAM_STATE, stream.id, None, data))
 
     # --- shared --------------------------------------------------------------------------------------------------
 
@@ -373,19 +400,14 @@ class Service:
             self._phases[stream_id] = spread_phase(self._phases.values())
         return self._phases[stream_id]
 
-    def _new_stream(self, stream_id: str, kind: str, url: str | None, name: str | None, *, mode: str,
-                    participant_id: str | None = None) -> _Stream:
+    def _roster(self, stream_id: str, mode: Literal["single", "tracked"], participant_id: str | None,
+                label: str | None) -> Roster:
         cfg = self.config
-        roster = Roster(
+        return Roster(
             stream_id, mode=mode, scoring=cfg.scoring, card_threshold=CardThresholds.from_card(self.classifier.card),
             min_samples=cfg.participants.min_samples, leave_after_s=cfg.participants.leave_after_s,
-            crop_margin=self.faces.margin, participant_id=participant_id, label=name,
+            crop_margin=self.faces.margin, participant_id=participant_id, label=label,
         )
-        worker = StreamWorker(stream_id, kind, roster, self.deps)
-        stream = _Stream(stream_id, kind, url, name, worker)
-        self._streams[stream_id] = stream
-        worker.start()
-        return stream
 
     def participants(self, stream_id: str | None = None) -> list[ParticipantInfo]:
         out = []
@@ -403,26 +425,11 @@ class Service:
                 ))
         return out
 
-    async def _make_evidence(self, alert_id: str, crop: np.ndarray, p_fake: float) -> dict[EvidenceKind, str]:
-        """Store the face crop and its artefact heatmap; returns their API paths."""
-
-        def build() -> dict[EvidenceKind, bytes]:
-            heat = occlusion_map(self.classifier, crop)
-            return {EvidenceKind.CROP: encode_jpeg(crop), EvidenceKind.HEATMAP: render_overlay(crop, heat, p_fake)}
-
-        images = await asyncio.to_thread(build)
-        for kind, data in images.items():
-            await asyncio.to_thread(self.store.put_evidence, alert_id, kind, EVIDENCE_MIME[kind], data)
-        return {kind: evidence_path(alert_id, kind) for kind in images}
-
     def _snapshot(self) -> dict:
-        states: Counter[tuple[str, str]] = Counter((s.kind, s.state) for s in self._streams.values())
+        states: Counter[tuple[str, str]] = Counter((s.kind, s.state.value) for s in self._streams.values())
         decoded = Counter(self._decoded_retired)
         for s in self._streams.values():
-            if s.source is not None:
-                decoded[s.kind] += s.source.stats.decoded
-            elif s.session is not None:
-                decoded[s.kind] += s.session.video_frames
+            decoded[s.kind] += s.source.counters.decoded
         return {
             "streams": states, "decoded": decoded, "participants": len(self.participants()),
             "ws_clients": self.ws_clients, "degraded": 1 if self._degraded else 0,

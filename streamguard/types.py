@@ -1,8 +1,8 @@
-"""The small typed values that flow between stages: source → sampler → faces → participants → classifier → scores."""
+"""The small typed values that flow between stages: source → sampler → faces → participants → classifier."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
@@ -94,21 +94,3 @@ class FaceCrop:
     @property
     def box(self) -> Box:
         return self.detection.box
-
-
-@dataclass(frozen=True, slots=True)
-class Score:
-    participant_id: str
-    ts: float
-    p_fake: float
-
-
-@dataclass(slots=True)
-class ParticipantSummary:
-    """What a scan reports per participant."""
-
-    id: str
-    samples: int
-    low_quality: int
-    score: float | None
-    scores: list[float] = field(default_factory=list)

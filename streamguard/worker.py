@@ -5,20 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-import cv2
 import numpy as np
 
-from streamguard.events.hub import EventHub
-from streamguard.events.schema import EventType, EvidenceKind, evidence_path, new_alert_id
-from streamguard.inference.batcher import Batcher
-from streamguard.inference.classifier import Classifier
+from streamguard.events.schema import EventDraft, EventType, EvidenceKind, new_alert_id
 from streamguard.ingest.slot import FrameSlot
 from streamguard.metrics import Metrics
 from streamguard.participants import LiveParticipant, Roster
-from streamguard.pipeline import FacePool
 from streamguard.scoring.live import AlertCleared, AlertRaised, Transition
 from streamguard.scoring.verdicts import id_strategy
 from streamguard.types import FaceCrop, SampledFrame
@@ -29,16 +25,36 @@ IDLE_AFTER_S = 2.0  # no frame for this long: the stream is idle and its partici
 IDLE_TICK_S = 1.0
 
 
+class FaceStage(Protocol):
+    """Frame → face crops off the loop (`FacePool`)."""
+
+    async def analyze(self, frame: SampledFrame) -> list[FaceCrop]: ...
+
+
+class ScoreStage(Protocol):
+    """Face crops → P(fake), batched across streams (`Batcher`)."""
+
+    async def score_many(self, crops: np.ndarray) -> np.ndarray: ...
+
+
+class EventSink(Protocol):
+    """Where events go (`EventHub`: durably, then to subscribers)."""
+
+    async def publish(self, draft: EventDraft) -> object: ...
+
+
+MakeEvidence = Callable[[str, np.ndarray, float], Awaitable[Mapping[EvidenceKind, str]]]
+
+
 @dataclass
 class WorkerDeps:
     """What every stream worker shares: the service's stages."""
 
-    faces: FacePool
-    batcher: Batcher
-    classifier: Classifier
-    hub: EventHub
+    faces: FaceStage
+    batcher: ScoreStage
+    hub: EventSink
     metrics: Metrics
-    make_evidence: Callable[[str, np.ndarray, float], Awaitable[dict[EvidenceKind, str]]]
+    make_evidence: MakeEvidence  # (alert id, crop, P(fake)) -> evidence URLs (`EvidenceMaker`)
     window_s: float
     publish_scores: bool = False
 
@@ -68,7 +84,9 @@ class MediaClock:
 
 
 class StreamWorker:
-    def __init__(self, stream_id: str, kind: str, roster: Roster, deps: WorkerDeps):
+    """Takes the newest sampled frame of one stream at a time; see `_process_locked` for the order of one sample."""
+
+    def __init__(self, stream_id: str, kind: str, roster: Roster, deps: WorkerDeps) -> None:
         self.stream_id = stream_id
         self.kind = kind
         self.roster = roster
@@ -126,28 +144,32 @@ class StreamWorker:
     async def _run(self) -> None:
         while (frame := await self.slot.get()) is not None:
             try:
-                await self._process(frame)
+                await self.process(frame)
             except Exception:  # one bad frame must not end the stream's processing
                 log.exception("stream %s: frame at %.2f s failed", self.stream_id, frame.pts_s)
                 self.deps.metrics.frames_dropped.labels("error").inc()
 
-    async def _process(self, frame: SampledFrame) -> None:
+    async def process(self, frame: SampledFrame) -> None:
+        """One sample, start to end (what the loop does with each frame it takes; tests call it directly)."""
         async with self._lock:
             await self._process_locked(frame)
             self._last_frame_mono = time.monotonic()
 
     async def _process_locked(self, frame: SampledFrame) -> None:
+        """The order within one sample: faces, then tracks that this frame confirmed join (their waiting
+        observations replayed), then scores of gated faces, then low-quality faces, then participants without a face
+        here, then tracked ones unseen for leave_after_s leave. Alerts follow the sample that raised them."""
         self.frames += 1
         ts = self.clock(frame.pts_s)
         crops = await self.deps.faces.analyze(frame)
         self.deps.metrics.faces_detected.inc(len(crops))
         obs = self.roster.observe(ts, crops)
         for person in obs.joined:
-            await self.deps.hub.publish(EventType.PARTICIPANT_JOINED, self.stream_id, person.id,
-                                        {"label": person.label, "pts_s": frame.pts_s})
+            await self._publish(EventType.PARTICIPANT_JOINED, person, {"label": person.label, "pts_s": frame.pts_s})
             await self._apply(person, person.confirm(), None)
         scorable = [(p, c) for p, c in obs.faces if c.quality.ok]
-        scores = await self.deps.batcher.score_many(np.stack([c.crop for _, c in scorable])) if scorable else []
+        crops_in = np.stack([c.crop for _, c in scorable]) if scorable else None
+        scores = await self.deps.batcher.score_many(crops_in) if crops_in is not None else np.zeros(0, np.float32)
         self.deps.metrics.sample_to_score.observe(max(0.0, time.time() - frame.wall_ts))
         for (person, crop), p in zip(scorable, scores, strict=True):
             await self._apply(person, person.score(ts, float(p)), crop)
@@ -171,14 +193,14 @@ class StreamWorker:
 
     async def _raise(self, person: LiveParticipant, t: AlertRaised, crop: FaceCrop | None) -> None:
         alert_id = new_alert_id()
-        evidence = {}
+        evidence: Mapping[EvidenceKind, str] = {}
         if crop is not None:
             try:
                 evidence = await self.deps.make_evidence(alert_id, crop.crop, t.p_fake)
             except Exception:  # evidence is a courtesy: the alert goes out without it
                 log.exception("evidence for alert %s failed", alert_id)
         person.alert_id = alert_id
-        await self.deps.hub.publish(EventType.ALERT_RAISED, self.stream_id, person.id, {
+        await self._publish(EventType.ALERT_RAISED, person, {
             "alert_id": alert_id, "score": t.p_fake, "smoothed": t.smoothed, "threshold": t.threshold,
             "window_s": self.deps.window_s, "samples": t.samples, "evidence": evidence,
         })
@@ -186,7 +208,7 @@ class StreamWorker:
 
     async def _clear(self, person: LiveParticipant, reason: str, smoothed: float | None, threshold: float | None,
                      duration_s: float) -> None:
-        await self.deps.hub.publish(EventType.ALERT_CLEARED, self.stream_id, person.id, {
+        await self._publish(EventType.ALERT_CLEARED, person, {
             "alert_id": person.alert_id, "reason": reason, "smoothed": smoothed, "threshold": threshold,
             "duration_s": max(0.0, duration_s),
         })
@@ -200,24 +222,17 @@ class StreamWorker:
             # Why they left matters to an operator: a camera that failed is not a deepfake that went away.
             await self._clear(person, f"participant left: {reason}", person.scorer.smoothed, None, duration)
         score = id_strategy(person.scores) if person.scores else None
-        await self.deps.hub.publish(EventType.PARTICIPANT_LEFT, self.stream_id, person.id,
-                                    {"reason": reason, "samples": len(person.scores), "score": score})
+        await self._publish(EventType.PARTICIPANT_LEFT, person,
+                            {"reason": reason, "samples": len(person.scores), "score": score})
 
     async def _publish_score(self, person: LiveParticipant, p: float | None, crop: FaceCrop) -> None:
         if not (self.deps.publish_scores and person.confirmed):
             return
         s = person.scorer
-        await self.deps.hub.publish(EventType.PARTICIPANT_SCORE, self.stream_id, person.id, {
+        await self._publish(EventType.PARTICIPANT_SCORE, person, {
             "p_fake": p, "smoothed": s.smoothed, "samples": len(s.window), "state": s.state.value,
             "quality": crop.quality.verdict.value,
         })
 
-
-def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return buf.tobytes()
-
-
-__all__ = ["StreamWorker", "WorkerDeps", "MediaClock", "encode_jpeg", "evidence_path"]
+    async def _publish(self, type: EventType, person: LiveParticipant, data: Mapping[str, Any]) -> None:
+        await self.deps.hub.publish(EventDraft(type, self.stream_id, person.id, data))

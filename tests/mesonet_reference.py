@@ -94,7 +94,7 @@ def forward(h5_path: Path, arch: Literal["meso4", "mesoinception"], x: np.ndarra
     convs, bns, dense = _by_kind(w, "conv2d"), _by_kind(w, "batch_normalization"), _by_kind(w, "dense")
     h = np.asarray(x, np.float64)
     if arch == "meso4":
-        for conv, bn, pool in zip(convs, bns, (2, 2, 2, 4)):
+        for conv, bn, pool in zip(convs, bns, (2, 2, 2, 4), strict=False):
             h = max_pool_same(batch_norm(conv_same(h, conv), bn), pool)
     else:
         h = max_pool_same(batch_norm(_inception(h, convs[0:7]), bns[0]), 2)

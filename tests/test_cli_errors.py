@@ -176,7 +176,8 @@ def test_serve_serves_on_the_socket_it_checked(tmp_path: Path):
 def test_scan_refuses_unwritable_outputs_before_scanning(tmp_path: Path, monkeypatch, args, option, says):
     (tmp_path / "file").write_text("x")
     args = [a.format(tmp=tmp_path, file=tmp_path / "file") for a in args]
-    monkeypatch.setattr(cli, "_load_model", lambda _: pytest.fail("the model was loaded before the options were checked"))
+    monkeypatch.setattr(cli, "_load_model",
+                        lambda _: pytest.fail("the model was loaded before the options were checked"))
     result = runner.invoke(app, ["scan", str(tmp_path / "img.jpg"), *args, "-q"])
     assert result.exit_code == 2, result.output
     text = plain(result.output)

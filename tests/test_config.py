@@ -17,7 +17,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(("yaml_text", "named"), [
-    ("scoring:\n  windw_s: 5\n", "scoring.windw_s"),  # nested sections defined outside config.py forbid extras too
+    ("scoring:\n  windw_s: 5\n", "scoring.windw_s"),  # every section of the config forbids extras too
     ("faces:\n  min_sizee: 5\n", "faces.min_sizee"),
     ("sampling:\n  fpss: 2\n", "sampling.fpss"),
     ("streams:\n  - {id: a, url: rtsp://cam/1}\n  - {id: a, url: rtsp://cam/2}\n", "streams"),

@@ -155,7 +155,8 @@ def test_console_monitor_my_camera(tmp_path: Path, shared_data: Path) -> None:
     model = os.environ.get("STREAMGUARD_CONSOLE_TEST_MODEL") or model_name()
     args = ["serve", "--config", str(config), "--port", str(port), "--data-dir", str(tmp_path / "data"),
             "--model", model, "--log-level", "info"]
-    cmd = [sys.executable, "-m", "streamguard.cli", *args] if host_ice else [sys.executable, "-c", LOOPBACK_ICE_SHIM, *args]
+    shim = ["-m", "streamguard.cli"] if host_ice else ["-c", LOOPBACK_ICE_SHIM]
+    cmd = [sys.executable, *shim, *args]
     env = {**os.environ, "STREAMGUARD_TOKEN": TOKEN}
     server_log = ARTIFACTS / "console-server.log"
     shot = ARTIFACTS / "console.png"

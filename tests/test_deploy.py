@@ -229,8 +229,8 @@ def check_pod(workload: dict, configmap: dict) -> None:
     assert sec["runAsNonRoot"] is True and sec["runAsUser"] != 0
     # Every STREAMGUARD_* variable the manifest sets is a setting (the service refuses unknown ones), and Kubernetes
     # adds none of its own: service links would set STREAMGUARD_SERVICE_HOST, STREAMGUARD_PORT=tcp://... .
-    from streamguard.api.app import DRAIN_TIMEOUT_S
-    from streamguard.config import _unknown_variables
+    from streamguard.api.lifecycle import DRAIN_TIMEOUT_S
+    from streamguard.config.service import _unknown_variables
 
     pod = workload["spec"]["template"]["spec"]
     assert _unknown_variables({name: "x" for name in env}) == []
@@ -245,7 +245,8 @@ def test_k8s_base(tmp_path: Path) -> None:
     assert "Secret" not in docs, "a placeholder token must never be applied by the kustomization"
     assert all(d["metadata"].get("namespace") == "streamguard" for k, ds in docs.items() if k != "Namespace"
                for d in ds)
-    (dep,), (cm,), (pvc,), (svc,) = docs["Deployment"], docs["ConfigMap"], docs["PersistentVolumeClaim"], docs["Service"]
+    (dep,), (cm,) = docs["Deployment"], docs["ConfigMap"]
+    (pvc,), (svc,) = docs["PersistentVolumeClaim"], docs["Service"]
     check_pod(dep, cm)
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
     vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
@@ -293,7 +294,8 @@ def test_k8s_scale_and_hpa() -> None:
     adapter = yaml.safe_load((K8S / "scale" / "prometheus-adapter-values.yaml").read_text())
     (rule,) = adapter["rules"]["custom"]
     assert rule["name"]["as"] == metric["pods"]["metric"]["name"] == "streamguard_streams_active"
-    assert "streamguard_streams{" in rule["metricsQuery"] and set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    assert "streamguard_streams{" in rule["metricsQuery"]
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
     assert hpa["spec"]["behavior"]["scaleDown"]["selectPolicy"] == "Disabled"
 
 

@@ -42,7 +42,8 @@ from streamguard.inference.gpu import (
 REPO = Path(__file__).resolve().parents[1]
 MESO4 = REPO / "engines" / "mesonet-meso4-df.onnx"
 # Imported from ../shared by conftest.py (never committed): absent in a user's clone.
-needs_meso4 = pytest.mark.skipif(not MESO4.is_file(), reason=f"needs {MESO4.name}, imported from ../shared/data/mesonet")
+needs_meso4 = pytest.mark.skipif(not MESO4.is_file(),
+                                 reason=f"needs {MESO4.name}, imported from ../shared/data/mesonet")
 SHA = "ab" * 32
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
 

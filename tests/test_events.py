@@ -32,6 +32,7 @@ from streamguard.events.schema import (
     SCHEMA_VERSION,
     AlertRaisedData,
     Event,
+    EventDraft,
     EventType,
     EvidenceKind,
     StreamState,
@@ -41,7 +42,7 @@ from streamguard.events.schema import (
     new_alert_id,
     render_event_json_schema,
 )
-from streamguard.events.store import AlertConflict, EventDraft, EventStore
+from streamguard.events.store import AlertConflict, EventStore
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -66,15 +67,17 @@ def one_of_each(store: EventStore) -> list[Event]:
     """One event of every type, through the store (what clients receive)."""
     aid = new_alert_id()
     return [
-        store.append(EventType.STREAM_STATE, "s1", None, state("reconnecting", reason="no frame for 20 s", attempt=2,
-                                                                 retry_in_s=4.0)),
-        store.append(EventType.PARTICIPANT_JOINED, "s1", "p1", {"label": "Alice", "pts_s": 3.0}),
-        store.append(EventType.PARTICIPANT_SCORE, "s1", "p1",
-                     {"p_fake": 0.2, "smoothed": 0.25, "samples": 7, "state": "ok", "quality": "ok"}),
-        store.append(EventType.ALERT_RAISED, "s1", "p1", AlertRaisedData.model_validate(raised(aid))),
-        store.append(EventType.ALERT_CLEARED, "s1", "p1", cleared(aid)),
-        store.append(EventType.PARTICIPANT_LEFT, "s1", "p1", {"reason": "stream closed", "samples": 40, "score": 0.3}),
-        store.append(EventType.SERVICE_DEGRADED, None, None, {"component": "inference", "reason": "GPU lost"}),
+        store.append(EventDraft(EventType.STREAM_STATE, "s1", None,
+                                state("reconnecting", reason="no frame for 20 s", attempt=2, retry_in_s=4.0))),
+        store.append(EventDraft(EventType.PARTICIPANT_JOINED, "s1", "p1", {"label": "Alice", "pts_s": 3.0})),
+        store.append(EventDraft(EventType.PARTICIPANT_SCORE, "s1", "p1",
+                                {"p_fake": 0.2, "smoothed": 0.25, "samples": 7, "state": "ok", "quality": "ok"})),
+        store.append(EventDraft(EventType.ALERT_RAISED, "s1", "p1", AlertRaisedData.model_validate(raised(aid)))),
+        store.append(EventDraft(EventType.ALERT_CLEARED, "s1", "p1", cleared(aid))),
+        store.append(EventDraft(EventType.PARTICIPANT_LEFT, "s1", "p1",
+                                {"reason": "stream closed", "samples": 40, "score": 0.3})),
+        store.append(EventDraft(EventType.SERVICE_DEGRADED, None, None,
+                                {"component": "inference", "reason": "GPU lost"})),
     ]
 
 
@@ -103,17 +106,17 @@ def test_seq_is_monotonic_and_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "data" / "events.sqlite3"
     with EventStore(path) as s:  # default FULL
         assert s.last_seq() == 0
-        seqs = [s.append("stream.state", "s1", None, state("connecting")).seq for _ in range(5)]
+        seqs = [s.append(EventDraft("stream.state", "s1", None, state("connecting"))).seq for _ in range(5)]
         assert seqs == [1, 2, 3, 4, 5]
         assert s.last_seq() == 5
         assert s._w.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert s._w.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     with EventStore(path) as s:
         assert s.last_seq() == 5
-        assert s.append("stream.state", "s1", None, state()).seq == 6
+        assert s.append(EventDraft("stream.state", "s1", None, state())).seq == 6
         # AUTOINCREMENT: a seq is never handed out twice, even after its row is gone.
         s._w.execute("DELETE FROM events WHERE seq = 6")
-        assert s.append("stream.state", "s1", None, state()).seq == 7
+        assert s.append(EventDraft("stream.state", "s1", None, state())).seq == 7
         assert [e.seq for e in s.since(0)] == [1, 2, 3, 4, 5, 7]
 
 
@@ -122,9 +125,10 @@ def test_committed_event_survives_a_killed_process(tmp_path: Path) -> None:
     path = tmp_path / "events.sqlite3"
     code = (
         "import os, signal, sys\n"
+        "from streamguard.events.schema import EventDraft\n"
         "from streamguard.events.store import EventStore\n"
         "s = EventStore(sys.argv[1])\n"
-        "for _ in range(3): ev = s.append('stream.state', 's1', None, {'state': 'stalled'})\n"
+        "for _ in range(3): ev = s.append(EventDraft('stream.state', 's1', None, {'state': 'stalled'}))\n"
         "print(ev.seq, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
@@ -136,12 +140,13 @@ def test_committed_event_survives_a_killed_process(tmp_path: Path) -> None:
     assert proc.stdout.strip() == "3"
     with EventStore(path) as s:  # recovers from the WAL left behind
         assert [(e.seq, e.data["state"]) for e in s.since(0)] == [(1, "stalled"), (2, "stalled"), (3, "stalled")]
-        assert s.append("stream.state", "s1", None, state()).seq == 4
+        assert s.append(EventDraft("stream.state", "s1", None, state())).seq == 4
 
 
 def test_since_returns_exactly_the_events_after_n_in_order(store: EventStore) -> None:
     for i in range(30):
-        store.append("participant.score", f"s{i % 3}", f"p{i % 5}", {"p_fake": i / 30, "samples": i}, ts=1000.0 + i)
+        store.append(EventDraft("participant.score", f"s{i % 3}", f"p{i % 5}", {"p_fake": i / 30, "samples": i},
+                                ts=1000.0 + i))
     every = store.since(0)
     assert [e.seq for e in every] == list(range(1, 31))
     assert [e.ts for e in every] == [1000.0 + i for i in range(30)]
@@ -152,13 +157,13 @@ def test_since_returns_exactly_the_events_after_n_in_order(store: EventStore) ->
 
 
 def test_since_filters(store: EventStore) -> None:
-    store.append("stream.state", "a", None, state("connecting"))  # 1
-    store.append("participant.joined", "a", "a1", {})  # 2
-    store.append("participant.joined", "b", "b1", {})  # 3
-    store.append("participant.score", "a", "a1", {"p_fake": 0.1})  # 4
-    store.append("stream.state", "b", None, state("live"))  # 5
-    store.append("service.degraded", None, None, {"component": "store", "reason": "disk 95 % full"})  # 6
-    store.append("participant.left", "a", "a1", {})  # 7
+    store.append(EventDraft("stream.state", "a", None, state("connecting")))  # 1
+    store.append(EventDraft("participant.joined", "a", "a1", {}))  # 2
+    store.append(EventDraft("participant.joined", "b", "b1", {}))  # 3
+    store.append(EventDraft("participant.score", "a", "a1", {"p_fake": 0.1}))  # 4
+    store.append(EventDraft("stream.state", "b", None, state("live")))  # 5
+    store.append(EventDraft("service.degraded", None, None, {"component": "store", "reason": "disk 95 % full"}))  # 6
+    store.append(EventDraft("participant.left", "a", "a1", {}))  # 7
 
     def seqs(**kw: object) -> list[int]:
         return [e.seq for e in store.since(0, **kw)]  # type: ignore[arg-type]
@@ -187,13 +192,13 @@ def test_malformed_events_are_refused_and_take_no_seq(store: EventStore) -> None
     ]
     for args in bad:
         with pytest.raises(pydantic.ValidationError):
-            store.append(*args)
+            store.append(EventDraft(*args))
     assert store.last_seq() == 0
-    assert store.append("stream.state", "s1", None, state()).seq == 1
+    assert store.append(EventDraft("stream.state", "s1", None, state())).seq == 1
 
 
 def test_append_many_commits_a_batch_and_isolates_bad_items(store: EventStore) -> None:
-    store.append("alert.raised", "s1", "p1", raised("dup"))  # 1
+    store.append(EventDraft("alert.raised", "s1", "p1", raised("dup")))  # 1
     results = store.append_many([
         EventDraft("stream.state", "s1", None, state("live")),
         EventDraft("alert.raised", "s1", "p1", raised("dup")),  # already raised
@@ -209,16 +214,17 @@ def test_append_many_commits_a_batch_and_isolates_bad_items(store: EventStore) -
     assert [e.type for e in store.since(0)] == [EventType.ALERT_RAISED, EventType.STREAM_STATE,
                                                 EventType.ALERT_CLEARED]
     with pytest.raises(AlertConflict):
-        store.append("alert.cleared", "s1", "p1", cleared("dup"))  # already cleared
+        store.append(EventDraft("alert.cleared", "s1", "p1", cleared("dup")))  # already cleared
 
 
 def test_alerts_history_is_paged_newest_first(store: EventStore) -> None:
     ids = [f"alert{i:02d}" for i in range(23)]
     for i, aid in enumerate(ids):
-        store.append("alert.raised", f"s{i % 2}", f"p{i}", raised(aid, score=0.9), ts=100.0 + i)
-        store.append("participant.score", f"s{i % 2}", f"p{i}", {"p_fake": 0.9})  # interleaved non-alert events
+        store.append(EventDraft("alert.raised", f"s{i % 2}", f"p{i}", raised(aid, score=0.9), ts=100.0 + i))
+        # interleaved non-alert events
+        store.append(EventDraft("participant.score", f"s{i % 2}", f"p{i}", {"p_fake": 0.9}))
     for aid in ids[::3]:
-        store.append("alert.cleared", "s0", None, cleared(aid), ts=500.0)
+        store.append(EventDraft("alert.cleared", "s0", None, cleared(aid), ts=500.0))
 
     seen: list[str] = []
     before = None
@@ -262,7 +268,7 @@ def test_evidence_round_trip(tmp_path: Path) -> None:
         # Evidence first, then the alert: a client fetching the evidence URL on alert.raised always finds it.
         s.put_evidence(aid, EvidenceKind.CROP, "image/jpeg", jpeg)
         s.put_evidence(aid, "heatmap", "image/png", png)
-        s.append("alert.raised", "s1", "p1", raised(aid))
+        s.append(EventDraft("alert.raised", "s1", "p1", raised(aid)))
         alert = s.get_alert(aid)
         assert alert is not None and alert.evidence == [EvidenceKind.CROP, EvidenceKind.HEATMAP]
         assert s.get_evidence(aid, "crop") is not None
@@ -286,7 +292,7 @@ def test_closed_store_refuses(tmp_path: Path) -> None:
     s.close()
     s.close()  # idempotent
     with pytest.raises(RuntimeError):
-        s.append("stream.state", "s1", None, state())
+        s.append(EventDraft("stream.state", "s1", None, state()))
     with pytest.raises(RuntimeError):
         s.since(0)
 
@@ -349,32 +355,32 @@ def test_committed_schema_file_matches_generated() -> None:
 async def test_publish_writes_before_delivery_and_returns_seq(store: EventStore) -> None:
     hub = EventHub(store)
     sub = hub.subscribe()  # live only
-    ev = await hub.publish(EventType.STREAM_STATE, "s1", None, StreamStateData(state=StreamState.LIVE))
+    ev = await hub.publish(EventDraft(EventType.STREAM_STATE, "s1", None, StreamStateData(state=StreamState.LIVE)))
     assert ev.seq == 1 and ev.data["state"] == "live"
     got = await sub.get(timeout=5)
     assert got is ev
     assert [e.seq for e in store.since(0)] == [1]  # committed, and by then delivered
     assert await sub.get(timeout=0.05) is None  # idle: the handler's cue to ping
     with pytest.raises(pydantic.ValidationError):
-        hub.publish_nowait("participant.joined", "s1", None, {})  # raises in the caller, never queued
+        hub.publish_nowait(EventDraft("participant.joined", "s1", None, {}))  # raises in the caller, never queued
     await hub.close()
     with pytest.raises(HubClosed) as end:
         await sub.get()
     assert end.value.close_code == 1001 and end.value.last_seq == 1
     with pytest.raises(RuntimeError):
-        await hub.publish("stream.state", "s1", None, state())
+        await hub.publish(EventDraft("stream.state", "s1", None, state()))
 
 
 @pytest.mark.asyncio
 async def test_reconnect_with_since_gets_missed_events_once_in_order_then_live(store: EventStore) -> None:
     hub = EventHub(store, replay_page_size=4)
     for i in range(10):
-        await hub.publish("participant.score", "s1", "p1", {"p_fake": i / 10})
+        await hub.publish(EventDraft("participant.score", "s1", "p1", {"p_fake": i / 10}))
     sub = hub.subscribe(since=3)
     missed = await collect(sub, 7)
     assert [e.seq for e in missed] == list(range(4, 11))
     assert not sub.replaying or sub.last_seq == 10
-    live = [await hub.publish("participant.score", "s1", "p1", {"p_fake": 0.5}) for _ in range(3)]
+    live = [await hub.publish(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.5})) for _ in range(3)]
     got = await collect(sub, 3)
     assert [e.seq for e in got] == [e.seq for e in live] == [11, 12, 13]
     assert await sub.get(timeout=0.05) is None  # nothing twice
@@ -401,10 +407,11 @@ async def test_replay_and_live_race_has_no_gap_and_no_duplicate(store: EventStor
         for i in range(total):
             stream = f"s{i % 3}"
             if i % 4 == 0:  # bursts queued without awaiting: they share a group commit
-                futs = [hub.publish_nowait("participant.score", stream, "p1", {"p_fake": 0.5}) for _ in range(3)]
+                draft = EventDraft("participant.score", stream, "p1", {"p_fake": 0.5})
+                futs = [hub.publish_nowait(draft) for _ in range(3)]
                 published.extend(await asyncio.gather(*futs))
             else:
-                published.append(await hub.publish("participant.score", stream, "p1", {"p_fake": 0.5}))
+                published.append(await hub.publish(EventDraft("participant.score", stream, "p1", {"p_fake": 0.5})))
             if rng.random() < 0.3:
                 await asyncio.sleep(0)
 
@@ -462,7 +469,7 @@ async def test_event_seen_by_replay_before_its_delivery_is_not_sent_twice(store:
         return out
 
     store.append_many = commit_then_stall  # type: ignore[method-assign]
-    fut = hub.publish_nowait("stream.state", "s1", None, state())
+    fut = hub.publish_nowait(EventDraft("stream.state", "s1", None, state()))
     await asyncio.sleep(0.05)
     sub = hub.subscribe(since=0)
     assert (await sub.get(timeout=1)).seq == 1  # type: ignore[union-attr]  # from replay, which has caught up
@@ -495,13 +502,16 @@ async def test_burst_larger_than_the_queue_reaches_a_prompt_reader_once_in_order
         # Holding the store's write lock while queueing makes the writer commit them in batches of max_batch
         # (512): whatever the scheduling, the loop is handed hundreds of events in one callback.
         with store._wlock:
-            futs = [hub.publish_nowait("participant.score", f"s{i % 2}", "p1", {"p_fake": 0.5}) for i in range(600)]
+            futs = [hub.publish_nowait(EventDraft("participant.score", f"s{i % 2}", "p1", {"p_fake": 0.5}))
+                    for i in range(600)]
         published += await asyncio.gather(*futs)
-        published.append(await hub.publish("stream.state", "s1", None, state()))  # and a single one in between
+        # and a single one in between
+        published.append(await hub.publish(EventDraft("stream.state", "s1", None, state())))
     n = len(published)
+    n_s1 = sum(1 for e in published if e.stream_id == "s1")
 
-    async with asyncio.timeout(60):
-        while len(got["live"]) < n or len(got["replaying"]) < n:
+    async with asyncio.timeout(60):  # the filtered reader too: it may still be catching up from the store
+        while len(got["live"]) < n or len(got["replaying"]) < n or len(got["filtered"]) < n_s1:
             await asyncio.sleep(0.01)
     assert [e.seq for e in got["live"]] == list(range(1, n + 1))  # everything, in order, exactly once
     assert [e.seq for e in got["replaying"]] == list(range(1, n + 1))
@@ -510,7 +520,7 @@ async def test_burst_larger_than_the_queue_reaches_a_prompt_reader_once_in_order
     assert hub.catch_ups >= 3 and live._overflows > 0  # each fell back to the store at least once
     assert not live.replaying and live._deadline is None  # caught up: live again, no clock running
     # Live again: the next event comes through the buffer.
-    ev = await hub.publish("stream.state", "s1", None, state("stalled"))
+    ev = await hub.publish(EventDraft("stream.state", "s1", None, state("stalled")))
     async with asyncio.timeout(10):
         while len(got["live"]) <= n:
             await asyncio.sleep(0.01)
@@ -537,11 +547,11 @@ async def test_reader_that_never_reads_is_closed_with_4008_and_others_are_unaffe
         while n < 200 or slow.ended is None:  # ended at the first event offered after its grace ran out
             t = time.perf_counter()
             if n % 20 == 0:
-                await asyncio.gather(*[hub.publish_nowait("participant.score", "s1", "p1", {"p_fake": 0.5})
+                await asyncio.gather(*[hub.publish_nowait(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.5}))
                                        for _ in range(20)])
                 n += 20
             else:
-                await hub.publish("participant.score", "s1", "p1", {"p_fake": 0.5})
+                await hub.publish(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.5}))
                 n += 1
             worst = max(worst, time.perf_counter() - t)
             await asyncio.sleep(0.002)  # the fast reader keeps up
@@ -572,10 +582,10 @@ async def test_reader_that_never_reads_is_closed_with_4008_and_others_are_unaffe
 async def test_slow_consumer_last_seq_is_its_resume_point(store: EventStore) -> None:
     hub = EventHub(store, client_queue_size=4, slow_consumer_grace_s=0)  # 0: dropped at the first overflow
     sub = hub.subscribe()
-    await hub.publish("participant.score", "s1", "p1", {"p_fake": 0.1})
+    await hub.publish(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1}))
     assert (await sub.get(timeout=5)).seq == 1  # type: ignore[union-attr]
     for _ in range(5):
-        await hub.publish("participant.score", "s1", "p1", {"p_fake": 0.1})
+        await hub.publish(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1}))
     with pytest.raises(SlowConsumer) as end:
         await sub.get()
     assert end.value.last_seq == 1 and "since=1" in end.value.reason
@@ -585,7 +595,7 @@ async def test_slow_consumer_last_seq_is_its_resume_point(store: EventStore) -> 
     # A live-only subscriber dropped before it got anything resumes from where it joined, not from 0.
     late = hub.subscribe(queue_size=2)
     for _ in range(3):
-        await hub.publish("participant.score", "s1", "p1", {"p_fake": 0.1})
+        await hub.publish(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1}))
     with pytest.raises(SlowConsumer) as end:
         await late.get()
     assert end.value.last_seq == 6
@@ -594,13 +604,13 @@ async def test_slow_consumer_last_seq_is_its_resume_point(store: EventStore) -> 
     # With a grace period: it falls behind, reads a little from the store, stops, and is dropped after what it read.
     stalled = hub.subscribe(grace_s=0.5)
     with store._wlock:  # one commit batch, handed over in one go: no time passes between its events here
-        futs = [hub.publish_nowait("participant.score", "s1", "p1", {"p_fake": 0.1}) for _ in range(6)]
+        futs = [hub.publish_nowait(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1})) for _ in range(6)]
     await asyncio.gather(*futs)  # 10..15: over its queue of 4
     assert [e.seq for e in await collect(stalled, 2)] == [10, 11]  # from the store
     assert stalled.ended is None
     async with asyncio.timeout(30):
         while stalled.ended is None:
-            await hub.publish("participant.score", "s1", "p1", {"p_fake": 0.1})
+            await hub.publish(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1}))
             await asyncio.sleep(0.01)
     with pytest.raises(SlowConsumer) as end:
         await stalled.get()
@@ -613,20 +623,20 @@ async def test_slow_consumer_last_seq_is_its_resume_point(store: EventStore) -> 
 @pytest.mark.asyncio
 async def test_history_replay_is_not_lag_but_falling_behind_after_it_is(store: EventStore) -> None:
     for _ in range(50):
-        store.append("participant.score", "s1", "p1", {"p_fake": 0.1})
+        store.append(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1}))
     hub = EventHub(store, client_queue_size=4, replay_page_size=10)
     sub = hub.subscribe(since=0, grace_s=0.05)
     assert (await sub.get(timeout=5)).seq == 1  # type: ignore[union-attr]
     for _ in range(10):  # live events overflow its queue while it is in its history
-        await hub.publish("participant.score", "s1", "p1", {"p_fake": 0.1})
+        await hub.publish(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1}))
     await asyncio.sleep(0.1)  # past its grace, but still in history (seq < 50): no clock is running
-    await hub.publish("participant.score", "s1", "p1", {"p_fake": 0.1})
+    await hub.publish(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1}))
     assert sub.ended is None and sub._deadline is None
     assert [e.seq for e in await collect(sub, 49)] == list(range(2, 51))  # history done: the clock starts
     assert sub._deadline is not None
     async with asyncio.timeout(30):
         while sub.ended is None:  # and, not reading any more, it is dropped
-            await hub.publish("participant.score", "s1", "p1", {"p_fake": 0.1})
+            await hub.publish(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1}))
             await asyncio.sleep(0.01)
     assert isinstance(sub.ended, SlowConsumer) and sub.ended.last_seq == 50
     await hub.close()
@@ -637,11 +647,11 @@ async def test_filters_and_opt_in_types(store: EventStore) -> None:
     hub = EventHub(store)
     alerts_only = hub.subscribe(since=0, types={"alert.raised", "alert.cleared"}, stream_id="s1")
     p2 = hub.subscribe(participant_id="p2")
-    await hub.publish("participant.score", "s1", "p1", {"p_fake": 0.9})
-    await hub.publish("alert.raised", "s1", "p1", raised("A"))
-    await hub.publish("alert.raised", "s2", "p2", raised("B"))
-    await hub.publish("participant.score", "s2", "p2", {"p_fake": 0.9})
-    await hub.publish("alert.cleared", "s1", "p1", cleared("A"))
+    await hub.publish(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.9}))
+    await hub.publish(EventDraft("alert.raised", "s1", "p1", raised("A")))
+    await hub.publish(EventDraft("alert.raised", "s2", "p2", raised("B")))
+    await hub.publish(EventDraft("participant.score", "s2", "p2", {"p_fake": 0.9}))
+    await hub.publish(EventDraft("alert.cleared", "s1", "p1", cleared("A")))
     got = await collect(alerts_only, 2)
     assert [(e.type, e.data["alert_id"]) for e in got] == [
         (EventType.ALERT_RAISED, "A"),
@@ -655,14 +665,14 @@ async def test_filters_and_opt_in_types(store: EventStore) -> None:
 @pytest.mark.asyncio
 async def test_since_beyond_the_store_is_refused(store: EventStore) -> None:
     hub = EventHub(store)
-    await hub.publish("stream.state", "s1", None, state())
+    await hub.publish(EventDraft("stream.state", "s1", None, state()))
     sub = hub.subscribe(since=50)  # e.g. a client of a store that was reset
     with pytest.raises(CursorAhead) as end:
         await sub.get(timeout=1)
     assert end.value.close_code == 4409 and "since=0" in end.value.reason
     ok = hub.subscribe(since=1)  # caught up exactly: no replay, then live
     assert await ok.get(timeout=0.05) is None
-    await hub.publish("stream.state", "s1", None, state("stalled"))
+    await hub.publish(EventDraft("stream.state", "s1", None, state("stalled")))
     assert (await ok.get(timeout=5)).seq == 2  # type: ignore[union-attr]
     with pytest.raises(ValueError):
         hub.subscribe(since=-1)
@@ -675,7 +685,7 @@ async def test_close_flushes_queued_events_and_ends_subscriptions(tmp_path: Path
     store = EventStore(path)  # FULL: the production setting
     hub = EventHub(store)
     sub = hub.subscribe(since=0)
-    futs = [hub.publish_nowait("participant.score", "s1", "p1", {"p_fake": 0.1}) for _ in range(300)]
+    futs = [hub.publish_nowait(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1})) for _ in range(300)]
     await hub.close()  # without awaiting the futures: close must flush them
     assert all(f.done() and not f.exception() for f in futs)
     assert [f.result().seq for f in futs] == list(range(1, 301))
@@ -690,10 +700,10 @@ async def test_close_flushes_queued_events_and_ends_subscriptions(tmp_path: Path
 async def test_store_failure_fails_publish_not_the_hub(tmp_path: Path) -> None:
     store = EventStore(tmp_path / "events.sqlite3", synchronous="NORMAL")
     hub = EventHub(store)
-    await hub.publish("alert.raised", "s1", "p1", raised("X"))
+    await hub.publish(EventDraft("alert.raised", "s1", "p1", raised("X")))
     with pytest.raises(AlertConflict):
-        await hub.publish("alert.raised", "s1", "p1", raised("X"))
-    assert (await hub.publish("stream.state", "s1", None, state())).seq == 2  # writer thread still alive
+        await hub.publish(EventDraft("alert.raised", "s1", "p1", raised("X")))
+    assert (await hub.publish(EventDraft("stream.state", "s1", None, state()))).seq == 2  # writer thread still alive
     await hub.close()
     store.close()
 
@@ -708,13 +718,14 @@ def test_prune_deletes_the_oldest_events_with_their_cleared_alerts_and_evidence(
     with EventStore(path, synchronous="NORMAL") as s:
         for aid in ("gone", "open", "late"):
             s.put_evidence(aid, "crop", "image/jpeg", jpeg)
-        s.append("alert.raised", "s1", "p1", raised("gone"), ts=old)  # 1
-        s.append("alert.cleared", "s1", "p1", cleared("gone"), ts=old)  # 2
-        s.append("alert.raised", "s1", "p1", raised("open"), ts=old)  # 3
-        s.append("alert.raised", "s1", "p2", raised("late"), ts=old)  # 4
-        s.append("stream.state", "s1", None, state(), ts=new)  # 5: a newer ts (the producer's clock)...
-        s.append("stream.state", "s1", None, state(), ts=old)  # 6: ...keeps this older one: only a prefix goes
-        s.append("alert.cleared", "s1", "p2", cleared("late"), ts=new)  # 7
+        s.append(EventDraft("alert.raised", "s1", "p1", raised("gone"), ts=old))  # 1
+        s.append(EventDraft("alert.cleared", "s1", "p1", cleared("gone"), ts=old))  # 2
+        s.append(EventDraft("alert.raised", "s1", "p1", raised("open"), ts=old))  # 3
+        s.append(EventDraft("alert.raised", "s1", "p2", raised("late"), ts=old))  # 4
+        s.append(EventDraft("stream.state", "s1", None, state(), ts=new))  # 5: a newer ts (the producer's clock)...
+        # 6: ...keeps this older one: only a prefix goes
+        s.append(EventDraft("stream.state", "s1", None, state(), ts=old))
+        s.append(EventDraft("alert.cleared", "s1", "p2", cleared("late"), ts=new))  # 7
         assert s.pruned_through() == 0
 
         assert s.prune(before_ts=cutoff) == 4
@@ -723,7 +734,8 @@ def test_prune_deletes_the_oldest_events_with_their_cleared_alerts_and_evidence(
         assert s.get_alert("gone") is None and s.get_evidence("gone", "crop") is None  # both its events are gone
         assert s.get_alert("open") is not None and s.get_evidence("open", "crop") is not None  # open: current state
         assert s.get_alert("late") is not None and s.get_evidence("late", "crop") is not None  # cleared at 7, kept
-        assert s.append("alert.cleared", "s1", "p1", cleared("open"), ts=new).seq == 8  # can still be cleared
+        # can still be cleared
+        assert s.append(EventDraft("alert.cleared", "s1", "p1", cleared("open"), ts=new)).seq == 8
         assert s.prune(before_ts=cutoff) == 0  # nothing more is due
 
         # By count, at most `limit` events per call: keep the last 2 seqs.
@@ -745,7 +757,7 @@ def test_prune_deletes_the_oldest_events_with_their_cleared_alerts_and_evidence(
             s.prune(keep_last=-1)
     with EventStore(path) as s:  # the horizon persists, and seqs go on after the deleted ones
         assert s.pruned_through() == 8
-        assert s.append("stream.state", "s1", None, state()).seq == 9
+        assert s.append(EventDraft("stream.state", "s1", None, state())).seq == 9
         assert s.pruned_through() == 8 and s.page(0).pruned_through == 8
 
 
@@ -753,9 +765,9 @@ def test_prune_deletes_the_oldest_events_with_their_cleared_alerts_and_evidence(
 async def test_hub_prunes_by_age_and_by_count_on_its_writer_thread(store: EventStore) -> None:
     now = time.time()
     for i in range(10):
-        store.append("participant.score", "s1", "p1", {"p_fake": 0.1}, ts=now - 40 * DAY_S + i)
+        store.append(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1}, ts=now - 40 * DAY_S + i))
     for _ in range(5):
-        store.append("participant.score", "s1", "p1", {"p_fake": 0.1}, ts=now - 60)
+        store.append(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1}, ts=now - 60))
     hub = EventHub(store)  # no retention: keeps everything
     assert await hub.prune() == 0
     assert len(store.since(0)) == 15
@@ -769,13 +781,13 @@ async def test_hub_prunes_by_age_and_by_count_on_its_writer_thread(store: EventS
     # By count, on its own every prune_interval_s, while events are published.
     hub = EventHub(store, max_events=3, prune_interval_s=0.05)
     for _ in range(5):
-        await hub.publish("participant.score", "s1", "p1", {"p_fake": 0.1})  # 16..20
+        await hub.publish(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1}))  # 16..20
     async with asyncio.timeout(30):
         while store.pruned_through() < 17:
             await asyncio.sleep(0.02)
     assert [e.seq for e in store.since(0)] == [18, 19, 20]
     # prune() runs after everything queued before it.
-    futs = [hub.publish_nowait("participant.score", "s1", "p1", {"p_fake": 0.1}) for _ in range(4)]  # 21..24
+    futs = [hub.publish_nowait(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1})) for _ in range(4)]  # 21-24
     await hub.prune()
     assert all(f.done() for f in futs)
     assert [e.seq for e in store.since(0)] == [22, 23, 24]
@@ -786,9 +798,9 @@ async def test_hub_prunes_by_age_and_by_count_on_its_writer_thread(store: EventS
 async def test_resume_older_than_retention_gets_a_feed_gap_first(store: EventStore) -> None:
     now = time.time()
     for _ in range(10):
-        store.append("participant.score", "s1", "p1", {"p_fake": 0.1}, ts=now - 40 * DAY_S)
+        store.append(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1}, ts=now - 40 * DAY_S))
     for _ in range(5):
-        store.append("stream.state", "s1", None, state(), ts=now)
+        store.append(EventDraft("stream.state", "s1", None, state(), ts=now))
     hub = EventHub(store, retention_days=30)
     await hub.prune()
     validator = jsonschema.Draft202012Validator(event_json_schema())
@@ -800,7 +812,7 @@ async def test_resume_older_than_retention_gets_a_feed_gap_first(store: EventSto
     assert gap.data == {"from_seq": 4, "to_seq": 10, "reason": "retention"}
     validator.validate(json.loads(gap.model_dump_json()))  # a documented message of the schema
     assert [e.seq for e in got[1:]] == [11, 12, 13, 14, 15]
-    await hub.publish("stream.state", "s1", None, state("stalled"))
+    await hub.publish(EventDraft("stream.state", "s1", None, state("stalled")))
     assert (await sub.get(timeout=5)).seq == 16  # type: ignore[union-attr]  # then live, as usual
 
     # Sent whatever the filters: the deleted events may have matched them.
@@ -814,9 +826,9 @@ async def test_resume_older_than_retention_gets_a_feed_gap_first(store: EventSto
 
     # feed.gap is the hub's alone.
     with pytest.raises(ValueError):
-        hub.publish_nowait("feed.gap", None, None, {"from_seq": 1, "to_seq": 2, "reason": "retention"})
+        hub.publish_nowait(EventDraft("feed.gap", None, None, {"from_seq": 1, "to_seq": 2, "reason": "retention"}))
     with pytest.raises(ValueError):
-        store.append("feed.gap", None, None, {"from_seq": 1, "to_seq": 2, "reason": "retention"})
+        store.append(EventDraft("feed.gap", None, None, {"from_seq": 1, "to_seq": 2, "reason": "retention"}))
     assert store.last_seq() == 16
     await hub.close()
 
@@ -826,7 +838,7 @@ async def test_subscriber_catching_up_past_the_retention_horizon_gets_a_gap(stor
     hub = EventHub(store, client_queue_size=2, max_events=5)
     sub = hub.subscribe(grace_s=600)  # live, on an empty log
     for _ in range(20):
-        await hub.publish("participant.score", "s1", "p1", {"p_fake": 0.1})  # it falls behind at the third
+        await hub.publish(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1}))  # it falls behind at the third
     assert sub.replaying and sub.ended is None
     await hub.prune()  # keeps 16..20: what it was about to catch up on from the store is partly gone
     got = await collect(sub, 6)
@@ -848,7 +860,7 @@ async def test_failed_pruning_is_reported_and_does_not_stop_publishing(store: Ev
     with pytest.raises(sqlite3.OperationalError):
         await hub.prune()
     for _ in range(4):
-        await hub.publish("stream.state", "s1", None, state())  # the writer thread goes on
+        await hub.publish(EventDraft("stream.state", "s1", None, state()))  # the writer thread goes on
     store.prune = prune  # type: ignore[method-assign]
     assert await hub.prune() == 2
     assert [e.seq for e in store.since(0)] == [3, 4]
@@ -863,7 +875,7 @@ def test_evidence_of_an_alert_never_published_is_pruned_after_an_hour(tmp_path: 
     with EventStore(path, synchronous="NORMAL") as s:
         for aid in ("ghost", "fresh-ghost", "kept"):
             s.put_evidence(aid, "crop", "image/jpeg", jpeg)
-        s.append("alert.raised", "s1", "p1", raised("kept"))
+        s.append(EventDraft("alert.raised", "s1", "p1", raised("kept")))
     with sqlite3.connect(path) as db:  # stored two hours ago; the process died before publishing "ghost"
         db.execute("UPDATE evidence SET stored_ts = stored_ts - 7200 WHERE alert_id IN ('ghost', 'kept')")
     with EventStore(path, synchronous="NORMAL") as s:

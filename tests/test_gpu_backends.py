@@ -1,5 +1,5 @@
-"""GPU backends: selection and fallback (any machine), the ONNX->torch interpreter the cuda backend runs (checked on
-the CPU against ONNX Runtime on real face crops), the FLOP counter, the GPU benchmark on the CPU, NVDEC names, and,
+"""GPU backends: selection and fallback (any machine), the cuda backend's code (run on ONNX Runtime's CPU provider
+against the CPU backend on real face crops), the FLOP counter, the GPU benchmark on the CPU, NVDEC names, and,
 on a machine with an NVIDIA GPU, parity of each GPU backend with ONNX Runtime on the CPU (max |dP(fake)| <= 0.02,
 same decisions at the card's threshold). GPU tests skip with the reason when the GPU or a runtime is missing.
 
@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 MESO4 = REPO / "engines" / "mesonet-meso4-df.onnx"
 # Imported from ../shared by conftest.py (never committed): absent in a user's clone.
-needs_meso4 = pytest.mark.skipif(not MESO4.is_file(), reason=f"needs {MESO4.name}, imported from ../shared/data/mesonet")
+needs_meso4 = pytest.mark.skipif(not MESO4.is_file(),
+                                 reason=f"needs {MESO4.name}, imported from ../shared/data/mesonet")
 MESO_MODELS = sorted((REPO / "engines").glob("mesonet-*.onnx"))
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
 TOLERANCE = 0.02
@@ -78,11 +79,12 @@ def fake_loaders(fail: dict[str, str] | None = None):
 
 NO_GPU = Availability(reasons={"gpu": "no CUDA GPU found: the NVIDIA driver library (libcuda.so.1) is not present",
                                "tensorrt": TENSORRT_MISSING})
-GPU_ONLY_TORCH = Availability(has_cuda_gpu=True, has_torch_cuda=True, gpu=H100, reasons={"tensorrt": TENSORRT_MISSING})
+GPU_ONLY_ORT = Availability(has_cuda_gpu=True, has_onnxruntime_cuda=True, gpu=H100,
+                            reasons={"tensorrt": TENSORRT_MISSING})
 GPU_FULL = Availability(has_cuda_gpu=True, has_tensorrt=True, has_cuda_python=True, has_onnxruntime_cuda=True,
-                        has_torch_cuda=True, gpu=H100, tensorrt_version="10.7.0")
+                        gpu=H100, tensorrt_version="10.7.0")
 GPU_BARE = Availability(has_cuda_gpu=True, gpu=H100, reasons={
-    "tensorrt": TENSORRT_MISSING, "onnxruntime-cuda": "no CUDAExecutionProvider", "torch-cuda": "no torch"})
+    "tensorrt": TENSORRT_MISSING, "onnxruntime-cuda": "no CUDAExecutionProvider"})
 
 
 def select(backend: str, avail: Availability, fail: dict[str, str] | None = None, **kw):
@@ -99,7 +101,7 @@ def test_auto_without_gpu_runs_on_cpu_and_is_not_degraded():
 
 def test_auto_takes_tensorrt_first_then_cuda():
     assert select("auto", GPU_FULL).backend == "tensorrt"
-    sel = select("auto", GPU_ONLY_TORCH)
+    sel = select("auto", GPU_ONLY_ORT)
     assert sel.backend == "cuda" and not sel.degraded  # TensorRT absent by setup: a note, not a fault
     assert any("TensorRT is not installed" in n for n in sel.notes)
 
@@ -121,7 +123,7 @@ def test_auto_with_a_gpu_but_no_gpu_runtime_warns():
 
 
 def test_configured_backend_falls_back_with_a_degraded_warning():
-    sel = select("tensorrt", GPU_ONLY_TORCH)
+    sel = select("tensorrt", GPU_ONLY_ORT)
     assert sel.backend == "cuda"
     assert sel.warnings == [f"backend 'tensorrt' is configured but unavailable ({TENSORRT_MISSING}); running on cuda"]
     event = sel.degraded_event_data()
@@ -143,7 +145,7 @@ def test_configured_backend_that_loads_is_not_degraded():
 
 def test_strict_raises_instead_of_falling_back():
     with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
-        select("tensorrt", GPU_ONLY_TORCH, strict=True)
+        select("tensorrt", GPU_ONLY_ORT, strict=True)
     with pytest.raises(ValueError, match="unknown backend"):
         select("tpu", GPU_FULL)
 
@@ -156,9 +158,9 @@ def test_when_even_the_cpu_backend_fails_its_error_surfaces():
 def test_unavailable_reasons():
     assert unavailable_reason("onnxruntime", NO_GPU) is None
     assert "no CUDA GPU" in unavailable_reason("tensorrt", NO_GPU)
-    assert unavailable_reason("tensorrt", GPU_ONLY_TORCH) == TENSORRT_MISSING
-    assert unavailable_reason("cuda", GPU_ONLY_TORCH) is None
-    assert "onnxruntime-gpu or a CUDA build of PyTorch" in unavailable_reason("cuda", GPU_BARE)
+    assert unavailable_reason("tensorrt", GPU_ONLY_ORT) == TENSORRT_MISSING
+    assert unavailable_reason("cuda", GPU_ONLY_ORT) is None
+    assert unavailable_reason("cuda", GPU_BARE) == "the cuda backend needs onnxruntime-gpu: no CUDAExecutionProvider"
 
 
 @needs_meso4
@@ -217,19 +219,7 @@ def real_crops() -> np.ndarray:
     return np.stack(crops)
 
 
-# ------------------------------------------------------------------ the ONNX -> torch interpreter, on the CPU
-
-torch = pytest.importorskip("torch")
-from streamguard.inference.onnx_torch import OnnxTorchModule, UnsupportedOnnx  # noqa: E402
-
-
-def _run_both(model: onnx.ModelProto, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    import onnxruntime as ort
-
-    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    with torch.no_grad():
-        got = OnnxTorchModule(model).eval()(torch.from_numpy(x)).numpy()
-    return ref, got
+# ------------------------------------------------------------------ the cuda backend's code, on ORT's CPU provider
 
 
 def _graph(nodes, inits, out_shape=None, opset=17, in_shape=("N", 3, 9, 9)) -> onnx.ModelProto:
@@ -241,160 +231,49 @@ def _graph(nodes, inits, out_shape=None, opset=17, in_shape=("N", 3, 9, 9)) -> o
 
 
 RNG = np.random.default_rng(0)
-W = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
-B = RNG.standard_normal(4).astype(np.float32)
-X = RNG.standard_normal((2, 3, 9, 9)).astype(np.float32)
-
-
-@pytest.mark.parametrize("attrs", [
-    {"pads": [1, 1, 1, 1]},
-    {"pads": [0, 1, 2, 0], "strides": [2, 2]},  # asymmetric
-    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
-    {"auto_pad": "SAME_LOWER", "strides": [2, 2]},
-    {"pads": [2, 2, 2, 2], "dilations": [2, 2]},
-])
-def test_conv_padding_modes(attrs):
-    m = _graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)], {"w": W, "b": B})
-    ref, got = _run_both(m, X)
-    np.testing.assert_allclose(got, ref, atol=1e-5)
-
-
-def test_grouped_conv_pooling_and_gemm_head():
-    wg = RNG.standard_normal((6, 1, 3, 3)).astype(np.float32)
-    fc = RNG.standard_normal((5, 6 * 3 * 3)).astype(np.float32)  # 9 -> maxpool (ceil) 5 -> avgpool 3
-    m = _graph([
-        helper.make_node("Conv", ["x", "wg"], ["c"], group=3, pads=[1, 1, 1, 1]),
-        helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
-        helper.make_node("AveragePool", ["p"], ["a"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
-        helper.make_node("Flatten", ["a"], ["f"]),
-        helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1, alpha=0.5),
-    ], {"wg": wg, "fc": fc})
-    ref, got = _run_both(m, X)
-    np.testing.assert_allclose(got, ref, atol=1e-5)
-
-
-def test_constant_pad_subgraph_is_folded_and_negative_step_slices_work():
-    """torch's exporter builds Pad's pads from Constant -> Reshape -> Slice(step -1) -> Transpose -> Cast nodes."""
-    pads = np.array([0, 1, 0, 2], np.int64)  # reversed (w_begin?, ...) as torch exports them
-    m = _graph([
-        helper.make_node("Constant", [], ["pc"], value=numpy_helper.from_array(pads)),
-        helper.make_node("Constant", [], ["z"], value=numpy_helper.from_array(np.zeros(4, np.int64))),
-        helper.make_node("Concat", ["pc", "z"], ["cat"], axis=0),
-        helper.make_node("Constant", [], ["shp"], value=numpy_helper.from_array(np.array([-1, 2], np.int64))),
-        helper.make_node("Reshape", ["cat", "shp"], ["r"]),
-        helper.make_node("Constant", [], ["s0"], value=numpy_helper.from_array(np.array([-1], np.int64))),
-        helper.make_node("Constant", [], ["e0"], value=numpy_helper.from_array(np.array([-9999], np.int64))),
-        helper.make_node("Constant", [], ["ax"], value=numpy_helper.from_array(np.array([0], np.int64))),
-        helper.make_node("Constant", [], ["st"], value=numpy_helper.from_array(np.array([-1], np.int64))),
-        helper.make_node("Slice", ["r", "s0", "e0", "ax", "st"], ["sl"]),
-        helper.make_node("Transpose", ["sl"], ["t"], perm=[1, 0]),
-        helper.make_node("Constant", [], ["flat"], value=numpy_helper.from_array(np.array([-1], np.int64))),
-        helper.make_node("Reshape", ["t", "flat"], ["pads"]),
-        helper.make_node("Cast", ["pads"], ["pads64"], to=TensorProto.INT64),
-        helper.make_node("Pad", ["x", "pads64"], ["y"], mode="constant"),
-    ], {})
-    module = OnnxTorchModule(m)
-    assert module.op_counts == {"Pad": 1}  # everything else was constant and folded at load
-    ref, got = _run_both(m, X)
-    assert ref.shape == got.shape
-    np.testing.assert_array_equal(got, ref)
-
-
-def test_runtime_shape_arithmetic_stays_on_the_cpu():
-    m = _graph([
-        helper.make_node("Shape", ["x"], ["s"]),
-        helper.make_node("Constant", [], ["i0"], value=numpy_helper.from_array(np.array(0, np.int64))),
-        helper.make_node("Gather", ["s", "i0"], ["n"], axis=0),
-        helper.make_node("Constant", [], ["ax"], value=numpy_helper.from_array(np.array([0], np.int64))),
-        helper.make_node("Unsqueeze", ["n", "ax"], ["n1"]),
-        helper.make_node("Constant", [], ["m1"], value=numpy_helper.from_array(np.array([-1], np.int64))),
-        helper.make_node("Concat", ["n1", "m1"], ["shape"], axis=0),
-        helper.make_node("Reshape", ["x", "shape"], ["f"]),
-        helper.make_node("ReduceMean", ["f"], ["y"], axes=[1], keepdims=0),
-    ], {}, opset=13)
-    ref, got = _run_both(m, X)
-    np.testing.assert_allclose(got, ref, atol=1e-6)
-
-
-def test_unsupported_operator_is_named():
-    m = _graph([helper.make_node("Einsum", ["x"], ["y"], equation="nchw->nchw")], {})
-    with pytest.raises(UnsupportedOnnx, match="Einsum"):
-        OnnxTorchModule(m)
 
 
 @pytest.mark.shared
 @pytest.mark.parametrize("onnx_path", MESO_MODELS, ids=lambda p: p.stem)
-def test_torch_interpreter_matches_onnxruntime_on_real_faces(onnx_path: Path, real_crops: np.ndarray):
-    """FP32: the interpreter is the same function as the ONNX graph (to float rounding)."""
-    from streamguard.inference.cuda import TorchCudaClassifier
+def test_cuda_classifier_code_matches_onnxruntime_on_real_faces(onnx_path: Path, real_crops: np.ndarray):
+    """The cuda backend's I/O binding and batching, run on the CPU provider: the CPU backend's scores exactly."""
+    from streamguard.inference.cuda import OrtCudaClassifier
 
     _, card = resolve_model(str(onnx_path))
     ref = OnnxClassifier(onnx_path, card).predict(real_crops)
-    got = TorchCudaClassifier(onnx_path, card, device="cpu", precision="fp32", max_batch=8).predict(real_crops)
+    got = OrtCudaClassifier(onnx_path, card, device="cpu", max_batch=8).predict(real_crops)
     report = compare_scores(ref, got, card.threshold, tolerance=1e-4)
     assert report.ok, report.summary()
 
 
-@pytest.mark.shared
 @needs_meso4
-def test_fp16_weights_hold_parity_on_real_faces_even_on_the_cpu(real_crops: np.ndarray):
-    """A preview of the GPU's FP16 parity: the same half-precision module, run by the CPU's FP16 kernels."""
-    from streamguard.inference.cuda import TorchCudaClassifier
-
-    _, card = resolve_model(str(MESO4))
-    ref = OnnxClassifier(MESO4, card).predict(real_crops)
-    try:
-        got = TorchCudaClassifier(MESO4, card, device="cpu", precision="fp16").predict(real_crops)
-    except RuntimeError as exc:  # an older torch without CPU half convolutions
-        pytest.skip(f"no FP16 convolution on this CPU build: {exc}")
-    report = compare_scores(ref, got, card.threshold, TOLERANCE)
-    assert report.ok, report.summary()
-
-
-@needs_meso4
-def test_torch_classifier_splits_batches_larger_than_its_profile():
-    from streamguard.inference.cuda import TorchCudaClassifier
+def test_cuda_classifier_splits_batches_larger_than_its_profile_and_closes():
+    from streamguard.inference.cuda import OrtCudaClassifier
 
     _, card = resolve_model(str(MESO4))
     crops = RNG.integers(0, 256, (11, 256, 256, 3), dtype=np.uint8)
-    clf = TorchCudaClassifier(MESO4, card, device="cpu", precision="fp32", max_batch=4)
-    assert clf.profile.max_batch == 4 and clf.graph_sizes == ()  # no CUDA graphs on the CPU
+    clf = OrtCudaClassifier(MESO4, card, device="cpu", max_batch=4)
+    assert clf.profile.max_batch == 4 and clf.backend == "cuda"
     got = clf.predict(crops)
     np.testing.assert_allclose(got, OnnxClassifier(MESO4, card).predict(crops), atol=1e-5)
     assert clf.predict(crops[:0]).shape == (0,)
     with pytest.raises(ValueError):
         clf.predict(crops[:, :100])
+    clf.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        clf.predict(crops[:1])
 
 
-@needs_meso4
-def test_torch_classifier_bucket_replay_logic_on_the_cpu():
-    """The CUDA-graph path of predict with CPU stand-ins for the graphs: padding into buckets, static buffers reused,
-    stale rows never returned."""
-    from streamguard.inference.cuda import TorchCudaClassifier
+def test_cuda_backend_without_onnxruntime_gpu_says_how_to_get_it():
+    import onnxruntime as ort
 
-    _, card = resolve_model(str(MESO4))
-    clf = TorchCudaClassifier(MESO4, card, device="cpu", precision="fp32", max_batch=8)
-    replays: list[int] = []
+    from streamguard.inference.cuda import load_cuda_classifier
 
-    class CpuGraph:
-        def __init__(self, static_in, static_out):
-            self.static_in, self.static_out = static_in, static_out
-
-        def replay(self):
-            replays.append(len(self.static_in))
-            self.static_out.copy_(clf._forward(self.static_in))
-
-    for b in (1, 2, 4):
-        static_in = torch.full((b, 256, 256, 3), 255, dtype=torch.uint8)  # stale content in the padding rows
-        static_out = clf._forward(static_in).clone()
-        clf._graphs[b] = (CpuGraph(static_in, static_out), static_in, static_out)
-    clf.graph_sizes = (1, 2, 4)
-    crops = RNG.integers(0, 256, (7, 256, 256, 3), dtype=np.uint8)
-    ref = OnnxClassifier(MESO4, card).predict(crops)
-    np.testing.assert_allclose(clf.predict(crops[:3]), ref[:3], atol=1e-5)  # bucket 4, one padding row
-    np.testing.assert_allclose(clf.predict(crops[:1]), ref[:1], atol=1e-5)
-    np.testing.assert_allclose(clf.predict(crops), ref, atol=1e-5)  # 7 > the largest graph: eager
-    assert replays == [4, 1]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    _, card = resolve_model(None)
+    with pytest.raises(BackendUnavailable, match="pip install onnxruntime-gpu"):
+        load_cuda_classifier(REPO / "engines" / "streamguard-sbi.onnx", card)
 
 
 # ------------------------------------------------------------------ FLOPs and the benchmark
@@ -501,19 +380,6 @@ def _parity(clf, real_crops: np.ndarray) -> None:
 
 @pytest.mark.gpu
 @needs_meso4
-def test_torch_cuda_fp16_parity(gpu: Availability, real_crops: np.ndarray):
-    if not gpu.has_torch_cuda:
-        pytest.skip(gpu.why_not("torch-cuda"))
-    from streamguard.inference.cuda import TorchCudaClassifier
-
-    _, card = resolve_model(str(MESO4))
-    clf = TorchCudaClassifier(MESO4, card, precision="fp16", max_batch=64)
-    assert clf.graph_sizes == (1, 2, 4, 8, 16, 32)
-    _parity(clf, real_crops)
-
-
-@pytest.mark.gpu
-@needs_meso4
 def test_onnxruntime_cuda_parity(gpu: Availability, real_crops: np.ndarray):
     if not gpu.has_onnxruntime_cuda:
         pytest.skip(gpu.why_not("onnxruntime-cuda"))
@@ -549,7 +415,7 @@ def test_tensorrt_fp16_engine_build_cache_and_parity(gpu: Availability, real_cro
 @pytest.mark.gpu
 @needs_meso4
 def test_auto_picks_a_gpu_backend(gpu: Availability):
-    if not (gpu.has_torch_cuda or gpu.has_onnxruntime_cuda or gpu.has_tensorrt):
+    if not (gpu.has_onnxruntime_cuda or gpu.has_tensorrt):
         pytest.skip("no GPU runtime installed")
     classifier, warnings = load_backend(MESO4, "auto", max_batch=16)
     assert classifier.backend in ("tensorrt", "cuda"), warnings

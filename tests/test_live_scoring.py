@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from streamguard.config import ScoringSettings
 from streamguard.scoring.live import (
     AlertCleared,
     AlertRaised,
     ParticipantScorer,
     ParticipantState,
-    ScoringSettings,
     StateChanged,
     Transition,
 )
@@ -283,7 +283,7 @@ class TestWindow:
 def run_call(scores: np.ndarray, settings: ScoringSettings | None = None, jitter: np.ndarray | None = None):
     sc = ParticipantScorer(settings)
     ts = np.arange(len(scores), dtype=float) + (jitter if jitter is not None else 0.0)
-    events = [(float(t), tr) for t, p in zip(ts, scores) for tr in sc.add_score(float(t), float(p))]
+    events = [(float(t), tr) for t, p in zip(ts, scores, strict=True) for tr in sc.add_score(float(t), float(p))]
     return sc, events
 
 

@@ -13,8 +13,8 @@ import av
 import numpy as np
 import pytest
 from av.codec.hwaccel import HWAccel
-
 from serve_helpers import Feed, fast_settings, media_tool
+
 from streamguard.ingest.av_source import DecodeStats, iter_sampled_frames, open_container
 from streamguard.ingest.nvdec import _h264_test_clip, choose_hwdecode, decode_test_clip, nvdec_hwaccel
 
@@ -92,7 +92,6 @@ def test_a_dead_url_with_hwaccel_fails_once_with_the_source_error(silent_port):
 @pytest.mark.skipif(GPU_DECODES, reason="this machine decodes on NVDEC: no degraded state to see")
 async def test_service_asked_for_nvdec_without_it_is_degraded_and_still_decodes(tmp_path, clip):
     import httpx
-
     from serve_helpers import LiveServer
 
     settings = fast_settings(tmp_path / "data", sources={"hwdecode": "nvdec"})

@@ -44,9 +44,11 @@ TOKEN = "prometheus-test-token"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
-needs_promtool = pytest.mark.skipif(not Path(PROMTOOL).is_file(), reason="needs promtool: apt-get install -y prometheus")
+needs_promtool = pytest.mark.skipif(not Path(PROMTOOL).is_file(),
+                                    reason="needs promtool: apt-get install -y prometheus")
 needs_prometheus = pytest.mark.skipif(
-    not (Path(PROMETHEUS).is_file() and Path(PROMTOOL).is_file()), reason="needs prometheus: apt-get install -y prometheus"
+    not (Path(PROMETHEUS).is_file() and Path(PROMTOOL).is_file()),
+    reason="needs prometheus: apt-get install -y prometheus"
 )
 
 
@@ -249,63 +251,77 @@ def test_live_prometheus(tmp_path: Path, streamguard_server: str) -> None:
         targets = prom_api(prom_base, "targets")["data"]["activeTargets"]
         assert [(t["labels"]["job"], t["health"], t["lastError"]) for t in targets] == [("streamguard", "up", "")]
 
-        # Rules: every one loaded, and every one evaluated without error on the real series.
-        shipped = {r.get("alert") or r.get("record") for p in RULES for g in yaml.safe_load(p.read_text())["groups"]
-                   for r in g["rules"]}
-
-        def rules_evaluated():
-            groups = prom_api(prom_base, "rules")["data"]["groups"]
-            rules = [r for g in groups for r in g["rules"]]
-            if any(r.get("lastEvaluation", "").startswith("0001") for r in rules):
-                return None
-            return rules
-
-        rules = wait_for("every rule to be evaluated", rules_evaluated, 30)
-        assert {r["name"] for r in rules} == shipped
-        bad = [(r["name"], r.get("health"), r.get("lastError")) for r in rules if r.get("health") != "ok"]
-        assert not bad, bad
-
-        # The dead camera: StreamGuardStreamDown is pending (its `for` is 2 minutes) with the stream's kind.
-        def down_pending():
-            alerts = prom_api(prom_base, "alerts")["data"]["alerts"]
-            return [a for a in alerts if a["labels"]["alertname"] == "StreamGuardStreamDown"]
-
-        (down,) = wait_for("StreamGuardStreamDown pending", down_pending, 30)
-        assert down["state"] == "pending" and down["labels"]["kind"] == "rtsp", down
-        assert down["labels"]["severity"] == "warning" and "rtsp stream(s) down" in down["annotations"]["summary"]
-        firing = [a["labels"]["alertname"] for a in prom_api(prom_base, "alerts")["data"]["alerts"]
-                  if a["state"] == "firing"]
-        assert not firing, f"alerts firing on a healthy service: {firing}"
-
-        # Grafana: every dashboard query runs (valid PromQL on the real series); the main ones return data.
-        errors, empty = [], []
-        for title, expr in dashboard_exprs():
-            body = prom_api(prom_base, "query", query=concrete(expr))
-            if body.get("status") != "success":
-                errors.append((title, expr, body.get("error")))
-            elif not body["data"]["result"]:
-                empty.append((title, expr))
-        assert not errors, errors
-        must_have_data = {"Instances up", "Streams by state", "Frames", "Sample to score latency", "Streams live",
-                          "Events written"}
-        no_data = [(t, e) for t, e in empty if t in must_have_data and "frames_dropped" not in e]
-        assert not no_data, f"no data for {no_data}"
-
-        # promtool check metrics on a live scrape, and every metric the kit reads is exported.
-        scrape = get(streamguard_server + "/metrics", TOKEN)
-        (ARTIFACTS / "metrics.txt").write_bytes(scrape)
-        lint = promtool("check", "metrics", stdin=scrape)
-        assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint.stdout + lint.stderr
-        families = exported_families(scrape.decode())
-        read = set()
-        for path in RULES:
-            for g in yaml.safe_load(path.read_text())["groups"]:
-                for r in g["rules"]:
-                    read |= metric_names(r["expr"])
-        for _, expr in dashboard_exprs():
-            read |= metric_names(expr)
-        assert read - families == set(), f"rules/dashboard read metrics the service does not export: {read - families}"
-        print(f"live Prometheus checks passed in {time.monotonic() - t0:.1f} s: {len(rules)} rules ok, "
-              f"{len(dashboard_exprs())} dashboard queries ok, {len(families)} metric families linted")
+        n_rules = check_rules_and_alerts(prom_base)
+        check_dashboard_queries(prom_base)
+        n_families = check_live_scrape(streamguard_server)
+        print(f"live Prometheus checks passed in {time.monotonic() - t0:.1f} s: {n_rules} rules ok, "
+              f"{len(dashboard_exprs())} dashboard queries ok, {n_families} metric families linted")
     finally:
         stop(prom)
+
+
+def check_rules_and_alerts(prom_base: str) -> int:
+    """Every shipped rule loaded and evaluated without error on the real series; the dead camera's alert pending;
+    none firing. Returns the number of rules."""
+    shipped = {r.get("alert") or r.get("record") for p in RULES for g in yaml.safe_load(p.read_text())["groups"]
+               for r in g["rules"]}
+
+    def rules_evaluated():
+        groups = prom_api(prom_base, "rules")["data"]["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        if any(r.get("lastEvaluation", "").startswith("0001") for r in rules):
+            return None
+        return rules
+
+    rules = wait_for("every rule to be evaluated", rules_evaluated, 30)
+    assert {r["name"] for r in rules} == shipped
+    bad = [(r["name"], r.get("health"), r.get("lastError")) for r in rules if r.get("health") != "ok"]
+    assert not bad, bad
+
+    # The dead camera: StreamGuardStreamDown is pending (its `for` is 2 minutes) with the stream's kind.
+    def down_pending():
+        alerts = prom_api(prom_base, "alerts")["data"]["alerts"]
+        return [a for a in alerts if a["labels"]["alertname"] == "StreamGuardStreamDown"]
+
+    (down,) = wait_for("StreamGuardStreamDown pending", down_pending, 30)
+    assert down["state"] == "pending" and down["labels"]["kind"] == "rtsp", down
+    assert down["labels"]["severity"] == "warning" and "rtsp stream(s) down" in down["annotations"]["summary"]
+    firing = [a["labels"]["alertname"] for a in prom_api(prom_base, "alerts")["data"]["alerts"]
+              if a["state"] == "firing"]
+    assert not firing, f"alerts firing on a healthy service: {firing}"
+    return len(rules)
+
+
+def check_dashboard_queries(prom_base: str) -> None:
+    """Grafana: every dashboard query runs (valid PromQL on the real series); the main ones return data."""
+    errors, empty = [], []
+    for title, expr in dashboard_exprs():
+        body = prom_api(prom_base, "query", query=concrete(expr))
+        if body.get("status") != "success":
+            errors.append((title, expr, body.get("error")))
+        elif not body["data"]["result"]:
+            empty.append((title, expr))
+    assert not errors, errors
+    must_have_data = {"Instances up", "Streams by state", "Frames", "Sample to score latency", "Streams live",
+                      "Events written"}
+    no_data = [(t, e) for t, e in empty if t in must_have_data and "frames_dropped" not in e]
+    assert not no_data, f"no data for {no_data}"
+
+
+def check_live_scrape(streamguard_server: str) -> int:
+    """promtool check metrics on a live scrape, and every metric the kit reads is exported. Returns the number of
+    metric families."""
+    scrape = get(streamguard_server + "/metrics", TOKEN)
+    (ARTIFACTS / "metrics.txt").write_bytes(scrape)
+    lint = promtool("check", "metrics", stdin=scrape)
+    assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint.stdout + lint.stderr
+    families = exported_families(scrape.decode())
+    read = set()
+    for path in RULES:
+        for g in yaml.safe_load(path.read_text())["groups"]:
+            for r in g["rules"]:
+                read |= metric_names(r["expr"])
+    for _, expr in dashboard_exprs():
+        read |= metric_names(expr)
+    assert read - families == set(), f"rules/dashboard read metrics the service does not export: {read - families}"
+    return len(families)

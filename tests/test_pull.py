@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from streamguard.config import SourceSettings
-from streamguard.ingest.pull import PullSource, StreamState, backoff_delay, redact_url
+from streamguard.ingest.pull import PullSource, backoff_delay, redact_url
+from streamguard.ingest.source import StreamState
 from streamguard.types import SampledFrame
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,6 +10,7 @@ client can tell which source frame it got: a loop shows as ...48, 49, 0, 1...; a
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -110,21 +111,21 @@ def test_loops_forever_with_increasing_timestamps_and_a_joining_client_restarts_
     # Frames kept coming past the end of the 2 s clip: three and a half times through it.
     assert span >= 3.5 * CLIP_FRAMES / FPS, f"the stream ended after {span:.2f} s of media ({len(first.pts)} frames)"
     # Timestamps strictly increase, frame after frame, across every loop (no repeat, no jump back, no gap).
-    steps = [b - a for a, b in zip(first.pts, first.pts[1:])]
+    steps = [b - a for a, b in zip(first.pts, first.pts[1:], strict=False)]
     assert min(steps) > 0, f"pts went back or repeated: min step {min(steps):.3f} s"
     assert max(steps) < 2.5 / FPS, f"a gap of {max(steps):.3f} s in the pts"
     # It loops: the source frames run 0..49, 0..49, ... in order; the joining client restarted nothing (a restart
     # would jump back to frame 0 mid-clip).
-    jumps = [(a, b) for a, b in zip(first.stamps, first.stamps[1:]) if (b - a) % CLIP_FRAMES != 1]
+    jumps = [(a, b) for a, b in zip(first.stamps, first.stamps[1:], strict=False) if (b - a) % CLIP_FRAMES != 1]
     assert not jumps, f"source frames out of sequence: {jumps[:5]} in {first.stamps}"
-    wraps = sum(1 for a, b in zip(first.stamps, first.stamps[1:]) if b < a)
+    wraps = sum(1 for a, b in zip(first.stamps, first.stamps[1:], strict=False) if b < a)
     assert wraps >= 3, f"only {wraps} loop(s) in {first.stamps}"
     # Paced in real time (FFmpeg buffers about a second while it opens, which then arrives at once).
     assert span <= first.walls[-1] - first.walls[0] + 1.5, "faster than real time"
 
     assert second and second[0].error is None, second[0].error if second else "the second client never started"
     assert len(second[0].pts) >= 2 * FPS, f"the joining client got {len(second[0].pts)} frames"
-    assert all(b > a for a, b in zip(second[0].pts, second[0].pts[1:]))
+    assert all(b > a for a, b in zip(second[0].pts, second[0].pts[1:], strict=False))
 
 
 def test_twenty_clients_at_once_all_get_frames(server):
@@ -146,7 +147,7 @@ def test_twenty_clients_at_once_all_get_frames(server):
         t.join(25)
 
     failed = {i: (len(r.pts), round(s, 1), repr(r.error)) for i, (r, s) in results.items()
-              if r.error is not None or len(r.pts) < want or any(b <= a for a, b in zip(r.pts, r.pts[1:]))}
+              if r.error is not None or len(r.pts) < want or any(b <= a for a, b in itertools.pairwise(r.pts))}
     assert len(results) == n, f"{n - len(results)} clients still waiting after 25 s"
     assert not failed, f"clients without {want} frames in order (frames, seconds, error): {failed}"
     slowest = max(s for _, s in results.values())

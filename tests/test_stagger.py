@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from serve_helpers import LiveServer, fast_settings, media_tool
 
 pytestmark = pytest.mark.timeout(180)

@@ -662,7 +662,7 @@ def test_int8_build_feeds_every_calibration_batch_through_device_memory(builder_
     assert builder_sim.record["batch_size"] == 1  # explicit batch: the batch is in the profile's shape
     seen = builder_sim.record["calibration_seen"]
     assert len(seen) == 3
-    for got, want in zip(seen, batches):
+    for got, want in zip(seen, batches, strict=False):
         np.testing.assert_array_equal(got, want.reshape(-1))
     assert cache.read_bytes() == b"calibration-table"
     assert builder_sim.cudart.device == {}  # the calibrator's buffer was freed

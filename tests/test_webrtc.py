@@ -36,8 +36,8 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-
 from serve_helpers import LiveServer, fast_settings
+
 from streamguard.client import (
     EventAuthError,
     EventStreamError,
@@ -47,6 +47,7 @@ from streamguard.client import (
     publish,
 )
 from streamguard.config import ConfigError, ServiceConfig, load_config
+from streamguard.ingest.source import StateInfo, StreamState
 from streamguard.ingest.webrtc import (
     REASON_DELETED,
     REASON_REPLACED,
@@ -58,6 +59,7 @@ from streamguard.ingest.webrtc import (
     participant_from_request,
     rtc_ice_servers,
 )
+from streamguard.ingest.whip_source import WhipSource
 from streamguard.types import SampledFrame
 
 pytestmark = pytest.mark.timeout(120)
@@ -92,21 +94,34 @@ def run(coro: Awaitable[T], timeout: float = 90.0) -> T:
 
 
 class Recorder:
-    """on_frame / on_session_end callbacks that remember what they got."""
+    """What each session's `WhipSource` (the adapter the service consumes sessions through) reported: its frames
+    and its end."""
 
     def __init__(self) -> None:
         self.frames: list[SampledFrame] = []
         self.ended: list[tuple[WhipSession, str]] = []
         self.frame_after_end = False
+        self._runs: dict[WhipSession, asyncio.Task[None]] = {}
 
-    def on_frame(self, stream_id: str, frame: SampledFrame) -> None:
-        assert stream_id == frame.stream_id
-        if any(s.stream_id == stream_id for s, _ in self.ended):
-            self.frame_after_end = True
-        self.frames.append(frame)
+    def watch(self, session: WhipSession, manager: WhipManager) -> None:
+        def on_frame(frame: SampledFrame) -> None:
+            assert frame.stream_id == session.stream_id
+            if any(s is session for s, _ in self.ended):
+                self.frame_after_end = True
+            self.frames.append(frame)
 
-    def on_session_end(self, session: WhipSession, reason: str) -> None:
-        self.ended.append((session, reason))
+        def on_state(state: StreamState, info: StateInfo) -> None:
+            assert state is StreamState.CLOSED  # a session is live from the start; its end is the one change
+            self.ended.append((session, info["reason"]))
+
+        source = WhipSource(session, manager, on_frame=on_frame, on_state=on_state)
+        assert source.state is StreamState.LIVE and source.id == session.stream_id
+        self._runs[session] = asyncio.get_running_loop().create_task(source.run())
+
+    async def ends(self) -> list[tuple[WhipSession, str]]:
+        """(session, reason) of each session that ended, once its source has reported it (its run() returned)."""
+        await asyncio.gather(*(run for session, run in self._runs.items() if session.ended))
+        return self.ended
 
     async def wait_frames(self, n: int, timeout: float) -> None:
         await until(lambda: len(self.frames) >= n, timeout, f"{n} sampled frames")
@@ -120,10 +135,23 @@ async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
+class WatchedManager(WhipManager):
+    """The real manager; every session it hands out is consumed through a WhipSource that reports to `rec`."""
+
+    def __init__(self, rec: Recorder, **opts: Any) -> None:
+        super().__init__(**opts)
+        self.rec = rec
+
+    async def create_session(self, *args: Any, **kwargs: Any) -> WhipSession:
+        session = await super().create_session(*args, **kwargs)
+        self.rec.watch(session, self)
+        return session
+
+
 def make_manager(rec: Recorder, **kw: Any) -> WhipManager:
     opts: dict[str, Any] = dict(fps=2.0, max_sessions=4, max_sdp_bytes=16 * 1024, no_frame_timeout_s=5.0)
     opts.update(kw)
-    return WhipManager(on_frame=rec.on_frame, on_session_end=rec.on_session_end, **opts)
+    return WatchedManager(rec, **opts)
 
 
 def make_app(manager: WhipManager) -> FastAPI:
@@ -265,11 +293,11 @@ def test_publish_face_video_sampled_frames_then_delete(loopback_ice, face_video,
 
             await pub.close()
             assert await session.wait_ended() == REASON_DELETED
-            assert [(s.id, r) for s, r in rec.ended] == [(session.id, REASON_DELETED)]
+            assert [(s.id, r) for s, r in await rec.ends()] == [(session.id, REASON_DELETED)]
             assert not manager.sessions and not rec.frame_after_end
             assert session.pc.connectionState == "closed"
             await manager.close_all()
-            assert len(rec.ended) == 1  # exactly once
+            assert len(await rec.ends()) == 1  # exactly once
 
     run(main())
 
@@ -288,7 +316,7 @@ def test_peer_closed_without_delete_ends_session(loopback_ice, face_video):
             assert reason in ("closed by peer", "video track ended", "ice failed") or reason.startswith("no frames")
             assert time.monotonic() - t0 < 8
             await asyncio.sleep(0.3)
-            assert [r for _, r in rec.ended] == [reason] and not manager.sessions and not rec.frame_after_end
+            assert [r for _, r in await rec.ends()] == [reason] and not manager.sessions and not rec.frame_after_end
             await pub.close()  # the bot restarts and cleans up: its DELETE gets 404, which is not an error
         await manager.close_all()
 
@@ -315,7 +343,7 @@ def test_silent_peer_ends_by_watchdog(loopback_ice, shared_data):
             reason = await asyncio.wait_for(session.wait_ended(), 10)
             assert reason == "no frames for 1.5 s"
             assert 1.0 < time.monotonic() - t0 < 6
-            assert len(rec.ended) == 1 and not rec.frame_after_end
+            assert len(await rec.ends()) == 1 and not rec.frame_after_end
             await pub.close()  # its DELETE gets 404: already ended, not an error
             track.stop()
         await manager.close_all()
@@ -330,7 +358,7 @@ def test_peer_that_never_connects_ends_by_watchdog(loopback_ice):
         session = await manager.create_session(await offer_sdp(), "application/sdp", None, None)  # its pc is gone
         assert session.participant_id.startswith("p-") and session.display_name is None
         assert await asyncio.wait_for(session.wait_ended(), 3) == "no frames for 0.6 s"
-        assert [(s.id, r) for s, r in rec.ended] == [(session.id, "no frames for 0.6 s")]
+        assert [(s.id, r) for s, r in await rec.ends()] == [(session.id, "no frames for 0.6 s")]
         assert not manager.sessions and session.pc.connectionState == "closed"
         await manager.close_all()
 
@@ -362,7 +390,7 @@ def test_same_participant_replaces_capacity_and_shutdown(loopback_ice, face_vide
             assert info.value.status == 503
             await manager.close_all()
             assert await new.wait_ended() == REASON_SHUTDOWN
-            assert sorted(r for _, r in rec.ended) == sorted([REASON_REPLACED, REASON_SHUTDOWN])
+            assert sorted(r for _, r in await rec.ends()) == sorted([REASON_REPLACED, REASON_SHUTDOWN])
             r = await http.post("/v1/whip", content=await offer_sdp(), headers={"Content-Type": "application/sdp"})
             assert r.status_code == 503 and r.json()["error"] == "shutting_down"
             for pub in (first, second):
@@ -419,7 +447,7 @@ def test_refusals_are_4xx_with_json(loopback_ice):
             assert r.status_code == 405 and r.headers["allow"] == "DELETE"
             assert (await http.delete(location)).status_code == 200
             assert (await http.delete(location)).status_code == 404
-            assert [r for _, r in rec.ended] == [REASON_DELETED]
+            assert [r for _, r in await rec.ends()] == [REASON_DELETED]
         await manager.close_all()
         assert not rec.frames
 

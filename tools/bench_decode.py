@@ -59,7 +59,8 @@ def compare(clip: Path, hwaccel: Any) -> dict[str, float]:
     cpu = list(iter_sampled_frames(str(clip), fps=1.0))
     gpu = list(iter_sampled_frames(str(clip), fps=1.0, hwaccel=hwaccel))
     same_times = [f.pts_s for f in cpu] == [f.pts_s for f in gpu]
-    diffs = [float(np.abs(a.rgb.astype(np.int16) - b.rgb.astype(np.int16)).mean()) for a, b in zip(cpu, gpu)]
+    diffs = [float(np.abs(a.rgb.astype(np.int16) - b.rgb.astype(np.int16)).mean())
+             for a, b in zip(cpu, gpu, strict=False)]
     return {"same_times": same_times, "frames": len(cpu), "mean_abs_diff": round(max(diffs, default=0.0), 3)}
 
 

@@ -31,21 +31,27 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamguard.inference.backends import BACKENDS, BackendOptions, select_backend  # noqa: E402
+from streamguard.inference.card import ModelCard  # noqa: E402
+from streamguard.inference.classifier import Classifier  # noqa: E402
+from streamguard.inference.engine_cache import ParityReport, compare_scores  # noqa: E402
 from streamguard.inference.flops import count_macs  # noqa: E402
-from streamguard.inference.gpu import probe_availability  # noqa: E402
+from streamguard.inference.gpu import Availability, probe_availability  # noqa: E402
 from streamguard.inference.models import resolve_model  # noqa: E402
 
 DEFAULT_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
-def time_batches(classifier, batches: list[int], runs: int, warmup: int, seed: int = 0) -> list[dict]:
+def time_batches(classifier: Classifier, batches: list[int], runs: int, warmup: int, seed: int = 0,
+                 ) -> list[dict[str, Any]]:
     size = classifier.input_size
     rng = np.random.default_rng(seed)
     rows = []
@@ -70,7 +76,7 @@ def time_batches(classifier, batches: list[int], runs: int, warmup: int, seed: i
     return rows
 
 
-def real_crops(card, folders: list[Path] | None) -> np.ndarray:
+def real_crops(card: ModelCard, folders: list[Path] | None) -> np.ndarray:
     """Face crops cut from real photos by the service's own face pipeline (aligned crops are only resized)."""
     from streamguard.inference.calibration import face_crops, image_files
 
@@ -84,8 +90,7 @@ def real_crops(card, folders: list[Path] | None) -> np.ndarray:
     return np.concatenate([p for p in parts if len(p)])
 
 
-def check_parity(clf, onnx_path: Path, card, source: Path):
-    from streamguard.inference.engine_cache import compare_scores
+def check_parity(clf: Classifier, onnx_path: Path, card: ModelCard, source: Path) -> ParityReport:
     from streamguard.inference.onnx import OnnxClassifier
 
     crops = np.load(source) if source.suffix == ".npy" else real_crops(card, [source])
@@ -93,7 +98,7 @@ def check_parity(clf, onnx_path: Path, card, source: Path):
     return compare_scores(reference, clf.predict(crops), card.threshold)
 
 
-def measure_peak(on_gpu: bool, seconds: float = 2.0) -> dict:
+def measure_peak(on_gpu: bool, seconds: float = 2.0) -> dict[str, Any]:
     """Measured matrix-product peak: FP16 on a GPU (torch, else CuPy), FP32 on the CPU (torch, else NumPy)."""
     n = 8192 if on_gpu else 2048
     if on_gpu:
@@ -117,15 +122,16 @@ def measure_peak(on_gpu: bool, seconds: float = 2.0) -> dict:
     try:
         import torch
 
-        a = torch.randn(n, n)
-        b = torch.randn(n, n)
-        return _time_matmul(lambda: a @ b, lambda: None, n, seconds, "fp32", "torch")
+        ta = torch.randn(n, n)
+        tb = torch.randn(n, n)
+        return _time_matmul(lambda: ta @ tb, lambda: None, n, seconds, "fp32", "torch")
     except ImportError:
-        a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-        return _time_matmul(lambda: a @ a, lambda: None, n, seconds, "fp32", "numpy")
+        na = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+        return _time_matmul(lambda: na @ na, lambda: None, n, seconds, "fp32", "numpy")
 
 
-def _time_matmul(op, sync, n: int, seconds: float, dtype: str, via: str, windows: int = 5) -> dict:
+def _time_matmul(op: Callable[[], object], sync: Callable[[], object], n: int, seconds: float, dtype: str, via: str,
+                 windows: int = 5) -> dict[str, Any]:
     """The best of `windows` timed windows: a peak, not an average over whatever else the machine was doing."""
     for _ in range(3):
         op()
@@ -157,7 +163,7 @@ def versions() -> dict:
     return out
 
 
-def device_name(avail, backend: str) -> str:
+def device_name(avail: Availability, backend: str) -> str:
     if backend != "onnxruntime" and avail.gpu is not None:
         return f"{avail.gpu.name} ({avail.gpu.sm})"
     cpu = platform.processor() or platform.machine()
@@ -192,7 +198,7 @@ def summarize(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None, help="name in engines/ or path to an .onnx (default model)")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
@@ -211,8 +217,31 @@ def main(argv: list[str] | None = None) -> int:
                    ".npy for --parity on a machine without mediapipe, and stop")
     p.add_argument("--photos", type=Path, nargs="+", default=None,
                    help="photo folders for --save-crops (default: ../shared/data real_faces + mesonet test images)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def print_table(rows: list[dict[str, Any]], peak: dict[str, Any], summary: dict[str, Any], fps: float,
+                budget_ms: float) -> None:
+    print(f"{'batch':>6} {'p50 ms':>9} {'p99 ms':>9} {'faces/s':>10} {'ms/face':>9}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['faces_per_s']:>10.1f} "
+              f"{r['per_face_ms']:>9.3f}")
+    if peak.get("tflops"):
+        print(f"peak: {peak['tflops']} TFLOP/s ({peak['dtype']} matmul, {peak['via']})")
+    if summary["floor"]:
+        f = summary["floor"]
+        print(f"floor: {f['max_faces_per_s']:.0f} faces/s from FLOPs alone ({f['min_ms_per_face']:.4f} ms/face)"
+              + (f"; best measured = {100 * f['best_fraction_of_floor']:.1f} % of it" if "best_fraction_of_floor" in f
+                 else ""))
+    if summary["best_batch"]:
+        print(f"capacity: {summary['participants']} participants at {fps:g} FPS (batch {summary['best_batch']},"
+              f" {summary['best_faces_per_s']:.0f} faces/s, p99 within {budget_ms:g} ms)")
+    else:
+        print(f"capacity: no batch size kept p99 within {budget_ms:g} ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     onnx_path, card = resolve_model(args.model)
     if args.save_crops is not None:
         crops = real_crops(card, args.photos)
@@ -241,22 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = measure_peak(on_gpu, args.peak_seconds) if args.peak_seconds > 0 else {"tflops": None}
     summary = summarize(rows, args.budget_ms, args.fps, macs.gflops, peak.get("tflops"))
 
-    print(f"{'batch':>6} {'p50 ms':>9} {'p99 ms':>9} {'faces/s':>10} {'ms/face':>9}")
-    for r in rows:
-        print(f"{r['batch']:>6} {r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['faces_per_s']:>10.1f} "
-              f"{r['per_face_ms']:>9.3f}")
-    if peak.get("tflops"):
-        print(f"peak: {peak['tflops']} TFLOP/s ({peak['dtype']} matmul, {peak['via']})")
-    if summary["floor"]:
-        f = summary["floor"]
-        print(f"floor: {f['max_faces_per_s']:.0f} faces/s from FLOPs alone ({f['min_ms_per_face']:.4f} ms/face)"
-              + (f"; best measured = {100 * f['best_fraction_of_floor']:.1f} % of it" if "best_fraction_of_floor" in f
-                 else ""))
-    if summary["best_batch"]:
-        print(f"capacity: {summary['participants']} participants at {args.fps:g} FPS (batch {summary['best_batch']},"
-              f" {summary['best_faces_per_s']:.0f} faces/s, p99 within {args.budget_ms:g} ms)")
-    else:
-        print(f"capacity: no batch size kept p99 within {args.budget_ms:g} ms")
+    print_table(rows, peak, summary, args.fps, args.budget_ms)
     result = {
         "model": card.name,
         "onnx": str(onnx_path),
@@ -279,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
-    close = getattr(clf, "close", None)
-    if callable(close):
-        close()
+    clf.close()
     return 0
 
 

@@ -20,7 +20,7 @@ import av
 
 from streamguard.inference.models import load_classifier
 from streamguard.ingest.av_source import probe
-from streamguard.scan import Scanner, ScanSettings
+from streamguard.scan import FileReport, Scanner, ScanSettings
 
 
 def decode_floor(path: Path, skip_nonref: bool) -> tuple[float, float, int]:
@@ -36,16 +36,17 @@ def decode_floor(path: Path, skip_nonref: bool) -> tuple[float, float, int]:
 
 def bench(path: Path, scanner: Scanner, repeat: int) -> None:
     info = probe(str(path))
-    duration = info["duration_s"]
+    duration = info["duration_s"] or 0.0
     floors = {mode: min((decode_floor(path, mode == "nonref") for _ in range(repeat)), key=lambda r: r[1])
               for mode in ("full", "nonref")}
-    best = None
+    best: tuple[float, float, dict[str, float], FileReport] | None = None
     for _ in range(repeat):
         scanner.timings = dict.fromkeys(scanner.timings, 0.0)
         wall, cpu = time.perf_counter(), time.process_time()
         result = scanner.scan(path)
         run = (time.perf_counter() - wall, time.process_time() - cpu, dict(scanner.timings), result.report)
         best = run if best is None or run[1] < best[1] else best
+    assert best is not None, "--repeat must be at least 1"
     wall, cpu, stages, report = best
     n = max(report.sampled_frames, 1)
     print(f"\n{path.name}: {info['width']}x{info['height']} {info['codec']} {info['fps']:.2f} fps, {duration:.1f} s")
@@ -60,7 +61,8 @@ def bench(path: Path, scanner: Scanner, repeat: int) -> None:
     full_floor_cpu = floors["full"][1]
     print(f"  scan total: wall {wall*1000:.0f} ms, CPU {cpu*1000:.0f} ms = {duration/wall:.0f}x real time")
     print(f"  scan CPU / full-decode floor CPU = {cpu/full_floor_cpu:.2f}"
-          f"  (goal <= 1.5 + model {model_s/full_floor_cpu:.2f}); without the model: {(cpu-model_s)/full_floor_cpu:.2f}")
+          f"  (goal <= 1.5 + model {model_s/full_floor_cpu:.2f}); "
+          f"without the model: {(cpu-model_s)/full_floor_cpu:.2f}")
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import json
 import logging
 import os
@@ -144,7 +145,7 @@ class Samples:
         for points in self.by_stream.values():
             inside = [(p, w) for p, w in points if t0 <= w <= t1]
             got += len(inside)
-            holes = sum(round((b - a) * fps) - 1 for (a, _), (b, _) in zip(inside, inside[1:]) if b - a > 1.5 / fps)
+            holes = sum(round((b - a) * fps) - 1 for (a, _), (b, _) in itertools.pairwise(inside) if b - a > 1.5 / fps)
             missing += max(expected - len(inside), holes, 0)
             if len(inside) >= 2:  # media time advancing slower than wall time: decoding cannot keep up
                 (p0, w0), (p1, w1) = inside[0], inside[-1]
@@ -201,7 +202,7 @@ def apply_experiments(names: list[str]) -> None:
                     sess_options.intra_op_num_threads = 1
                 super().__init__(path, sess_options, *args, **kwargs)
 
-        ort.InferenceSession = Session  # type: ignore[misc]
+        ort.InferenceSession = Session
     if "decode-1-thread" in names:
         from streamguard.ingest import pull
 

@@ -16,8 +16,8 @@
 #   1. install the carried wheels into /tmp/sg-site when pydantic does not import
 #   2. env.txt: nvidia-smi, what the probe finds (GPU, TensorRT, cuda-python, ORT CUDA, torch CUDA), versions
 #   3. pytest -m gpu tests/test_gpu_backends.py tests/test_tensorrt_simulated.py with STREAMGUARD_PARITY_CROPS
-#      (torch CUDA FP16 parity, ORT CUDA and TensorRT parity where installed, the real cuda-python runtime test)
-#   4. tools/bench_gpu.py: cuda backend FP16 (with --parity), cuda FP32, tensorrt (only where TensorRT imports),
+#      (ORT CUDA and TensorRT parity where installed, the real cuda-python runtime test)
+#   4. tools/bench_gpu.py: cuda backend FP32 (with --parity), tensorrt (only where TensorRT imports),
 #      and ONNX Runtime on the CPU as the baseline; each writes bench_<name>.json
 #   5. tools/bench_decode.py --require-nvdec: NVDEC chosen, the same sampled frames as the CPU decoder, and the CPU
 #      cost per stream with and without it (PyAV's wheel, which has FFmpeg's CUDA hwaccel, travels in .whl/)
@@ -157,8 +157,6 @@ run() {
     step bench_smoke 120 "${bench[@]}" --backend auto "${parity[@]}" --batches 1 2 --runs 3 --warmup 1 \
       --peak-seconds 0.2 --json "$OUT/bench_smoke.json"
   else
-    step bench_cuda_fp16 120 "${bench[@]}" --backend cuda --precision fp16 "${parity[@]}" --runs 30 \
-      --json "$OUT/bench_cuda_fp16.json"
     step bench_cuda_fp32 60 "${bench[@]}" --backend cuda --precision fp32 "${parity[@]}" \
       --batches 1 4 16 64 256 --runs 20 --peak-seconds 0 --json "$OUT/bench_cuda_fp32.json"
     if "$PYTHON" -c "import tensorrt" 2>/dev/null; then

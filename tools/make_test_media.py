@@ -116,6 +116,7 @@ def _add_stream(
     if codec not in av.codecs_available:
         raise ValueError(f"codec {codec!r} is not available in this PyAV build")
     stream = container.add_stream(codec, rate=rate)
+    assert isinstance(stream, av.VideoStream)  # a video codec's stream
     stream.width, stream.height = size
     stream.pix_fmt = "yuv420p"
     if codec == "libx264":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Measure models on the shared real data with the project's own `scan`/`eval` code, side by side.
 
-    python tools/model_report.py                                   # the default model and the MesoNet authors' DF models
+    python tools/model_report.py                  # the default model and the MesoNet authors' DF models
     python tools/model_report.py --model streamguard-sbi --update-card --markdown out/model-report.md
 
 Each set goes through `streamguard.evaluate.evaluate` (the `streamguard eval` command's code: the same Scanner as
@@ -31,12 +31,14 @@ sys.path.insert(0, str(ROOT))
 
 from streamguard.evaluate import LabelledFile, evaluate, load_labels  # noqa: E402
 from streamguard.inference.classifier import Classifier  # noqa: E402
+from streamguard.inference.importers.mesonet import Arch  # noqa: E402
 from streamguard.inference.models import ENGINES_DIR, load_classifier  # noqa: E402
-from streamguard.scan import ScanSettings, Scanner, expand_paths  # noqa: E402
+from streamguard.scan import Scanner, ScanSettings, expand_paths  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
-MESONET = {"mesonet-meso4-df": ("Meso4_DF.h5", "meso4"), "mesonet-inception-df": ("MesoInception_DF.h5",
-                                                                                   "mesoinception")}
+MESONET: dict[str, tuple[str, Arch]] = {
+    "mesonet-meso4-df": ("Meso4_DF.h5", "meso4"), "mesonet-inception-df": ("MesoInception_DF.h5", "mesoinception"),
+}
 
 
 def labelled_sets(shared: Path) -> dict[str, tuple[list[LabelledFile], bool]]:

@@ -75,25 +75,29 @@ def short_range_box(frame: np.ndarray) -> Box | None:
     return Box(b.xmin * w, b.ymin * h, (b.xmin + b.width) * w, (b.ymin + b.height) * h)
 
 
-def perturbations(margin: float) -> dict[str, Callable[[np.ndarray, Box], tuple[np.ndarray, Box, float] | None]]:
-    def brightness(f: float):
+Perturbed = tuple[np.ndarray, Box, float] | None  # (image, face box, crop margin), None: no face found
+Perturbation = Callable[[np.ndarray, Box], Perturbed]
+
+
+def perturbations(margin: float) -> dict[str, Perturbation]:
+    def brightness(f: float) -> Perturbation:
         return lambda img, box: (np.clip(img.astype(np.float32) * f, 0, 255).astype(np.uint8), box, margin)
 
-    def resolution(f: float):
-        def apply(img, box):
+    def resolution(f: float) -> Perturbation:
+        def apply(img: np.ndarray, box: Box) -> Perturbed:
             h, w = img.shape[:2]
             small = cv2.resize(img, (int(w * f), int(h * f)), interpolation=cv2.INTER_AREA)
             return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR), box, margin
         return apply
 
-    def rotation(deg: float):
-        def apply(img, box):
+    def rotation(deg: float) -> Perturbation:
+        def apply(img: np.ndarray, box: Box) -> Perturbed:
             h, w = img.shape[:2]
             m = cv2.getRotationMatrix2D((w / 2, h / 2), deg, 1.0)
             return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT), box, margin
         return apply
 
-    def detector(img, _box):
+    def detector(img: np.ndarray, _box: Box) -> Perturbed:
         box = short_range_box(img)
         return None if box is None else (img, box, margin)
 
@@ -121,11 +125,12 @@ def main() -> None:
     box = center_box(reals[0].shape[0])
     fakes = [pseudo_fake(f, margin, rng) for f in reals]
 
-    def score(frames: list[np.ndarray], change) -> np.ndarray:
+    def score(frames: list[np.ndarray], change: Perturbation) -> np.ndarray:
         out = []
         for f in frames:
             r = change(f, box)
-            out.append(np.nan if r is None else clf.predict(square_crop(r[0], r[1], margin=r[2], out_size=size)[None])[0])
+            crop = None if r is None else square_crop(r[0], r[1], margin=r[2], out_size=size)
+            out.append(np.nan if crop is None else clf.predict(crop[None])[0])
         return np.asarray(out, np.float64)
 
     base = {k: score(v, lambda img, b: (img, b, margin)) for k, v in (("real", reals), ("fake", fakes))}
@@ -145,7 +150,8 @@ def main() -> None:
     print("| perturbation | real: mean |Δ|, flipped | pseudo-fake: mean |Δ|, flipped |\n|---|---|---|")
     for name, row in rows.items():
         r, f = row["real"], row["fake"]
-        print(f"| {name} | {r['mean_abs_delta']:.3f}, {r['flipped']:.0%} | {f['mean_abs_delta']:.3f}, {f['flipped']:.0%} |")
+        print(f"| {name} | {r['mean_abs_delta']:.3f}, {r['flipped']:.0%} "
+              f"| {f['mean_abs_delta']:.3f}, {f['flipped']:.0%} |")
     if args.update_card:
         onnx_path, _ = resolve_model(args.model)
         card_path = onnx_path.with_suffix(".json")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from typing import Any
 
 import gi
 
@@ -54,12 +55,12 @@ class LoopingFactory(GstRtspServer.RTSPMediaFactory):
         self.set_eos_shutdown(False)
         self.connect("media-configure", self._on_configure)
 
-    def do_create_element(self, url):
+    def do_create_element(self, url: Any) -> Any:
         return Gst.parse_launch(
             f"( filesrc location={_gst_string(self.path)} ! qtdemux name=demux ! h264parse name=parse "
             "config-interval=-1 ! rtph264pay name=pay0 pt=96 config-interval=1 )")
 
-    def _on_configure(self, _factory, media):
+    def _on_configure(self, _factory: Any, media: Any) -> None:
         element = media.get_element()
         # A shared mount is a live feed: never let a client's PLAY Range seek the shared pipeline (see the top).
         element.get_by_name("pay0").get_static_pad("src").add_probe(Gst.PadProbeType.QUERY_UPSTREAM, _not_seekable)

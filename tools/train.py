@@ -43,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from streamguard.training.backbone import WEIGHTS_PACKAGE
 from streamguard.training.data import (
     ExtractConfig,
     FaceExtractor,
@@ -51,7 +52,6 @@ from streamguard.training.data import (
     discover_real,
     split_by_identity,
 )
-from streamguard.training.backbone import WEIGHTS_PACKAGE
 from streamguard.training.trainer import TrainConfig, save_history, train
 
 log = logging.getLogger("train")
@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     max_diff = check_onnx(result.model, onnx_path, cfg.input_size)
     # A provisional card so the serving loader can score the calibration clips; rewritten below with the results.
     name = args.name or onnx_path.stem
-    arch = f"{ARCHITECTURE} (ImageNet EfficientNet-Lite0, stem+{cfg.frozen_blocks} blocks frozen) input={cfg.input_size}"
+    arch = f"{ARCHITECTURE} (ImageNet EfficientNet-Lite0, stem+{cfg.frozen_blocks} blocks frozen) " \
+           f"input={cfg.input_size}"
     common = {"name": name, "architecture": arch, "input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std,
               "crop_margin": cfg.margin, "license": LICENSE, "version": "2"}
     write_card(onnx_path, threshold=0.5, training="", metrics={}, **common)

@@ -63,19 +63,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel
-
-from .schema import Event, EventType, FeedGapData, validate_draft
-from .store import EventDraft, EventStore
+from .schema import Event, EventDraft, EventType, FeedGapData, validate_draft
+from .store import EventStore
 
 log = logging.getLogger(__name__)
 
@@ -397,15 +396,7 @@ class EventHub:
         """Whether a retention limit is set (else events are kept for ever)."""
         return self.retention_days > 0 or self.max_events > 0
 
-    def publish_nowait(
-        self,
-        type: EventType | str,
-        stream_id: str | None,
-        participant_id: str | None,
-        data: Mapping[str, Any] | BaseModel,
-        *,
-        ts: float | None = None,
-    ) -> asyncio.Future[Event]:
+    def publish_nowait(self, draft: EventDraft) -> asyncio.Future[Event]:
         """Queue an event; the future resolves once it is committed and handed to subscribers.
 
         Validation happens here, so a malformed event raises in the caller (pydantic.ValidationError) instead of
@@ -414,27 +405,20 @@ class EventHub:
         """
         loop = self._check_loop()
         # Stamped here, in call order, so ts does not go backwards along seq (unless a caller passes its own).
-        ts = time.time() if ts is None else ts
-        validate_draft(type, stream_id, participant_id, data, ts)
+        ts = time.time() if draft.ts is None else draft.ts
+        draft = dataclasses.replace(draft, ts=ts)
+        validate_draft(draft, ts)
         future: asyncio.Future[Event] = loop.create_future()
         self._track(future)
-        self._requests.put(_Request(EventDraft(type, stream_id, participant_id, data, ts), future))
+        self._requests.put(_Request(draft, future))
         return future
 
-    async def publish(
-        self,
-        type: EventType | str,
-        stream_id: str | None,
-        participant_id: str | None,
-        data: Mapping[str, Any] | BaseModel,
-        *,
-        ts: float | None = None,
-    ) -> Event:
+    async def publish(self, draft: EventDraft) -> Event:
         """Write the event durably, hand it to every matching subscriber, return it with its seq.
 
         Waits for the commit (a few ms with fsync), never for subscribers. Cancelling the wait does not un-publish.
         """
-        return await self.publish_nowait(type, stream_id, participant_id, data, ts=ts)
+        return await self.publish_nowait(draft)
 
     async def prune(self) -> int:
         """Apply retention now rather than at the next interval, after every event queued before this call.

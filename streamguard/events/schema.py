@@ -24,12 +24,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from ..ingest.source import StreamState
 from ..types import QualityVerdict
 
 SCHEMA_VERSION = "1.1"  # 1.1: feed.gap
@@ -46,15 +48,6 @@ class EventType(str, Enum):
     ALERT_CLEARED = "alert.cleared"
     SERVICE_DEGRADED = "service.degraded"
     FEED_GAP = "feed.gap"  # made by the hub for one subscriber; never published or stored
-
-
-class StreamState(str, Enum):
-    CONNECTING = "connecting"
-    LIVE = "live"
-    STALLED = "stalled"  # connected, but no frame for the watchdog's timeout
-    RECONNECTING = "reconnecting"
-    FAILED = "failed"  # gave up: no more reconnect attempts
-    CLOSED = "closed"  # ended on purpose (source ended, stream removed)
 
 
 class EvidenceKind(str, Enum):
@@ -238,38 +231,37 @@ class FeedGapEvent(_Envelope):
 
 
 TypedEvent = Annotated[
-    Union[
-        StreamStateEvent,
-        ParticipantJoinedEvent,
-        ParticipantLeftEvent,
-        ParticipantScoreEvent,
-        AlertRaisedEvent,
-        AlertClearedEvent,
-        ServiceDegradedEvent,
-        FeedGapEvent,
-    ],
+    StreamStateEvent | ParticipantJoinedEvent | ParticipantLeftEvent | ParticipantScoreEvent | AlertRaisedEvent
+    | AlertClearedEvent | ServiceDegradedEvent | FeedGapEvent,
     Field(discriminator="type"),
 ]
 TYPED_EVENT: TypeAdapter[TypedEvent] = TypeAdapter(TypedEvent)
 
 
-def validate_draft(
-    type: EventType | str,
-    stream_id: str | None,
-    participant_id: str | None,
-    data: Mapping[str, Any] | BaseModel,
-    ts: float,
-) -> tuple[EventType, dict[str, Any]]:
+@dataclass(frozen=True, slots=True)
+class EventDraft:
+    """An event before the store gives it a seq: what producers publish. `ts` None: stamped when published."""
+
+    type: EventType | str
+    stream_id: str | None
+    participant_id: str | None
+    data: Mapping[str, Any] | BaseModel
+    ts: float | None = None
+
+
+def validate_draft(draft: EventDraft, ts: float) -> tuple[EventType, dict[str, Any]]:
     """Check an event before it gets a seq; returns (type, data as a JSON-ready dict with every field).
 
     Validated through the typed envelope so the per-type rules (e.g. participant events need both ids) have one
     source; seq=1 stands in for the seq the store has not assigned yet. Raises pydantic.ValidationError (a
     ValueError), or ValueError for `feed.gap`, which only the hub makes.
     """
+    data = draft.data
     payload = data.model_dump(mode="json") if isinstance(data, BaseModel) else dict(data)
-    typed = TYPED_EVENT.validate_python(
-        {"seq": 1, "ts": ts, "type": type, "stream_id": stream_id, "participant_id": participant_id, "data": payload}
-    )
+    typed = TYPED_EVENT.validate_python({
+        "seq": 1, "ts": ts, "type": draft.type, "stream_id": draft.stream_id, "participant_id": draft.participant_id,
+        "data": payload,
+    })
     if typed.type is EventType.FEED_GAP:
         raise ValueError("feed.gap is made by the event hub for one subscriber; it cannot be published")
     return typed.type, typed.data.model_dump(mode="json")

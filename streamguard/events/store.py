@@ -35,7 +35,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .schema import Event, EventType, EvidenceKind, validate_draft
+from .schema import Event, EventDraft, EventType, EvidenceKind, validate_draft
 
 DB_SCHEMA_VERSION = 2  # PRAGMA user_version: the layout of this file, not the event schema (2: evidence.stored_ts)
 # Evidence is stored before its alert is published; evidence with no alert row this long after it was stored belongs
@@ -87,17 +87,6 @@ CREATE TABLE IF NOT EXISTS evidence (
     PRIMARY KEY (alert_id, kind)
 );
 """
-
-
-@dataclass(frozen=True, slots=True)
-class EventDraft:
-    """An event before the store gives it a seq."""
-
-    type: EventType | str
-    stream_id: str | None
-    participant_id: str | None
-    data: Mapping[str, Any] | BaseModel
-    ts: float | None = None
 
 
 class AlertRecord(BaseModel):
@@ -179,16 +168,9 @@ class EventStore:
 
     # -- events -----------------------------------------------------------------------------------------------
 
-    def append(
-        self,
-        type: EventType | str,
-        stream_id: str | None,
-        participant_id: str | None,
-        data: Mapping[str, Any] | BaseModel,
-        ts: float | None = None,
-    ) -> Event:
+    def append(self, draft: EventDraft) -> Event:
         """Validate, assign the next seq and commit one event. Raises ValidationError / AlertConflict."""
-        result = self.append_many([EventDraft(type, stream_id, participant_id, data, ts)])[0]
+        result = self.append_many([draft])[0]
         if isinstance(result, Exception):
             raise result
         return result
@@ -204,7 +186,7 @@ class EventStore:
         for i, d in enumerate(drafts):
             ts = time.time() if d.ts is None else float(d.ts)
             try:
-                etype, data = validate_draft(d.type, d.stream_id, d.participant_id, d.data, ts)
+                etype, data = validate_draft(d, ts)
             except ValueError as exc:  # pydantic.ValidationError is a ValueError
                 results[i] = exc
             else:

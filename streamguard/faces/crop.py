@@ -68,7 +68,7 @@ def square_crop(rgb: np.ndarray, box: Box, margin: float = 1.65, out_size: int |
         left=ix0 - x0,
         right=x0 + side - ix1,
         borderType=cv2.BORDER_CONSTANT,
-        value=0,
+        value=(0, 0, 0, 0),
     )
     if rgb.ndim == 3 and crop.ndim == 2:  # cv2 drops a trailing channel axis of size 1
         crop = crop[:, :, None]
@@ -76,8 +76,18 @@ def square_crop(rgb: np.ndarray, box: Box, margin: float = 1.65, out_size: int |
         return np.ascontiguousarray(crop)
     if out_size <= 0:
         raise ValueError(f"out_size must be > 0, got {out_size}")
-    interp = cv2.INTER_AREA if out_size < side else cv2.INTER_LINEAR
-    out = cv2.resize(crop, (out_size, out_size), interpolation=interp)
-    if crop.ndim == 3 and out.ndim == 2:
+    return resize_square(crop, out_size)
+
+
+def resize_square(img: np.ndarray, side: int) -> np.ndarray:
+    """`img` resized to side × side: INTER_AREA when shrinking (it averages, so the high frequencies a deepfake
+    classifier looks at are not aliased), INTER_LINEAR when growing. The same array when it is that size already;
+    a trailing channel axis of size 1 is kept (cv2 drops it)."""
+    h, w = img.shape[:2]
+    if (h, w) == (side, side):
+        return img
+    interp = cv2.INTER_AREA if side < max(h, w) else cv2.INTER_LINEAR
+    out = cv2.resize(img, (side, side), interpolation=interp)
+    if img.ndim == 3 and out.ndim == 2:
         out = out[:, :, None]
     return out

@@ -170,7 +170,7 @@ class FaceDetector:
         interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
         small = rgb if scale == 1.0 else cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=interp)
         pad = round(_CLOSE_UP_PAD * max(small.shape[:2]))
-        padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+        padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0, 0))
         found = self._run(padded, scale=scale, off_x=pad / scale, off_y=pad / scale)
         return [d for d in found if d.box.long_side >= _CLOSE_UP_MIN_FRACTION * max(h, w)]
 

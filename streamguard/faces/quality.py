@@ -1,6 +1,6 @@
 """Quality gate: faces too small, too blurry or too uncertain are reported as low quality and never scored.
 
-DESIGN.md (DuckDuckGoose): below half resolution a deepfake classifier's accuracy drops, so such a face would be
+DuckDuckGoose's robustness study: below half resolution a deepfake classifier's accuracy drops, so such a face would be
 scored as real or fake by chance; reporting "low quality" is the honest answer.
 """
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from streamguard.faces.crop import resize_square
 from streamguard.types import Detection, Quality, QualityVerdict
 
 # Sharpness is measured on the face box resized to this side, so it compares across face sizes: a sharp 300 px face
@@ -47,8 +48,7 @@ def sharpness(rgb: np.ndarray, detection: Detection) -> float:
         return 0.0
     face = rgb[y0:y1, x0:x1]
     grey = cv2.cvtColor(face, cv2.COLOR_RGB2GRAY) if face.ndim == 3 else face
-    interp = cv2.INTER_AREA if max(grey.shape) > SHARPNESS_SIDE else cv2.INTER_LINEAR
-    grey = cv2.resize(grey, (SHARPNESS_SIDE, SHARPNESS_SIDE), interpolation=interp).astype(np.float64)
+    grey = resize_square(grey, SHARPNESS_SIDE).astype(np.float64)
     std = float(grey.std())
     if std < _MIN_FACE_STD:
         return 0.0

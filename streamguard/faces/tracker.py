@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from streamguard.faces.crop import to_crop_coords
+from streamguard.faces.crop import resize_square, to_crop_coords
 from streamguard.types import Detection
 
 _DESC_SIDE = 64
@@ -61,7 +61,7 @@ _LBP_TABLE = _uniform_lbp_table()
 def appearance(crop: np.ndarray, detection: Detection, margin: float) -> np.ndarray:
     """Appearance descriptor (unit float32 vector) of a face given its square crop cut at `margin` (see square_crop)."""
     if crop.shape[0] > _WORK_SIDE:  # warpAffine has no area filter: shrink first so the warp does not alias
-        crop = cv2.resize(crop, (_WORK_SIDE, _WORK_SIDE), interpolation=cv2.INTER_AREA)
+        crop = resize_square(crop, _WORK_SIDE)
     size = crop.shape[0]
     if len(detection.keypoints) >= 2:
         # Similarity transform taking the detected eyes (in crop pixels) to the canonical eye positions.

@@ -21,7 +21,6 @@ from typing import Literal
 
 from streamguard.inference.card import ModelCard
 from streamguard.inference.classifier import Classifier
-from streamguard.inference.cuda import CudaEngine
 from streamguard.inference.engine_cache import Precision
 from streamguard.inference.gpu import Availability, BackendUnavailable, probe_availability
 from streamguard.inference.models import ENGINES_DIR, resolve_model
@@ -41,9 +40,8 @@ _CHAINS: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True, slots=True)
 class BackendOptions:
     max_batch: int = 16  # the batcher's max_batch: an engine's profile must reach it
-    precision: Precision = "fp16"  # tensorrt engine / torch cuda precision ("int8": a cached engine only)
+    precision: Precision = "fp16"  # tensorrt engine precision ("int8": a cached engine only); cuda runs fp32
     build_missing: bool = True  # build a TensorRT engine at start when none is cached (minutes for large models)
-    cuda_engine: CudaEngine = "auto"
     threads: int = 0  # ONNX Runtime CPU intra-op threads (0: all cores)
     device_index: int = 0
     engine_cache_dir: Path | None = None  # default: $STREAMGUARD_ENGINE_CACHE, else engines/cache
@@ -87,10 +85,9 @@ def unavailable_reason(backend: str, avail: Availability) -> str | None:
             return avail.why_not("cuda-python")
         return None
     if backend == "cuda":
-        if avail.has_onnxruntime_cuda or avail.has_torch_cuda:
+        if avail.has_onnxruntime_cuda:
             return None
-        return ("the cuda backend needs onnxruntime-gpu or a CUDA build of PyTorch: "
-                f"{avail.why_not('onnxruntime-cuda')}; {avail.why_not('torch-cuda')}")
+        return f"the cuda backend needs onnxruntime-gpu: {avail.why_not('onnxruntime-cuda')}"
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -196,10 +193,7 @@ def _load_cuda(onnx_path: Path, card: ModelCard, avail: Availability, opts: Back
                engines_dir: Path) -> Classifier:
     from streamguard.inference.cuda import load_cuda_classifier
 
-    precision = "fp32" if opts.precision == "fp32" else "fp16"
-    return load_cuda_classifier(onnx_path, card, engine=opts.cuda_engine,
-                                has_onnxruntime_cuda=avail.has_onnxruntime_cuda, max_batch=opts.max_batch,
-                                precision=precision)
+    return load_cuda_classifier(onnx_path, card, max_batch=opts.max_batch, device_id=opts.device_index)
 
 
 def _load_tensorrt(onnx_path: Path, card: ModelCard, avail: Availability, opts: BackendOptions,

@@ -244,7 +244,7 @@ class Batcher:
         self.stats.crops += len(batch)
         self.stats.inference_seconds += seconds
         self.stats.batch_sizes[len(batch)] += 1
-        for r, p in zip(batch, scores):
+        for r, p in zip(batch, scores, strict=True):
             if not r.future.done():
                 r.future.set_result(float(p))
         if self.on_batch is not None:

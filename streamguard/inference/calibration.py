@@ -41,9 +41,9 @@ def face_crops(
             rgb = read_image(p).rgb
             crops.append(cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA))
     else:
-        from streamguard.pipeline import FaceAnalyzer, FaceSettings
+        from streamguard.faces.analyzer import FaceAnalyzer  # mediapipe: only when faces are to be found
 
-        analyzer = FaceAnalyzer(FaceSettings(), size, card.preprocess.crop_margin)
+        analyzer = FaceAnalyzer(card)
         try:
             for p in paths:
                 for face in analyzer.analyze(read_image(p)):

@@ -21,6 +21,10 @@ class Classifier(Protocol):
         """crops: (N, S, S, 3) uint8 RGB at `input_size` → (N,) float32 P(fake) in [0, 1]."""
         ...
 
+    def close(self) -> None:
+        """Free what the backend holds now (TensorRT: device buffers, CUDA graphs); predict is not called after."""
+        ...
+
 
 def preprocess(crops: np.ndarray, card: ModelCard) -> np.ndarray:
     """uint8 (N, S, S, 3) RGB → float32 tensor in the model's layout and normalisation."""

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -190,10 +191,7 @@ def build_engine(
                      calibration_batch=calibration_batch, tolerance=tolerance, workspace_bytes=workspace_bytes)
     onnx_path, card = resolve_model(str(model) if model is not None else None, engines_dir)
     avail = availability if availability is not None else probe_availability()
-    version, cc, gpu_name = require_tensorrt(avail)
-    problem = precision_problem(precision, cc) or tensorrt_precision_problem(version, precision)
-    if problem:
-        raise BackendUnavailable(problem)
+    version, cc, gpu_name = _require_precision(avail, precision)
     profile = choose_profile(max_batch, opt_batch)
     cache = EngineCache(Path(cache_dir) if cache_dir is not None else default_cache_dir(engines_dir))
     model_sha = file_sha256(onnx_path)
@@ -202,13 +200,7 @@ def build_engine(
     crops = holdout = None
     calib_sha = None
     if precision == "int8":
-        if calibration is None:
-            raise ValueError("INT8 needs --calibration: a folder of real face photos (see engines/BUILD.md)")
-        from streamguard.inference.calibration import load_crop_set, split_holdout
-
-        all_crops, _ = load_crop_set(calibration, card, cache.directory,
-                                     images_are_crops=calibration_images_are_crops)
-        crops, holdout = split_holdout(all_crops)
+        crops, holdout = _calibration_crops(calibration, card, cache, calibration_images_are_crops)
         calib_sha = crops_sha256(crops)
         notes.append(f"INT8 calibration on {len(crops)} real face crops, {len(holdout)} held out")
 
@@ -224,12 +216,10 @@ def build_engine(
     if precision == "int8":
         assert crops is not None and holdout is not None
         batches = calibration_batches(crops, card, min(calibration_batch, profile.max_batch))
-        calib_cache = lookup.path.with_suffix(".calib")
-        data = build(onnx_path, card, profile, "int8", calibration=batches, calibration_cache=calib_cache,
-                     workspace_bytes=workspace_bytes)
+        data = build(onnx_path, card, profile, "int8", calibration=batches,
+                     calibration_cache=lookup.path.with_suffix(".calib"), workspace_bytes=workspace_bytes)
         check = int8_checker or partial(_score_with_engine, where=lookup.path)
-        reference = OnnxClassifier(onnx_path, card).predict(holdout)
-        parity = compare_scores(reference, check(data, onnx_path, card, holdout), card.threshold, tolerance)
+        parity = _int8_parity(data, onnx_path, card, holdout, check, tolerance)
         if not parity.ok:
             msg = f"INT8 does not hold accuracy on held-out real faces: {parity.summary()}"
             if not int8_fallback:
@@ -245,15 +235,45 @@ def build_engine(
     else:
         data = build(onnx_path, card, profile, precision, workspace_bytes=workspace_bytes)
     seconds = time.perf_counter() - t0
+    path = cache.store(card.name, key, data, _facts(version, gpu_name, seconds, precision, onnx_path, parity))
+    notes += [] if keep_stale else [f"removed stale {p.name}" for p in cache.remove_stale(lookup)]
+    return EngineBuildResult(path, key, True, precision, reasons, seconds, parity, notes)
+
+
+def _require_precision(avail: Availability, precision: Precision) -> tuple[str, tuple[int, int], str]:
+    """(TensorRT version, compute capability, GPU name), or why this GPU or TensorRT cannot build `precision`."""
+    version, cc, gpu_name = require_tensorrt(avail)
+    problem = precision_problem(precision, cc) or tensorrt_precision_problem(version, precision)
+    if problem:
+        raise BackendUnavailable(problem)
+    return version, cc, gpu_name
+
+
+def _int8_parity(data: bytes, onnx_path: Path, card: ModelCard, holdout: np.ndarray,
+                 check: Callable[[bytes, Path, ModelCard, np.ndarray], np.ndarray], tolerance: float) -> ParityReport:
+    """The INT8 engine's scores on held-out real faces against ONNX Runtime on the CPU."""
+    reference = OnnxClassifier(onnx_path, card).predict(holdout)
+    return compare_scores(reference, check(data, onnx_path, card, holdout), card.threshold, tolerance)
+
+
+def _calibration_crops(calibration: Path | None, card: ModelCard, cache: EngineCache,
+                       images_are_crops: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration crops, held-out crops) from real face photos, through the cache's crop set."""
+    if calibration is None:
+        raise ValueError("INT8 needs --calibration: a folder of real face photos (see engines/BUILD.md)")
+    from streamguard.inference.calibration import load_crop_set, split_holdout
+
+    all_crops, _ = load_crop_set(calibration, card, cache.directory, images_are_crops=images_are_crops)
+    return split_holdout(all_crops)
+
+
+def _facts(version: str, gpu_name: str, seconds: float, precision: Precision, onnx_path: Path,
+           parity: ParityReport | None) -> dict[str, Any]:
     facts = engine_facts(version, gpu_name, seconds, precision, onnx_path)
     if parity is not None:
         facts["int8_parity"] = {"max_abs_diff": parity.max_abs_diff, "decision_flips": parity.decision_flips,
                                 "n": parity.n, "tolerance": parity.tolerance}
-    path = cache.store(card.name, key, data, facts)
-    if not keep_stale:
-        for p in cache.remove_stale(lookup):
-            notes.append(f"removed stale {p.name}")
-    return EngineBuildResult(path, key, True, precision, reasons, seconds, parity, notes)
+    return facts
 
 
 def _tensorrt_builder(onnx_path: Path, card: ModelCard, profile: Profile, precision: Precision, **kw: object) -> bytes:

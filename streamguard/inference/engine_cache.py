@@ -218,7 +218,8 @@ class CacheLookup:
             return []
         if not self.stale:
             return ["no engine built yet for this model"]
-        return list(min((r for _, r in self.stale), key=len))
+        closest: tuple[str, ...] = min((r for _, r in self.stale), key=len)
+        return list(closest)
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,7 +69,7 @@ def _shapes_by_running(model: onnx.ModelProto, names: list[str]) -> dict[str, li
     inp = session.get_inputs()[0]
     x = np.zeros([int(d) for d in inp.shape], np.float32)
     values = session.run(names, {inp.name: x})
-    return {n: list(v.shape) for n, v in zip(names, values)}
+    return {n: list(v.shape) for n, v in zip(names, values, strict=True)}
 
 
 def count_macs(model: onnx.ModelProto | str | Path) -> FlopCount:

@@ -54,7 +54,6 @@ class Availability:
     has_tensorrt: bool = False
     has_cuda_python: bool = False
     has_onnxruntime_cuda: bool = False
-    has_torch_cuda: bool = False
     gpu: GpuInfo | None = None
     tensorrt_version: str | None = None
     reasons: dict[str, str] = field(default_factory=dict)  # component -> why it is missing
@@ -67,8 +66,7 @@ class Availability:
         parts = [f"GPU: {gpu}",
                  f"TensorRT: {self.tensorrt_version or 'no'}",
                  f"cuda-python: {'yes' if self.has_cuda_python else 'no'}",
-                 f"ONNX Runtime CUDA: {'yes' if self.has_onnxruntime_cuda else 'no'}",
-                 f"PyTorch CUDA: {'yes' if self.has_torch_cuda else 'no'}"]
+                 f"ONNX Runtime CUDA: {'yes' if self.has_onnxruntime_cuda else 'no'}"]
         return ", ".join(parts)
 
 
@@ -139,27 +137,11 @@ def probe_availability(device_index: int = 0) -> Availability:
     except ImportError as exc:
         reasons["onnxruntime-cuda"] = f"ONNX Runtime does not import: {exc}"
 
-    has_torch_cuda = False
-    if gpu is not None and _has_module("torch"):  # importing torch costs seconds: only where a GPU could use it
-        try:
-            import torch
-
-            has_torch_cuda = bool(torch.cuda.is_available())
-            if not has_torch_cuda:
-                reasons["torch-cuda"] = f"PyTorch {torch.__version__} sees no CUDA device (a CPU-only build?)"
-        except Exception as exc:
-            reasons["torch-cuda"] = f"PyTorch does not import: {exc}"
-    elif gpu is None:
-        reasons["torch-cuda"] = reasons["gpu"]
-    else:
-        reasons["torch-cuda"] = "PyTorch is not installed (`pip install streamguard[train]` or a CUDA build of torch)"
-
     return Availability(
         has_cuda_gpu=gpu is not None,
         has_tensorrt=trt_version is not None,
         has_cuda_python=has_cuda_python,
         has_onnxruntime_cuda=has_ort_cuda,
-        has_torch_cuda=has_torch_cuda,
         gpu=gpu,
         tensorrt_version=trt_version,
         reasons=reasons,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import cv2
 import numpy as np
 
+from streamguard.faces.crop import resize_square
 from streamguard.inference.classifier import Classifier, preprocess
 
 if TYPE_CHECKING:
@@ -47,10 +48,7 @@ def occlusion_cost(size: int, patch: int, stride: int, batch: int) -> int:
 def _fit(crop: np.ndarray, size: int) -> np.ndarray:
     if crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8:
         raise ValueError(f"crop must be (H, W, 3) uint8 RGB, got {crop.shape} {crop.dtype}")
-    if crop.shape[:2] == (size, size):
-        return crop
-    shrink = crop.shape[0] > size or crop.shape[1] > size
-    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return resize_square(crop, size)
 
 
 def occlusion_map(
@@ -102,7 +100,7 @@ def occlusion_map(
 
     total = np.zeros((size, size), np.float64)
     count = np.zeros((size, size), np.float64)
-    for (top, left), score in zip(boxes, occluded):
+    for (top, left), score in zip(boxes, occluded, strict=True):
         total[top : top + patch, left : left + patch] += max(base - score, 0.0)
         count[top : top + patch, left : left + patch] += 1.0
     heat = np.clip(total / np.maximum(count, 1.0), 0.0, 1.0).astype(np.float32)
@@ -151,9 +149,9 @@ def gradcam_map(
         raise ValueError("the target layer's output does not influence the score")
     weights = a.grad.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * a).sum(dim=1, keepdim=True)).detach()
-    cam = F.interpolate(cam, size=crop.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
-    peak = float(cam.max())
-    return (cam / peak if peak > 0 else cam).astype(np.float32)
+    heat = F.interpolate(cam, size=crop.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
+    peak = float(heat.max())
+    return (heat / peak if peak > 0 else heat).astype(np.float32)
 
 
 def render_overlay(

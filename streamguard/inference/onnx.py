@@ -39,3 +39,6 @@ class OnnxClassifier:
             return np.zeros((0,), np.float32)
         (raw, *_) = self._session.run(None, {self._input: preprocess(crops, self.card)})
         return to_p_fake(raw, self.card)
+
+    def close(self) -> None:
+        """Nothing to free by hand: ONNX Runtime's CPU session releases its memory with the object."""

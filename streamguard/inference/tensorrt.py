@@ -91,7 +91,7 @@ class _Buffer:
             self.free()  # not yet in the classifier's list: free the device half here
             raise
         raw = (ctypes.c_byte * self.nbytes).from_address(self.host_ptr)
-        self.host = np.frombuffer(raw, dtype=self.dtype).reshape(self.shape)
+        self.host = np.frombuffer(memoryview(raw), dtype=self.dtype).reshape(self.shape)
 
     def row_bytes(self, rows: int) -> int:
         return rows * (self.nbytes // self.shape[0])
@@ -212,7 +212,7 @@ def _setup_int8(trt: Any, builder: Any, config: Any, input_name: str, card: Mode
 def _make_calibrator(trt: Any, cudart: Any, batches: Sequence[np.ndarray], cache_path: Path | None) -> Any:
     """An IInt8EntropyCalibrator2 feeding `batches` (float32, the model's preprocessing) from one device buffer."""
 
-    class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
+    class Calibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)  # required by pybind11 trampolines
             self._batches = [np.ascontiguousarray(b, np.float32) for b in batches]
@@ -334,7 +334,7 @@ class TensorRTClassifier:
             if any(d < 0 for d in shape):
                 raise BackendUnavailable(f"{self.path}: output {name} has a data-dependent shape {shape}")
             self._buffers.append(_Buffer(cudart, shape, np.dtype(trt.nptype(engine.get_tensor_dtype(name)))))
-        self._buf = dict(zip(names, self._buffers))
+        self._buf = dict(zip(names, self._buffers, strict=True))
         self._bind(self._context)
 
         self.graph_sizes = graph_batch_sizes(self.profile, graph_max_batch) if cuda_graphs else ()

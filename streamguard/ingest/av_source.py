@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
 import av
@@ -151,7 +151,16 @@ def _video_stream(container: av.container.InputContainer, source: str) -> av.Vid
     return best if best in candidates else candidates[0]
 
 
-def probe(path: str) -> dict[str, object]:
+class ProbeInfo(TypedDict):
+    duration_s: float | None
+    fps: float | None
+    width: int
+    height: int
+    codec: str
+    frames: int | None
+
+
+def probe(path: str) -> ProbeInfo:
     """Duration (s), nominal fps, size, codec and frame count of the best video stream; for reports and benchmarks."""
     with open_container(path) as container:
         stream = _video_stream(container, path)
@@ -161,7 +170,7 @@ def probe(path: str) -> dict[str, object]:
         elif container.duration is not None:
             duration = container.duration / av.time_base
         rate = stream.average_rate or stream.guessed_rate
-        return {
+        return {  # a ProbeInfo
             "duration_s": duration,
             "fps": float(rate) if rate else None,
             "width": stream.codec_context.width,

@@ -75,15 +75,10 @@ def probe_nvdec(codec: str = "h264") -> NvdecStatus:
         why = f"this FFmpeg build has no {have}" if have else f"NVDEC has no decoder for {codec!r}"
         return NvdecStatus(False, why)
     try:
-        ctx = av.CodecContext.create(name, "r")
-        ctx.open()
+        # PyAV's CodecContext has no close(): the decoder is freed with the object, at the end of this function.
+        av.CodecContext.create(name, "r").open()
     except Exception as exc:  # no GPU, no libnvcuvid, a driver too old: all surface here
         return NvdecStatus(False, f"{name} does not open ({exc}): no NVIDIA GPU or driver decode library")
-    finally:
-        try:
-            ctx.close()  # type: ignore[possibly-undefined]
-        except Exception:
-            pass
     return NvdecStatus(True, f"{name} opens")
 
 
@@ -122,9 +117,8 @@ def choose_hwdecode(mode: HwDecodeMode, device: str | None = None) -> HwDecodeCh
     if mode == "off":
         return HwDecodeChoice(None, "CPU decoding (sources.hwdecode is off)")
     hwaccel = nvdec_hwaccel(device)
-    if hwaccel is None:
-        why = "no NVIDIA GPU, or this FFmpeg build has no CUDA device support"
-    else:
+    why: str | None = "no NVIDIA GPU, or this FFmpeg build has no CUDA device support"
+    if hwaccel is not None:
         why = decode_test_clip(device)
         if why is None:
             return HwDecodeChoice(hwaccel, "NVDEC decoding (checked on a test clip)")

@@ -49,7 +49,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from enum import Enum
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -69,6 +68,7 @@ from streamguard.ingest.av_source import (
     redact_url,
 )
 from streamguard.ingest.sampler import TimestampSampler
+from streamguard.ingest.source import TERMINAL_STATES, OnFrame, OnState, SourceCounters, StateInfo, StreamState
 from streamguard.types import SampledFrame
 
 log = logging.getLogger(__name__)
@@ -86,17 +86,6 @@ _BACKSTOP_MARGIN_S = 1.0
 # than the backstop.
 _CLOSE_GRACE_S = 0.5
 
-
-class StreamState(str, Enum):
-    CONNECTING = "connecting"
-    LIVE = "live"
-    STALLED = "stalled"
-    RECONNECTING = "reconnecting"
-    FAILED = "failed"
-    CLOSED = "closed"
-
-
-_TERMINAL = (StreamState.FAILED, StreamState.CLOSED)
 
 
 @dataclass(slots=True)
@@ -155,8 +144,8 @@ class PullSource:
         *,
         settings: SourceSettings,
         fps: float,
-        on_frame: Callable[[SampledFrame], None],
-        on_state: Callable[[StreamState, dict[str, Any]], None],
+        on_frame: OnFrame,
+        on_state: OnState,
         realtime: bool = True,
         hwaccel: Any | None = None,
         phase: float = 0.0,
@@ -183,6 +172,7 @@ class PullSource:
         self._tick_s = min(0.5, settings.connect_timeout_s / 4, settings.read_timeout_s / 4, settings.watchdog_s / 4)
         self._rng = random.Random()
         self._state: StreamState | None = None
+        self._state_reason: str | None = None
         self._stats = PullStats()
         self._session: _Session | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -194,9 +184,32 @@ class PullSource:
     # --- public ------------------------------------------------------------------------------------------------
 
     @property
+    def id(self) -> str:
+        return self.stream_id
+
+    @property
+    def kind(self) -> str:
+        return stream_kind(self.url)
+
+    @property
     def state(self) -> StreamState | None:
         """The last state emitted; None before run() starts."""
         return self._state
+
+    @property
+    def reason(self) -> str | None:
+        return self._state_reason
+
+    @property
+    def counters(self) -> SourceCounters:
+        return SourceCounters(decoded=self._stats.decoded, sampled=self._stats.sampled)
+
+    # An operator added the stream: it stays listed with its final state (failed, end of file) until removed.
+    listed_after_end = True
+
+    @property
+    def leave_reason(self) -> str:
+        return f"stream {self._state.value if self._state else StreamState.CLOSED.value}"
 
     @property
     def stats(self) -> PullStats:
@@ -296,9 +309,8 @@ class PullSource:
         """Wait for the session to end, or end it when a deadline passes or close() is called."""
         assert self._close_requested is not None
         while True:
-            done, _ = await asyncio.wait(
-                {session.done, self._close_requested}, timeout=self._tick_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            waiting: set[asyncio.Future[Any]] = {session.done, self._close_requested}
+            done, _ = await asyncio.wait(waiting, timeout=self._tick_s, return_when=asyncio.FIRST_COMPLETED)
             if session.done in done:
                 return session.done.result()
             if self._closing:
@@ -330,12 +342,22 @@ class PullSource:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(session.done), timeout=_CLOSE_GRACE_S)
 
-    def _set_state(self, state: StreamState, **info: Any) -> None:
-        if self._state in _TERMINAL:
+    def _set_state(
+        self, state: StreamState, *, reason: str | None = None, attempt: int | None = None,
+        delay_s: float | None = None,
+    ) -> None:
+        if self._state in TERMINAL_STATES:
             return
         if state is self._state and state is not StreamState.RECONNECTING:
             return
-        self._state = state
+        info = StateInfo()
+        if reason is not None:
+            info["reason"] = reason
+        if attempt is not None:
+            info["attempt"] = attempt
+        if delay_s is not None:
+            info["delay_s"] = delay_s
+        self._state, self._state_reason = state, reason
         log.info("stream %s: %s %s", self.stream_id, state.value, info or "")
         try:
             self._on_state(state, info)
@@ -475,3 +497,10 @@ def _file_path(url: str) -> str:
         parts = urlsplit(url)
         return unquote(parts.path) if parts.netloc in ("", "localhost") else url
     return url
+
+
+def stream_kind(url: str) -> str:
+    """The kind label of a pull stream: its scheme, with the secure variants folded in (rtsps is rtsp) and HTTP as
+    hls; a plain path is a file."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
+    return {"rtsps": "rtsp", "rtmps": "rtmp", "http": "hls", "https": "hls"}.get(scheme, scheme)

@@ -38,11 +38,12 @@ Status codes (RFC 9725 and RFC 9110):
 
 Per session: every received track is drained (`recv()` in a loop, audio too: an undrained aiortc track queues every
 decoded frame forever, aiortc#554). The first video track feeds a `TimestampSampler`; only kept frames are converted
-to RGB (in a worker thread, so a large frame never blocks the loop) and handed to `on_frame(stream_id, frame)` on
-the loop thread. A session ends, with `on_session_end(session, reason)` called exactly once and after its last
-`on_frame`, when the client DELETEs it, when the connection fails or the peer closes it, when its video track ends,
-when no video frame arrived for `no_frame_timeout_s` (a peer that vanished without a word, or never connected),
-when the same participant publishes again (the new session replaces the old), or at `close_all()`.
+to RGB (in a worker thread, so a large frame never blocks the loop) and handed, on the loop thread, to the one
+consumer `attach`ed to the session (`WhipSource`, which makes a session a `Source` like any pull stream). A session
+ends, `wait_ended()` then returning its reason, after its last frame was handed over, when the client DELETEs it,
+when the connection fails or the peer closes it, when its video track ends, when no video frame arrived for
+`no_frame_timeout_s` (a peer that vanished without a word, or never connected), when the same participant publishes
+again (the new session replaces the old), or at `close_all()`.
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+import av
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
-from aiortc.rtcconfiguration import RTCIceTransportPolicy
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcconfiguration import RTCIceTransportPolicy
 from aiortc.sdp import SessionDescription
 
 from streamguard.config import IceServerSettings
@@ -130,13 +132,20 @@ class WhipSession:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
     _video_track: MediaStreamTrack | None = field(default=None, repr=False)
     _done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _on_frame: Callable[[SampledFrame], None] | None = field(default=None, repr=False)
 
     @property
     def ended(self) -> bool:
         return self.end_reason is not None
 
+    def attach(self, on_frame: Callable[[SampledFrame], None]) -> None:
+        """Hand this session's sampled frames to `on_frame` (on the loop thread), until it ends. Frames sampled
+        before are dropped unconverted; none come before the answer reached the client, and that is after
+        create_session returned."""
+        self._on_frame = on_frame
+
     async def wait_ended(self) -> str:
-        """Wait until the session is fully closed (pc closed, tasks done, on_session_end called)."""
+        """Wait until the session is fully closed (pc closed, its tasks done: no frame follows)."""
         await self._done.wait()
         assert self.end_reason is not None
         return self.end_reason
@@ -160,8 +169,6 @@ class WhipManager:
         max_sessions: int,
         max_sdp_bytes: int,
         no_frame_timeout_s: float,
-        on_frame: Callable[[str, SampledFrame], None],
-        on_session_end: Callable[[WhipSession, str], None],
         ice_servers: Iterable[RTCIceServer] | None = None,
         ice_transport_policy: Literal["all", "relay"] = "all",
         phase_of: Callable[[str], float] | None = None,
@@ -174,8 +181,6 @@ class WhipManager:
         self.max_sessions = max_sessions
         self.max_sdp_bytes = max_sdp_bytes
         self.no_frame_timeout_s = no_frame_timeout_s
-        self._on_frame = on_frame
-        self._on_session_end = on_session_end
         self.ice_servers: tuple[RTCIceServer, ...] = tuple(ice_servers or ())
         self._ice_policy = RTCIceTransportPolicy(ice_transport_policy)
         self._sessions: dict[str, WhipSession] = {}
@@ -303,7 +308,7 @@ class WhipManager:
         return session
 
     async def _discard(self, session: WhipSession) -> None:
-        """Tear down a session that was never handed out: no on_session_end for it."""
+        """Tear down a session that was never handed out."""
         session.end_reason = session.end_reason or "not started"
         await self._stop(session)
         session._done.set()
@@ -333,21 +338,21 @@ class WhipManager:
                 if track.kind == "audio":
                     session.audio_frames += 1
                     continue
-                if sampler is None:
+                if sampler is None or not isinstance(frame, av.VideoFrame):  # (a decoded track has no packets)
                     session.other_frames += 1
                     continue
                 session.video_frames += 1
                 session.last_frame_at = time.monotonic()
                 pts_s = float(frame.time) if frame.time is not None else None
-                if not sampler.keep(pts_s) or session.ended:
+                if not sampler.keep(pts_s) or session.ended or session._on_frame is None:
                     continue
                 rgb = await asyncio.to_thread(frame.to_ndarray, format="rgb24")
-                if session.ended:  # ended while converting: on_frame never follows on_session_end
+                if session.ended:  # ended while converting: no frame is handed over after the end
                     return
                 session.kept_frames += 1
                 sampled = SampledFrame(session.stream_id, float(sampler.last_pts_s or 0.0), time.time(), rgb)
                 try:
-                    self._on_frame(session.stream_id, sampled)
+                    session._on_frame(sampled)
                 except Exception:
                     log.exception("whip session %s: on_frame failed", session.id)
         except MediaStreamError:
@@ -391,10 +396,6 @@ class WhipManager:
         try:
             await self._stop(session)
             log.info("whip session %s ended: %s", session.id, session.end_reason)
-            try:
-                self._on_session_end(session, session.end_reason or "")
-            except Exception:
-                log.exception("whip session %s: on_session_end failed", session.id)
         finally:
             session._done.set()
 

@@ -28,7 +28,7 @@ Numbers behind the defaults (simulated 10-minute calls at 1 FPS, 2,000 per row; 
 Smoothing removes frame noise, not errors that last longer than the window: if a real face's logit drifts with
 ~10 s correlation (AR(1), rho 0.9, sd 1 around P = 0.2), 32 % of 10-minute calls alert with these defaults;
 window_s = 30 brings that to 3 % for ~12 s more latency after a mid-call switch (raise_after = 10 at 10 s: 9 %).
-Those are knobs for a model whose errors are known to persist; the defaults are the issue's 10 s window.
+Those are knobs for a model whose errors are known to persist; the default window is 10 s (10 samples at 1 FPS).
 """
 
 from __future__ import annotations
@@ -38,93 +38,8 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-
-@dataclass(frozen=True, slots=True)
-class CardThresholds:
-    """What a model card says about thresholds: the face/file `threshold` and, for a model calibrated on real
-    calls, explicit live `raise_threshold` / `clear_threshold` (None: derived from `threshold`)."""
-
-    threshold: float = 0.5
-    raise_threshold: float | None = None
-    clear_threshold: float | None = None
-
-    @classmethod
-    def from_card(cls, card: object) -> CardThresholds:
-        """From a `ModelCard` (read by attribute, so scoring imports nothing of inference)."""
-        return cls(float(getattr(card, "threshold")), getattr(card, "raise_threshold", None),
-                   getattr(card, "clear_threshold", None))
-
-
-class ScoringSettings(BaseModel):
-    """Thresholds and window of the live scorer; one block of the service config.
-
-    Thresholds default to the model card's: its explicit live `raise_threshold` / `clear_threshold` when it was
-    calibrated on real calls (the default model's are), otherwise derived from its threshold, so a recalibrated model
-    keeps its meaning: `raise_threshold` = card threshold + `raise_margin` × (1 − card threshold): the margin is a share of the room
-    left above the card's threshold (0.5 + 0.4 × 0.5 = 0.7, Frigate's median threshold; a card calibrated to 0.88
-    for few false positives gets 0.928), so the raise threshold always lies in (card threshold, 1),
-    `clear_threshold` = card threshold (0.5). The 0.2 gap is the hysteresis band. Set either to a number to pin it.
-    """
-
-    model_config = ConfigDict(extra="forbid")  # a typo in the config file is an error, not a default
-
-    window_s: float = Field(10.0, gt=0, description="sliding window of scored samples, seconds")
-    smoothing: Literal["median", "mean"] = Field(
-        "median",
-        description="median: robust, moves only when half the window does (Frigate); mean: one 0.99 frame in 10 "
-        "real 0.2 frames lifts it by 0.08, kept for comparisons",
-    )
-    raise_threshold: float | None = Field(
-        None, gt=0, lt=1, description="smoothed P(fake) at or above which samples count toward an alert; "
-        "None: the model card threshold + raise_margin x (1 - card threshold)"
-    )
-    clear_threshold: float | None = Field(
-        None, gt=0, lt=1, description="smoothed P(fake) below which samples count toward clearing; "
-        "None: the model card threshold"
-    )
-    raise_margin: float = Field(
-        0.4, gt=0, lt=1, description="share of the room between the card threshold and 1 added for the raise threshold"
-    )
-    raise_after: int = Field(3, ge=1, description="consecutive scored samples over the raise threshold to raise")
-    clear_after: int = Field(5, ge=1, description="consecutive scored samples under the clear threshold to clear")
-    min_window_samples: int = Field(
-        5, ge=1, description="scored samples the window must hold before any verdict (state warming_up until then); "
-        "must fit in window_s at the sampler's rate"
-    )
-    stale_after_s: float = Field(
-        5.0, gt=0, description="no usable face for this long: state no_face (no face) or low_quality (faces all "
-        "rejected); the window is kept and ages out by time, the alert stays as it is"
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> ScoringSettings:
-        if self.raise_threshold is not None and self.clear_threshold is not None:
-            if self.clear_threshold >= self.raise_threshold:
-                raise ValueError("clear_threshold must be below raise_threshold (the gap is the hysteresis)")
-        return self
-
-    def thresholds(self, card: CardThresholds | float = 0.5) -> tuple[float, float]:
-        """(raise, clear) for a model whose card says `card` (a bare float: its threshold alone).
-
-        This config's own values come first, then the card's explicit live thresholds, then the derivation."""
-        card = card if isinstance(card, CardThresholds) else CardThresholds(float(card))
-        t = card.threshold
-        raise_at = _first(self.raise_threshold, card.raise_threshold, t + self.raise_margin * (1.0 - t))
-        clear_at = _first(self.clear_threshold, card.clear_threshold, t)
-        if not 0 < clear_at < raise_at < 1:
-            raise ValueError(
-                f"need 0 < clear_threshold ({clear_at:.3f}) < raise_threshold ({raise_at:.3f}) < 1; "
-                f"set them explicitly for a model card threshold of {t}"
-            )
-        return raise_at, clear_at
-
-
-def _first(*values: float | None) -> float:
-    return next(v for v in values if v is not None)
+from streamguard.config import CardThresholds, ScoringSettings
 
 
 class ParticipantState(str, Enum):

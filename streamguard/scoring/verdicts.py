@@ -1,4 +1,9 @@
-"""Per-person and per-file verdicts: deepware scanner's `id_strategy` and `strategy`, as DESIGN.md states them.
+"""Per-person and per-file verdicts: deepware scanner's `id_strategy` and `strategy`.
+
+Per person, `id_strategy(t=0.8)`: if at least 90 % of the scores are >= 0.8, their mean; elif at least 90 % are
+<= 0.2, their mean; else the plain mean. Per file, `strategy` over people: "confident" when mean(|p - 0.5| * 2) >= 0.7;
+if the most suspicious person scores >= 0.8 that score decides (boosted when confident), elif confident the least
+suspicious does, else the mean; clipped to [0.01, 0.99].
 
 Deepware computes "90 %" as `len(fake) >= int(len(pred) * 0.9)`: with fewer than two scores the truncation makes
 the test pass on an empty selection and return NaN. We compare with the real fraction (count >= 0.9 * n), which is
@@ -38,7 +43,7 @@ def id_strategy(scores: Sequence[float], t: float = 0.8) -> float:
     return float(p.mean())
 
 
-def is_confident(person_scores: Sequence[float]) -> bool:
+def is_confident(person_scores: Sequence[float] | np.ndarray) -> bool:
     """Deepware's "confident": the mean distance from 0.5, scaled to [0, 1], is at least 0.7."""
     p = _as_scores(person_scores)
     return bool(np.mean(np.abs(p - 0.5) * 2) >= 0.7)
@@ -72,7 +77,7 @@ def verdict_for(score: float | None, threshold: float) -> Verdict:
     return Verdict.FAKE if score >= threshold else Verdict.REAL
 
 
-def _as_scores(scores: Sequence[float]) -> np.ndarray:
+def _as_scores(scores: Sequence[float] | np.ndarray) -> np.ndarray:
     p = np.asarray(scores, dtype=np.float64).ravel()
     if p.size == 0:
         raise ValueError("no scores: a verdict needs at least one scored sample")

@@ -38,9 +38,9 @@ class ScoredFaces:
 
 
 def _analyzer(classifier: Classifier):
-    from streamguard.pipeline import FaceAnalyzer, FaceSettings
+    from streamguard.faces.analyzer import FaceAnalyzer
 
-    return FaceAnalyzer(FaceSettings(), classifier.input_size, card_margin=classifier.card.preprocess.crop_margin)
+    return FaceAnalyzer(classifier.card)
 
 
 def _predict(classifier: Classifier, crops: list[np.ndarray], batch_size: int = 16) -> np.ndarray:

@@ -53,7 +53,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # icpr2020dfdc EfficientNetAutoAtt: the attention map is taken after block 9 (the last 56-channel block of B4).
 ICPR_ATTENTION_BLOCK = 9
-# deepware's defaults as recorded in DESIGN.md (its config.json: size 380, margin 1.65); a config.json beside the
+# deepware scanner's defaults (its config.json: size 380, margin 1.65); a config.json beside the
 # weights (or one folder up, the repo layout) overrides them.
 DEEPWARE_SIZE = 380
 DEEPWARE_MARGIN = 1.65
@@ -173,6 +173,9 @@ class ImportedDetector(nn.Module):
     other kinds get their normalisation from the card instead, so `normalise` is None for them.
     """
 
+    mean: torch.Tensor  # buffers (register_buffer in __init__), typed for mypy
+    std: torch.Tensor
+
     def __init__(
         self,
         net: nn.Module,
@@ -224,7 +227,7 @@ def _load_file(path: Path, trust_pickle: bool) -> Any:
     # weights_only refuses arbitrary pickles; numpy scalars appear in some training dicts (e.g. selimsef's bce_best).
     dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25
     dtype_classes = [t for t in vars(dtypes).values() if isinstance(t, type)] if dtypes else []
-    allowed = [np.core.multiarray.scalar, np.dtype, *dtype_classes]
+    allowed = [np.core.multiarray.scalar, np.dtype, *dtype_classes]  # type: ignore[attr-defined]  # not in the stubs
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import h5py
 import numpy as np
@@ -32,7 +32,7 @@ from streamguard.inference.card import ModelCard, Preprocess
 from streamguard.inference.importers.output import resolve_output
 
 Arch = Literal["meso4", "mesoinception"]
-ARCHS: tuple[str, ...] = get_args(Arch)
+ARCHS: tuple[Arch, ...] = get_args(Arch)
 
 OPSET = 17
 IR_VERSION = 8  # the IR that goes with opset 17: the oldest runtimes/TensorRT parsers that take opset 17 read it
@@ -165,7 +165,7 @@ def _kind_and_shape(layer: _SavedLayer) -> tuple[str, tuple]:
 def _mismatch(layers: list[_SavedLayer], arch: Arch) -> str | None:
     """None when the saved layers fit `arch`; otherwise what first did not fit, in words."""
     slots = _slots(arch)
-    for i, (layer, slot) in enumerate(zip(layers, slots), 1):
+    for i, (layer, slot) in enumerate(zip(layers, slots, strict=False), 1):
         kind, shape = _kind_and_shape(layer)
         if (kind, shape) != (slot.kind, slot.shape):
             return (
@@ -183,7 +183,7 @@ def _match(layers: list[_SavedLayer], arch: Arch, h5_path: Path) -> dict[str, tu
         fits = [a for a in ARCHS if a != arch and _mismatch(layers, a) is None]
         hint = f" It does fit --arch {fits[0]}." if fits else ""
         raise ValueError(f"{h5_path.name} does not match --arch {arch}: {problem}.{hint}")
-    return {slot.role: (slot, layer.arrays) for slot, layer in zip(_slots(arch), layers)}
+    return {slot.role: (slot, layer.arrays) for slot, layer in zip(_slots(arch), layers, strict=True)}
 
 
 class _Graph:
@@ -198,7 +198,7 @@ class _Graph:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, np.float32), name))
         return name
 
-    def _op(self, op_type: str, inputs: list[str], output: str, **attrs: object) -> str:
+    def _op(self, op_type: str, inputs: list[str], output: str, **attrs: Any) -> str:
         self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attrs))
         return output
 
@@ -213,7 +213,8 @@ class _Graph:
 
     def batch_norm(self, x: str, role: str) -> str:
         _, arrays = self.weights[role]  # Keras order: gamma, beta, moving mean, moving variance = ONNX's order
-        inputs = [x] + [self._const(f"{role}.{n}", a) for n, a in zip(("gamma", "beta", "mean", "var"), arrays)]
+        names = ("gamma", "beta", "mean", "var")
+        inputs = [x] + [self._const(f"{role}.{n}", a) for n, a in zip(names, arrays, strict=True)]
         return self._op("BatchNormalization", inputs, role, epsilon=BN_EPSILON)
 
     def max_pool(self, x: str, size: int, name: str) -> str:
