@@ -14,7 +14,7 @@ import numpy as np
 from streamguard.events.hub import EventHub
 from streamguard.events.schema import EventType, EvidenceKind, evidence_path, new_alert_id
 from streamguard.inference.batcher import Batcher
-from streamguard.inference.classifier import Classifier
+from streamguard.inference.classifier import Classifier, InferenceUnavailable
 from streamguard.ingest.slot import FrameSlot
 from streamguard.metrics import Metrics
 from streamguard.participants import LiveParticipant, Roster
@@ -147,7 +147,11 @@ class StreamWorker:
                                         {"label": person.label, "pts_s": frame.pts_s})
             await self._apply(person, person.confirm(), None)
         scorable = [(p, c) for p, c in obs.faces if c.quality.ok]
-        scores = await self.deps.batcher.score_many(np.stack([c.crop for _, c in scorable])) if scorable else []
+        try:
+            scores = await self.deps.batcher.score_many(np.stack([c.crop for _, c in scorable])) if scorable else []
+        except InferenceUnavailable:  # the inference server is down and triton.fallback is unscored
+            await self._unscored(ts, scorable)
+            scorable, scores = [], []
         self.deps.metrics.sample_to_score.observe(max(0.0, time.time() - frame.wall_ts))
         for (person, crop), p in zip(scorable, scores, strict=True):
             await self._apply(person, person.score(ts, float(p)), crop)
@@ -161,6 +165,14 @@ class StreamWorker:
             await self._apply(person, person.no_face(ts), None)
         for person in self.roster.expire(ts):
             await self._leave(person, f"not seen for {self.roster.leave_after_s:.0f} s")
+
+    async def _unscored(self, ts: float, faces: list[tuple[LiveParticipant, FaceCrop]]) -> None:
+        """Faces seen but not scored: for the scorer a face without a score, as a low-quality one is, so the
+        participant stays present and goes low_quality (not no_face) if the outage lasts."""
+        self.deps.metrics.faces_unscored.inc(len(faces))
+        for person, crop in faces:
+            await self._apply(person, person.low_quality(ts, "unscored"), None)
+            await self._publish_score(person, None, crop)
 
     async def _apply(self, person: LiveParticipant, transitions: list[Transition], crop: FaceCrop | None) -> None:
         for t in transitions:
