@@ -88,7 +88,18 @@ class LocalTriton:
 
     @staticmethod
     def unavailable() -> str | None:
-        return find_distribution()[1] or None
+        """Why the bundled server cannot run here (None: it can): not installed, no stub, or the binary fails."""
+        dist, why = find_distribution()
+        if dist is None:
+            return why
+        env = {**os.environ, "LD_LIBRARY_PATH": str(dist.libs)}
+        try:  # glibc older than the wheel's manylinux_2_35, another CPU architecture...
+            res = subprocess.run([str(dist.server), "--help"], env=env, capture_output=True, text=True, timeout=30)
+        except OSError as exc:
+            return f"{dist.server} does not run here: {exc}"
+        if "Usage: tritonserver" not in res.stdout + res.stderr:
+            return f"{dist.server} does not run here: {(res.stderr or res.stdout).strip()[:300]}"
+        return None
 
     @property
     def url(self) -> str:
