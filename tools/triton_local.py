@@ -13,6 +13,9 @@ That build has only the Python backend, so the repository's models are Python-ba
   numpy<2, as the stub's bindings need, and onnxruntime).
 Used by the tests (tests/test_triton.py) and tools/bench_triton.py; `LocalTriton.unavailable()` says why it cannot
 run here (no wheel, no stub for this Python, a static libpython).
+
+TRITON_SERVER_DIR=/opt/tritonserver (inside NVIDIA's tritonserver image, which has the onnxruntime and tensorrt
+backends and CUDA) runs that full build instead: what tools/gpu_check.sh does on a GPU machine that has it.
 """
 
 from __future__ import annotations
@@ -42,14 +45,25 @@ def _free_port() -> int:
 @dataclass(frozen=True, slots=True)
 class Distribution:
     server: Path  # bin/tritonserver
-    backends: Path  # backends/ (python only)
-    stub: Path  # the Python backend stub for this interpreter's version
-    libs: Path  # nvidia_pytriton.libs: the server's own shared libraries
+    backends: Path  # backends/ (nvidia-pytriton's: python only)
+    stub: Path | None  # nvidia-pytriton: the Python backend stub for this interpreter (a full build has its own)
+    libs: Path  # the server's own shared libraries
     libpython_dir: Path  # this interpreter's libpython3.X.so.1.0
+
+    @property
+    def full(self) -> bool:
+        """A full Triton build (TRITON_SERVER_DIR), not nvidia-pytriton's Python-backend-only one."""
+        return self.stub is None
 
 
 def find_distribution() -> tuple[Distribution | None, str]:
-    """The bundled server for this interpreter, or (None, why not)."""
+    """TRITON_SERVER_DIR's server, else nvidia-pytriton's for this interpreter; or (None, why not)."""
+    libdir = Path(sysconfig.get_config_var("LIBDIR") or "")
+    if os.environ.get("TRITON_SERVER_DIR"):
+        home = Path(os.environ["TRITON_SERVER_DIR"])
+        if not (home / "bin" / "tritonserver").is_file():
+            return None, f"TRITON_SERVER_DIR={home} has no bin/tritonserver"
+        return Distribution(home / "bin" / "tritonserver", home / "backends", None, home / "lib", libdir), ""
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
         return None, "nvidia-pytriton is not installed (pip install 'streamguard[triton-test]')"
@@ -57,7 +71,6 @@ def find_distribution() -> tuple[Distribution | None, str]:
     dist = root / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
-    libdir = Path(sysconfig.get_config_var("LIBDIR") or "")
     ldlibrary = sysconfig.get_config_var("INSTSONAME") or f"libpython{version}.so.1.0"
     if not (dist / "bin" / "tritonserver").is_file():
         return None, f"no tritonserver binary in {dist}"
@@ -107,6 +120,8 @@ class LocalTriton:
 
     def _backends(self, dist: Distribution) -> Path:
         """A backends/ folder with the stub of this Python beside the backend, where the backend looks for it."""
+        if dist.stub is None:
+            return dist.backends
         target = self.workdir / "backends"
         if not (target / "python" / "triton_python_backend_stub").is_file():
             shutil.copytree(dist.backends, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
