@@ -168,9 +168,12 @@ def test_a_model_of_another_size_is_read_from_its_card_and_onnx(triton, models) 
     clf = load_triton_classifier(settings(triton), onnx_path, card, max_batch=8)
     try:
         assert clf.input_size == 192
-        x = np.random.default_rng(1).integers(0, 256, (8, 192, 192, 3), dtype=np.uint8)
-        np.testing.assert_allclose(clf.predict(x), OnnxClassifier(onnx_path, card).predict(x), atol=TOLERANCE,
-                                   rtol=0)
+        local = OnnxClassifier(onnx_path, card)
+        x = np.random.default_rng(1).integers(0, 256, (70, 192, 192, 3), dtype=np.uint8)
+        np.testing.assert_allclose(clf.predict(x[:8]), local.predict(x[:8]), atol=TOLERANCE, rtol=0)
+        # More than the served max_batch_size (64; an occlusion heatmap's calls may be): split, not an outage.
+        np.testing.assert_allclose(clf.predict(x), local.predict(x), atol=TOLERANCE, rtol=0)
+        assert clf.healthy and clf.fallback_batches == 0
     finally:
         clf.close()
 

@@ -141,7 +141,7 @@ class TritonClassifier:
             return np.zeros((0,), np.float32)
         if self._healthy:
             try:
-                scores = self._infer(self._client, self._remote, crops)
+                scores = self._infer_all(crops)
                 self.remote_batches += 1
                 return scores
             except Exception as exc:  # down, slow, or broken: this batch falls back, the service turns degraded
@@ -226,6 +226,9 @@ class TritonClassifier:
                     self._reason = f"Triton at {self.settings.url}: {describe_error(exc)}"
                 log.debug("Triton probe failed: %s", self._reason)
                 continue
+            if self._stop.is_set():  # closed while this probe ran
+                client.close()
+                return
             self._mark_up(client, remote)
             return
 
@@ -244,8 +247,16 @@ class TritonClassifier:
         self._infer(client, remote, np.zeros((1, size, size, 3), np.uint8))
         return remote
 
-    def _infer(self, client: Any, remote: RemoteModel | None, crops: np.ndarray) -> np.ndarray:
+    def _infer_all(self, crops: np.ndarray) -> np.ndarray:
+        """The batcher's batches fit the served max_batch_size (checked at start): one request each. Larger calls
+        (occlusion heatmaps) are split rather than refused by Triton, which would read as an outage."""
+        client, remote = self._client, self._remote
         assert remote is not None  # healthy implies a remote model
+        step = remote.max_batch_size or len(crops)
+        parts = [self._infer(client, remote, crops[i:i + step]) for i in range(0, len(crops), step)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _infer(self, client: Any, remote: RemoteModel, crops: np.ndarray) -> np.ndarray:
         x = preprocess(crops, self.card)
         inp = self._grpc.InferInput(remote.input_name, list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
