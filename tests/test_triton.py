@@ -173,6 +173,8 @@ def test_a_model_of_another_size_is_read_from_its_card_and_onnx(triton, models) 
         np.testing.assert_allclose(clf.predict(x[:8]), local.predict(x[:8]), atol=TOLERANCE, rtol=0)
         # More than the served max_batch_size (64; an occlusion heatmap's calls may be): split, not an outage.
         np.testing.assert_allclose(clf.predict(x), local.predict(x), atol=TOLERANCE, rtol=0)
+        with pytest.raises(ValueError, match="crops must be"):  # the caller's mistake, not an outage
+            clf.predict(x[:, :100])
         assert clf.healthy and clf.fallback_batches == 0
     finally:
         clf.close()

@@ -90,10 +90,12 @@ class LocalTriton:
     grpc_port: int = 0  # 0: a free port, chosen once (a restart keeps it)
     model_config_name: str | None = None
     log_path: Path | None = None
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="streamguard-triton-")))
+    workdir: Path | None = None  # the backends copy and the log; default: a temporary folder, removed by close()
     process: subprocess.Popen | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        self._own_workdir = self.workdir is None
+        self.workdir = self.workdir or Path(tempfile.mkdtemp(prefix="streamguard-triton-"))
         self.grpc_port = self.grpc_port or _free_port()
         # The Python backend names its shared-memory regions with this prefix: a killed server's are found by it.
         self._shm_prefix = f"streamguard-triton-{uuid.uuid4().hex[:12]}-"
@@ -122,6 +124,7 @@ class LocalTriton:
         """A backends/ folder with the stub of this Python beside the backend, where the backend looks for it."""
         if dist.stub is None:
             return dist.backends
+        assert self.workdir is not None
         target = self.workdir / "backends"
         if not (target / "python" / "triton_python_backend_stub").is_file():
             shutil.copytree(dist.backends, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
@@ -211,7 +214,8 @@ class LocalTriton:
 
     def close(self) -> None:
         self.stop()
-        shutil.rmtree(self.workdir / "backends", ignore_errors=True)
+        assert self.workdir is not None
+        shutil.rmtree(self.workdir if self._own_workdir else self.workdir / "backends", ignore_errors=True)
 
     def _remove_shm(self) -> None:
         for path in Path("/dev/shm").glob(f"{self._shm_prefix}*"):

@@ -139,9 +139,10 @@ class TritonClassifier:
     def predict(self, crops: np.ndarray) -> np.ndarray:
         if len(crops) == 0:
             return np.zeros((0,), np.float32)
+        x = preprocess(crops, self.card)  # bad crops are the caller's error, not an outage: raised here
         if self._healthy:
             try:
-                scores = self._infer_all(crops)
+                scores = self._infer_all(x)
                 self.remote_batches += 1
                 return scores
             except Exception as exc:  # down, slow, or broken: this batch falls back, the service turns degraded
@@ -244,20 +245,20 @@ class TritonClassifier:
         if problem:
             raise ValueError(problem)
         size = self.input_size
-        self._infer(client, remote, np.zeros((1, size, size, 3), np.uint8))
+        self._infer(client, remote, preprocess(np.zeros((1, size, size, 3), np.uint8), self.card))
         return remote
 
-    def _infer_all(self, crops: np.ndarray) -> np.ndarray:
+    def _infer_all(self, x: np.ndarray) -> np.ndarray:
         """The batcher's batches fit the served max_batch_size (checked at start): one request each. Larger calls
         (occlusion heatmaps) are split rather than refused by Triton, which would read as an outage."""
         client, remote = self._client, self._remote
         assert remote is not None  # healthy implies a remote model
-        step = remote.max_batch_size or len(crops)
-        parts = [self._infer(client, remote, crops[i:i + step]) for i in range(0, len(crops), step)]
+        step = remote.max_batch_size or len(x)
+        parts = [self._infer(client, remote, x[i:i + step]) for i in range(0, len(x), step)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _infer(self, client: Any, remote: RemoteModel, crops: np.ndarray) -> np.ndarray:
-        x = preprocess(crops, self.card)
+    def _infer(self, client: Any, remote: RemoteModel, x: np.ndarray) -> np.ndarray:
+        """One request: x is the preprocessed float32 batch."""
         inp = self._grpc.InferInput(remote.input_name, list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         timeout = self.settings.timeout_s
@@ -267,9 +268,9 @@ class TritonClassifier:
             client_timeout=timeout, timeout=int(timeout * 1e6),  # server side too: drop it from the queue past then
         )
         raw = result.as_numpy(remote.output_name)
-        if raw is None or raw.shape[0] != len(crops):
+        if raw is None or raw.shape[0] != len(x):
             shape = None if raw is None else raw.shape
-            raise ValueError(f"Triton returned {remote.output_name!r} of shape {shape} for {len(crops)} crops")
+            raise ValueError(f"Triton returned {remote.output_name!r} of shape {shape} for {len(x)} crops")
         return to_p_fake(raw, self.card)
 
 
