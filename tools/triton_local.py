@@ -66,7 +66,7 @@ def find_distribution() -> tuple[Distribution | None, str]:
         return Distribution(home / "bin" / "tritonserver", home / "backends", None, home / "lib", libdir), ""
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        return None, "nvidia-pytriton is not installed (pip install 'streamguard[triton-test]')"
+        return None, "nvidia-pytriton is not installed (it comes with the [test] extra)"
     root = Path(next(iter(spec.submodule_search_locations)))
     dist = root / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
