@@ -571,7 +571,8 @@ def triton_layout(
     from streamguard.inference.triton_repository import LayoutError, LayoutOptions, layout
 
     try:
-        options = LayoutOptions(runtime=runtime, max_batch=max_batch, max_queue_delay_ms=max_queue_delay_ms,  # type: ignore[arg-type]
+        options = LayoutOptions(runtime=runtime,  # type: ignore[arg-type]  # checked by LayoutOptions
+                                max_batch=max_batch, max_queue_delay_ms=max_queue_delay_ms,
                                 gpu_instances=gpu_instances, cpu_instances=cpu_instances, tensorrt=tensorrt,
                                 plan=plan, config_only=config_only)
         written = layout(out, model, options)

@@ -205,7 +205,7 @@ def test_two_service_instances_requests_are_batched_together_by_triton(triton, m
     before = model_stats(triton, name)
     asyncio.run(run())
     after = model_stats(triton, name)
-    requests, executions = (a - b for a, b in zip(counts(after), counts(before)))
+    requests, executions = (a - b for a, b in zip(counts(after), counts(before), strict=True))
     by_size = executions_by_size(after)
     joined = by_size.get(8, 0) - executions_by_size(before).get(8, 0)
     assert requests == 2 * rounds, (requests, after)
@@ -353,7 +353,7 @@ def test_down_at_start_then_killed_under_load_degrades_and_recovers(triton, mode
         http.close()
         server.stop()
     assert load.errors == [], load.errors[:3]
-    for start, seconds, scores in load.calls:
+    for _, _, scores in load.calls:
         assert any(np.allclose(scores, ref, atol=TOLERANCE, rtol=0) for ref in reference)
     slowest = max(seconds for _, seconds, _ in load.calls)
     assert slowest < 2.0, f"a batch took {slowest:.2f} s (timeout 1 s, then the local model)"

@@ -79,8 +79,8 @@ def remote_model(config: dict) -> RemoteModel:
     size, layout = card.preprocess.input_size, card.preprocess.layout
     expected = [3, size, size] if layout == "NCHW" else [size, size, 3]
     dims = [int(d) for d in inputs[0].get("dims", [])]
-    if inputs[0].get("data_type") != "TYPE_FP32" or any(d not in (e, -1) for d, e in zip(dims, expected)) \
-            or len(dims) != 3:
+    if inputs[0].get("data_type") != "TYPE_FP32" or len(dims) != 3 \
+            or any(d not in (e, -1) for d, e in zip(dims, expected, strict=True)):
         raise ValueError(f"Triton model {name!r}: input {inputs[0].get('name')!r} is {inputs[0].get('data_type')} "
                          f"{dims}, but its card says FP32 {expected} ({layout})")
     return RemoteModel(name, card, inputs[0]["name"], outputs[0]["name"], int(config.get("max_batch_size", 0)))

@@ -85,7 +85,7 @@ def onnx_io(onnx_path: Path, card: ModelCard) -> tuple[Tensor, Tensor]:
     size, layout = card.preprocess.input_size, card.preprocess.layout
     expected = [3, size, size] if layout == "NCHW" else [size, size, 3]
     in_dims = dims(inputs[0])
-    if len(in_dims) != 4 or any(d not in (e, -1) for d, e in zip(in_dims[1:], expected)):
+    if len(in_dims) != 4 or any(d not in (e, -1) for d, e in zip(in_dims[1:], expected, strict=True)):
         raise LayoutError(f"{onnx_path}: input {inputs[0].name!r} is {in_dims}, but the card says "
                           f"[batch, {', '.join(map(str, expected))}] ({layout})")
     out_dims = dims(graph.output[0])[1:]
@@ -188,11 +188,13 @@ def _layout_onnx(out_dir: Path, onnx_path: Path, card: ModelCard, inp: Tensor, o
             header=_header(card, "Triton's Python backend: ONNX Runtime on the CPU (model.py)"),
             parameters={"intra_op_thread_count": "2"})
     else:
+        gpu, cpu = (f"{{ count: {n} kind: {kind} }}" for n, kind in ((opts.gpu_instances, "KIND_GPU"),
+                                                                          (opts.cpu_instances, "KIND_CPU")))
         files[model_dir / "config.pbtxt"] = config_pbtxt(
-            card.name, 'backend: "onnxruntime"', **common, instances=f"{{ count: {opts.gpu_instances} kind: KIND_GPU }}",
+            card.name, 'backend: "onnxruntime"', **common, instances=gpu,
             header=_header(card, "Triton's ONNX Runtime backend, GPU instances (CUDA execution provider)"))
         files[model_dir / "configs" / "cpu.pbtxt"] = config_pbtxt(
-            card.name, 'backend: "onnxruntime"', **common, instances=f"{{ count: {opts.cpu_instances} kind: KIND_CPU }}",
+            card.name, 'backend: "onnxruntime"', **common, instances=cpu,
             header=_header(card, "Triton's ONNX Runtime backend, CPU instances: tritonserver "
                                  "--model-config-name=cpu"))
     if not opts.config_only:

@@ -46,7 +46,7 @@ class TritonPythonModel:
         for batch in batches:
             end = start + len(batch)
             tensors = [pb_utils.Tensor(name, np.ascontiguousarray(out[start:end], dtype=np.float32))
-                       for name, out in zip(self.output_names, outputs)]
+                       for name, out in zip(self.output_names, outputs)]  # noqa: B905 (stubs for 3.8+)
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start = end
         return responses
