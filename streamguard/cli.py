@@ -34,6 +34,9 @@ models_app = typer.Typer(help="List and import models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 engine_app = typer.Typer(help="TensorRT engines for NVIDIA GPUs.", no_args_is_help=True)
 app.add_typer(engine_app, name="engine")
+triton_app = typer.Typer(help="NVIDIA Triton Inference Server: model repositories for `backend: triton`.",
+                         no_args_is_help=True)
+app.add_typer(triton_app, name="triton")
 
 ModelOption = Annotated[
     str | None, typer.Option("--model", "-m", help="a model name in engines/ or a path to its .onnx")
@@ -578,6 +581,47 @@ def engine_build(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(result.summary())
+
+
+@triton_app.command("layout")
+def triton_layout(
+    out: Annotated[Path, typer.Argument(help="the model repository folder (its model folders are replaced)")],
+    model: ModelOption = None,
+    runtime: Annotated[str, typer.Option(help="onnxruntime (Triton's backend), or python (ONNX Runtime in a "
+                                              "Python-backend model, for Triton builds without it)")] = "onnxruntime",
+    max_batch: Annotated[int, typer.Option(help="max_batch_size: at least the instances' batcher.max_batch")] = 64,
+    max_queue_delay_ms: Annotated[float, typer.Option(help="longest Triton waits to fill a batch")] = 10.0,
+    gpu_instances: Annotated[int, typer.Option(help="model instances per GPU")] = 1,
+    cpu_instances: Annotated[int, typer.Option(help="CPU instances (configs/cpu.pbtxt, python runtime)")] = 1,
+    tensorrt: Annotated[bool, typer.Option(help="also <model>-tensorrt, from a plan `engine build` cached")] = False,
+    plan: Annotated[Path | None, typer.Option(help="with --tensorrt: this engine (default: the newest cached "
+                                                      "one built from the model's ONNX)")] = None,
+    config_only: Annotated[bool, typer.Option(help="write the configs without model files")] = False,
+) -> None:
+    """Lay out a Triton model repository from a model in engines/: config.pbtxt with the model card, the model.
+
+    Then: tritonserver --model-repository OUT (CPU-only servers: --model-config-name=cpu).
+    """
+    from streamguard.inference.triton_repository import LayoutError, LayoutOptions, layout
+
+    try:
+        options = LayoutOptions(runtime=runtime,  # type: ignore[arg-type]  # checked by LayoutOptions
+                                max_batch=max_batch, max_queue_delay_ms=max_queue_delay_ms,
+                                gpu_instances=gpu_instances, cpu_instances=cpu_instances, tensorrt=tensorrt,
+                                plan=plan, config_only=config_only)
+        written = layout(out, model, options)
+    except ModelNotFound as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from None
+    except LayoutError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"error: {out}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+    for path in written:
+        typer.echo(f"wrote {path}")
+    typer.echo(f"serve it: tritonserver --model-repository {out}"
+               + ("" if runtime == "python" else "   (CPU-only servers: add --model-config-name=cpu)"))
 
 
 if __name__ == "__main__":

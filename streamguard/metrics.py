@@ -69,6 +69,8 @@ class Metrics:
                                          ["backend"], buckets=BATCH_BUCKETS, registry=r)
         self.inference_seconds = Histogram("streamguard_inference_seconds", "Model call duration",
                                            ["backend"], buckets=LATENCY_BUCKETS, registry=r)
+        self.faces_unscored = Counter("streamguard_faces_unscored_total", "Scorable faces left unscored: the "
+                                      "inference server was unavailable (triton.fallback: unscored)", registry=r)
         self.sample_to_score = Histogram("streamguard_sample_to_score_seconds",
                                          "From a frame's decode to its faces' scores", buckets=LATENCY_BUCKETS,
                                          registry=r)

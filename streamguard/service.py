@@ -137,6 +137,7 @@ class Service:
         self._decoded_retired: Counter[str] = Counter()
         self._ready = False
         self._degraded: set[str] = set()
+        self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()  # state events and end paths in flight
         self.ws_clients = 0
 
@@ -159,6 +160,7 @@ class Service:
             self._degraded.add("inference")
             await self.hub.publish(EventDraft(EventType.SERVICE_DEGRADED, None, None,
                                    {"component": "inference", "reason": degraded_reason, "active": True}))
+        self._watch_inference()
         await self._close_dangling_alerts()
         await self._choose_decoding()
         decode = "nvdec" if self.hwdecode.hwaccel is not None else "cpu"
@@ -215,7 +217,7 @@ class Service:
             return None
         cfg = self.config
         selection = await asyncio.to_thread(select_backend, cfg.model, cfg.backend,
-                                            options=BackendOptions(max_batch=cfg.batcher.max_batch))
+                                            options=BackendOptions(max_batch=cfg.batcher.max_batch, triton=cfg.triton))
         self.classifier = selection.classifier
         for note in selection.notes:
             log.info("inference: %s", note)
@@ -223,9 +225,36 @@ class Service:
             log.warning("inference degraded: %s", warning)
         return "; ".join(selection.warnings) or None
 
+    def _watch_inference(self) -> None:
+        """A remote backend (Triton) reports outages and recoveries from its own threads: each change becomes a
+        `service.degraded` event (active true, then false) on the loop."""
+        watch = getattr(self.classifier, "watch_health", None)
+        if watch is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def changed(healthy: bool, reason: str) -> None:
+            try:
+                loop.call_soon_threadsafe(self._inference_health, healthy, reason)
+            except RuntimeError:  # the loop is closed: the service is gone
+                pass
+
+        watch(changed)
+
+    def _inference_health(self, healthy: bool, reason: str) -> None:
+        if self._stopping or healthy != ("inference" in self._degraded):
+            return  # stopping, or no change (watch_health first replays the state the start already reported)
+        if healthy:
+            self._degraded.discard("inference")
+        else:
+            self._degraded.add("inference")
+        self._spawn(self._publish(EventDraft(EventType.SERVICE_DEGRADED, None, None,
+                                             {"component": "inference", "reason": reason, "active": not healthy})))
+
     async def stop(self) -> None:
         """Close every stream (participants leave, streams close), then flush events and close the store."""
         self._ready = False
+        self._stopping = True
         await self.whip.close_all()  # no new sessions; live ones end with "server shutdown"
         await self._finish_ended()  # their participants leave with that reason, their streams close
         await self._settle()  # and so do end paths that their own tasks had started
@@ -236,6 +265,9 @@ class Service:
         self.faces.close()
         await self.hub.close()
         self.store.close()
+
+    async def _publish(self, draft: EventDraft) -> None:
+        await self.hub.publish(draft)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run coro as a task that stop() waits for (a bare create_task may be collected, or cut off by stop)."""

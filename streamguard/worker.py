@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from streamguard.events.schema import EventDraft, EventType, EvidenceKind, new_alert_id
+from streamguard.inference.classifier import InferenceUnavailable
 from streamguard.ingest.slot import FrameSlot
 from streamguard.metrics import Metrics
 from streamguard.participants import LiveParticipant, Roster
@@ -169,7 +170,11 @@ class StreamWorker:
             await self._apply(person, person.confirm(), None)
         scorable = [(p, c) for p, c in obs.faces if c.quality.ok]
         crops_in = np.stack([c.crop for _, c in scorable]) if scorable else None
-        scores = await self.deps.batcher.score_many(crops_in) if crops_in is not None else np.zeros(0, np.float32)
+        try:
+            scores = await self.deps.batcher.score_many(crops_in) if crops_in is not None else np.zeros(0, np.float32)
+        except InferenceUnavailable:  # the inference server is down and triton.fallback is unscored
+            await self._unscored(ts, scorable)
+            scorable, scores = [], np.zeros(0, np.float32)
         self.deps.metrics.sample_to_score.observe(max(0.0, time.time() - frame.wall_ts))
         for (person, crop), p in zip(scorable, scores, strict=True):
             await self._apply(person, person.score(ts, float(p)), crop)
@@ -183,6 +188,14 @@ class StreamWorker:
             await self._apply(person, person.no_face(ts), None)
         for person in self.roster.expire(ts):
             await self._leave(person, f"not seen for {self.roster.leave_after_s:.0f} s")
+
+    async def _unscored(self, ts: float, faces: list[tuple[LiveParticipant, FaceCrop]]) -> None:
+        """Faces seen but not scored: for the scorer a face without a score, as a low-quality one is, so the
+        participant stays present and goes low_quality (not no_face) if the outage lasts."""
+        self.deps.metrics.faces_unscored.inc(len(faces))
+        for person, crop in faces:
+            await self._apply(person, person.low_quality(ts, "unscored"), None)
+            await self._publish_score(person, None, crop)
 
     async def _apply(self, person: LiveParticipant, transitions: list[Transition], crop: FaceCrop | None) -> None:
         for t in transitions:

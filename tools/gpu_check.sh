@@ -21,6 +21,11 @@
 #      and ONNX Runtime on the CPU as the baseline; each writes bench_<name>.json
 #   5. tools/bench_decode.py --require-nvdec: NVDEC chosen, the same sampled frames as the CPU decoder, and the CPU
 #      cost per stream with and without it (PyAV's wheel, which has FFmpeg's CUDA hwaccel, travels in .whl/)
+#   6. GPU Triton, where a full Triton build is (TRITON_SERVER_DIR, e.g. /opt/tritonserver inside NVIDIA's
+#      tritonserver:24.12-py3 image): tools/bench_triton.py on its ONNX Runtime backend (GPU instances), parity with
+#      ONNX Runtime on the CPU (0.02) on the real crops, latency per batch; with GPU_CHECK_TRITON_TENSORRT=1 also the
+#      TensorRT plan variant (needs a plan built by this TensorRT = Triton's: step 4 builds one). Skipped, with the
+#      reason, where there is no such build (the lent GPU machines so far).
 # Files in $OUT (default out/gpu_check): log.txt (everything), env.txt, status.txt (step, exit code, seconds), the
 # bench_*.json files. Exit status: 0 when every step that ran passed.
 
@@ -58,6 +63,22 @@ EOF
   # PyAV (abi3 wheel, ~35 MB, its FFmpeg has the CUDA hwaccel and the cuvid decoders) for the NVDEC step.
   "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 -d "$CARRY" "av==$("$PYTHON" -c 'import av; print(av.__version__)')" || return 1
+  # The triton backend's client for step 6 (tritonclient, grpcio, protobuf, python-rapidjson), when installed here.
+  local triton_pins
+  triton_pins=$("$PYTHON" - <<'EOF'
+from importlib.metadata import PackageNotFoundError, version
+try:
+    print(" ".join(f"{d}=={version(d)}" for d in ("tritonclient", "grpcio", "protobuf", "python-rapidjson")))
+except PackageNotFoundError:
+    pass
+EOF
+  )
+  if [ -n "$triton_pins" ]; then
+    # shellcheck disable=SC2086
+    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      --platform manylinux1_x86_64 -d "$CARRY" $triton_pins || return 1
+  fi
   # The MesoNet model is imported from ../shared (never committed; git-ignored in engines/): it travels here.
   if [ -f "engines/$MODEL.onnx" ]; then
     cp "engines/$MODEL.onnx" "engines/$MODEL.json" "$CARRY"/
@@ -169,6 +190,15 @@ run() {
       --json "$OUT/bench_cpu.json"
     step nvdec 90 "$PYTHON" tools/bench_decode.py --require-nvdec --seconds 30 --streams 1 8 \
       --json "$OUT/bench_decode.json"
+  fi
+  if [ -n "${TRITON_SERVER_DIR:-}" ] && [ -x "$TRITON_SERVER_DIR/bin/tritonserver" ]; then
+    local trt=()
+    [ "${GPU_CHECK_TRITON_TENSORRT:-0}" = 1 ] && trt=(--tensorrt)
+    step triton_gpu 180 "$PYTHON" tools/bench_triton.py "$MODEL" --runtime onnxruntime "${trt[@]}" "${parity[@]}" \
+      --tolerance 0.02 --runs "$([ "$smoke" -eq 1 ] && echo 3 || echo 30)" --json "$OUT/bench_triton.json"
+  else
+    echo "triton_gpu skipped (no full Triton build here: set TRITON_SERVER_DIR, e.g. /opt/tritonserver in" \
+      "nvcr.io/nvidia/tritonserver:24.12-py3)" | tee -a "$LOG" "$STATUS"
   fi
   echo "=== status (results in $OUT)"
   cat "$STATUS"

@@ -15,6 +15,7 @@ from streamguard.config.stages import (
     SourceSettings,
 )
 from streamguard.config.streams import PULL_SCHEMES, StreamSpec
+from streamguard.config.triton import TritonSettings
 from streamguard.config.whip import IceServerSettings, WhipSettings
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "ServiceConfig",
     "SourceSettings",
     "StreamSpec",
+    "TritonSettings",
     "WhipSettings",
     "load_config",
 ]

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from streamguard.config import stages
 from streamguard.config.streams import StreamSpec
+from streamguard.config.triton import TritonSettings
 from streamguard.config.whip import WhipSettings
 
 
@@ -29,7 +30,7 @@ class ServiceConfig(BaseSettings):
     data_dir: Path = Field(Path("streamguard-data"), description="SQLite event store and evidence")
     token: SecretStr | None = Field(None, description="bearer token for every endpoint, WHIP and the WebSocket")
     model: str | None = Field(None, description="model name in engines/ or path; default: the shipped model")
-    backend: Literal["auto", "onnxruntime", "cuda", "tensorrt"] = "auto"
+    backend: Literal["auto", "onnxruntime", "cuda", "tensorrt", "triton"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     cors_origins: list[str] = Field(
         default_factory=list, description="browser origins allowed to call the API and WHIP from other sites "
@@ -39,6 +40,7 @@ class ServiceConfig(BaseSettings):
     scoring: stages.ScoringSettings = Field(default_factory=stages.ScoringSettings)
     participants: stages.ParticipantSettings = Field(default_factory=stages.ParticipantSettings)
     batcher: stages.BatcherSettings = Field(default_factory=stages.BatcherSettings)
+    triton: TritonSettings = Field(default_factory=TritonSettings)
     sources: stages.SourceSettings = Field(default_factory=stages.SourceSettings)
     whip: WhipSettings = Field(default_factory=WhipSettings)
     events: stages.EventSettings = Field(default_factory=stages.EventSettings)

@@ -6,8 +6,10 @@
 
 "auto" takes the fastest backend this machine can load. A configured backend that cannot load falls back down the
 same chain (tensorrt -> cuda -> onnxruntime) rather than refusing to serve, and the warnings say what failed and
-what runs instead; `strict=True` raises instead. What was merely absent under "auto" (no GPU at all, TensorRT not
-installed while the cuda backend runs) is a note, not a warning: that is how the machine was set up, not a fault.
+what runs instead, except "triton" (streamguard/inference/triton.py), which handles its server's outages itself
+(triton.fallback) and whose load errors (no tritonclient, another model served) are configuration errors;
+`strict=True` raises instead. What was merely absent under "auto" (no GPU at all, TensorRT not installed while the
+cuda backend runs) is a note, not a warning: that is how the machine was set up, not a fault.
 The machine probe and the loaders are injectable, so every branch is tested without a GPU.
 """
 
@@ -19,21 +21,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from streamguard.config import TritonSettings
 from streamguard.inference.card import ModelCard
 from streamguard.inference.classifier import Classifier
 from streamguard.inference.engine_cache import Precision
-from streamguard.inference.gpu import Availability, BackendUnavailable, probe_availability
+from streamguard.inference.gpu import Availability, BackendUnavailable, _has_module, probe_availability
 from streamguard.inference.models import ENGINES_DIR, resolve_model
 
 log = logging.getLogger(__name__)
 
-BackendName = Literal["auto", "onnxruntime", "cuda", "tensorrt"]
-BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "cuda", "tensorrt")
+BackendName = Literal["auto", "onnxruntime", "cuda", "tensorrt", "triton"]
+BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "cuda", "tensorrt", "triton")
 _CHAINS: dict[str, tuple[str, ...]] = {
     "auto": ("tensorrt", "cuda", "onnxruntime"),
     "tensorrt": ("tensorrt", "cuda", "onnxruntime"),
     "cuda": ("cuda", "onnxruntime"),
     "onnxruntime": ("onnxruntime",),
+    # Its outages are handled inside (triton.fallback); a missing tritonclient or a mismatched model is an error.
+    "triton": ("triton",),
 }
 
 
@@ -45,6 +50,7 @@ class BackendOptions:
     threads: int = 0  # ONNX Runtime CPU intra-op threads (0: all cores)
     device_index: int = 0
     engine_cache_dir: Path | None = None  # default: $STREAMGUARD_ENGINE_CACHE, else engines/cache
+    triton: TritonSettings | None = None  # the server, for backend "triton" (default: TritonSettings())
 
 
 Loader = Callable[[Path, ModelCard, Availability, BackendOptions, Path], Classifier]
@@ -76,6 +82,10 @@ def unavailable_reason(backend: str, avail: Availability) -> str | None:
     """Why `backend` cannot even be tried here (None: it can)."""
     if backend == "onnxruntime":
         return None
+    if backend == "triton":
+        from streamguard.inference.triton import TRITONCLIENT_MISSING
+
+        return None if _has_module("tritonclient.grpc") else TRITONCLIENT_MISSING
     if not avail.has_cuda_gpu:
         return avail.why_not("gpu")
     if backend == "tensorrt":
@@ -136,11 +146,15 @@ def select_backend(
         if strict and name == backend:
             raise BackendUnavailable(f"backend {backend!r}: {reason}") from last_error
     if classifier is None:
-        assert last_error is not None
+        if last_error is None:  # nothing in the chain could even be tried (triton without tritonclient)
+            raise BackendUnavailable("; ".join(f"backend {name!r}: {why}" for name, why in attempts))
         raise last_error
 
     used = classifier.backend
     sel = BackendSelection(classifier, backend, attempts=attempts)
+    started_degraded = getattr(classifier, "degraded_reason", None)  # a remote backend whose server is down
+    if started_degraded:
+        sel.warnings.append(started_degraded)
     if backend != "auto" and used != backend:
         why = dict(attempts)[backend]
         sel.warnings.append(f"backend {backend!r} is configured but unavailable ({why}); running on {_describe(used)}")
@@ -217,5 +231,14 @@ def _load_tensorrt(onnx_path: Path, card: ModelCard, avail: Availability, opts: 
     return TensorRTClassifier(path, card)
 
 
+def _load_triton(onnx_path: Path, card: ModelCard, avail: Availability, opts: BackendOptions,
+                 engines_dir: Path) -> Classifier:
+    from streamguard.inference.triton import load_triton_classifier
+
+    return load_triton_classifier(opts.triton or TritonSettings(), onnx_path, card, max_batch=opts.max_batch,
+                                  threads=opts.threads)
+
+
 def default_loaders() -> dict[str, Loader]:
-    return {"onnxruntime": _load_onnxruntime, "cuda": _load_cuda, "tensorrt": _load_tensorrt}
+    return {"onnxruntime": _load_onnxruntime, "cuda": _load_cuda, "tensorrt": _load_tensorrt,
+            "triton": _load_triton}

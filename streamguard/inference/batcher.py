@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from streamguard.inference.classifier import Classifier
+from streamguard.inference.classifier import Classifier, InferenceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,9 @@ class Batcher:
         except Exception as e:  # the batch's callers get the error; the batcher keeps going
             self.stats.failed_batches += 1
             self.stats.failed_crops += len(batch)
-            log.warning("inference failed for a batch of %d crops: %r", len(batch), e)
+            # An outage without fallback fails every batch until it ends; the backend logs the outage once.
+            level = logging.DEBUG if isinstance(e, InferenceUnavailable) else logging.WARNING
+            log.log(level, "inference failed for a batch of %d crops: %r", len(batch), e)
             for r in batch:
                 if not r.future.done():
                     r.future.set_exception(e)

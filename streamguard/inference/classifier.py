@@ -9,6 +9,11 @@ import numpy as np
 from streamguard.inference.card import ModelCard
 
 
+class InferenceUnavailable(RuntimeError):
+    """A remote backend could not score this batch and has no local model to fall back on (triton.fallback:
+    unscored): the callers treat the faces as seen but unscored, instead of as a failed frame."""
+
+
 @runtime_checkable
 class Classifier(Protocol):
     card: ModelCard
