@@ -11,8 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="training needs torch: pip install -e .[train]")
 
-from streamguard.training import augment as aug
-from streamguard.training.data import (
+from streamguard.training import augment as aug  # noqa: E402
+from streamguard.training.data import (  # noqa: E402
     REAL,
     SBI,
     XRAY,
@@ -28,8 +28,8 @@ from streamguard.training.data import (
     eval_keys,
     split_by_identity,
 )
-from streamguard.training.sbi import ellipse_landmarks, self_blend
-from streamguard.training.xray import cross_blend, normalised_shapes, pick_donor
+from streamguard.training.sbi import ellipse_landmarks, self_blend  # noqa: E402
+from streamguard.training.xray import cross_blend, normalised_shapes, pick_donor  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_FACES = SHARED / "real_faces"
@@ -284,7 +284,8 @@ class TestDiscover:
             (celeb / sub).mkdir(parents=True, exist_ok=True)
             (celeb / sub / name).write_bytes(b"")
         got = {i.path.name: (i.label, i.identity) for i in discover(celeb)}
-        assert got["id0_id1_0001.mp4"] == (1, got["id0_0001.mp4"][1]) and got["id1_0003.mp4"][1] == got["id0_0001.mp4"][1]
+        assert got["id0_id1_0001.mp4"] == (1, got["id0_0001.mp4"][1])
+        assert got["id1_0003.mp4"][1] == got["id0_0001.mp4"][1]
         assert got["00001.mp4"][0] == 0
 
         dfdc = tmp_path / "dfdc"

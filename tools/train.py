@@ -35,24 +35,32 @@ import logging
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from streamguard.training.backbone import WEIGHTS_PACKAGE
+from streamguard.training.calibrate import Calibration, ClipScores, calibrate
 from streamguard.training.data import (
     ExtractConfig,
     FaceExtractor,
+    FaceSet,
     MediaItem,
     discover,
     discover_real,
     split_by_identity,
 )
-from streamguard.training.trainer import TrainConfig, save_history, train
+from streamguard.training.trainer import TrainConfig, TrainResult, save_history, train
+
+if TYPE_CHECKING:
+    from streamguard.inference.card import ModelCard
+    from streamguard.inference.classifier import Classifier
 
 log = logging.getLogger("train")
 DEFAULTS = TrainConfig()
@@ -131,7 +139,7 @@ def command_line(argv: list[str]) -> str:
     return "python tools/train.py " + " ".join(shlex.quote(a) for a in argv)
 
 
-def weights_digest(model) -> str:
+def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
@@ -139,9 +147,43 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def calibration_clips(classifier, paths: list[Path], fps: float) -> list:
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Which faces train and which are held out, by identity."""
+
+    train_idx: list[int]
+    val_idx: list[int]
+    train_ids: list[str]
+    val_ids: list[str]
+
+    @classmethod
+    def from_faces(cls, faces: FaceSet, val_fraction: float, seed: int, keep_in_train: set[str]) -> Split:
+        train_idx, val_idx = split_by_identity(faces.identities, val_fraction, seed, keep_in_train=keep_in_train)
+        return cls([int(i) for i in train_idx], [int(i) for i in val_idx],
+                   sorted({faces.identities[i] for i in train_idx}), sorted({faces.identities[i] for i in val_idx}))
+
+
+@dataclass(frozen=True, slots=True)
+class CardInfo:
+    """What the card says about the model whatever its results: name, architecture, preprocessing, licence."""
+
+    name: str
+    architecture: str
+    cfg: TrainConfig
+
+    def write(self, onnx_path: Path, threshold: float, training: str, metrics: dict,
+              raise_threshold: float | None = None, clear_threshold: float | None = None) -> ModelCard:
+        from streamguard.training.export import write_card
+
+        c = self.cfg
+        return write_card(onnx_path, name=self.name, architecture=self.architecture, input_size=c.input_size,
+                          mean=c.mean, std=c.std, crop_margin=c.margin, license=LICENSE, version="2",
+                          threshold=threshold, raise_threshold=raise_threshold, clear_threshold=clear_threshold,
+                          training=training, metrics=metrics)
+
+
+def calibration_clips(classifier: Classifier, paths: list[Path], fps: float) -> list[ClipScores]:
     """Each clip's faces scored through the serving path (FaceAnalyzer at the card's margin, quality gate)."""
-    from streamguard.training.calibrate import ClipScores
     from streamguard.training.evaluation import score_video
 
     clips = []
@@ -152,11 +194,11 @@ def calibration_clips(classifier, paths: list[Path], fps: float) -> list:
     return clips
 
 
-def heldout_metrics(result, n_ids: int) -> dict:
+def heldout_metrics(result: TrainResult, n_ids: int) -> dict:
     from streamguard.training.data import REAL, SBI, XRAY
     from streamguard.training.trainer import kind_aucs
 
-    if result.val_scores is None:
+    if result.val_scores is None or result.val_labels is None:
         return {}
     kinds = np.array([k[1] for k in result.val_keys])
     sbi_auc, xray_auc = kind_aucs(result.val_keys, result.val_scores, result.val_labels)
@@ -173,26 +215,97 @@ def heldout_metrics(result, n_ids: int) -> dict:
     }
 
 
-def training_text(cfg, faces, train_idx, val_idx, n_train_ids, n_val_ids, args, argv, times) -> str:
+def heldout_real_scores(result: TrainResult, faces: FaceSet) -> list[float]:
+    """P(fake) of the held-out identities' real faces as they are (no blend): the photo side of calibration."""
+    from streamguard.training.data import REAL
+
+    if result.val_scores is None:
+        return []
+    return [float(s) for k, s in zip(result.val_keys, result.val_scores, strict=True)
+            if k[1] == REAL and faces.labels[k[0]] == 0]
+
+
+def training_text(cfg: TrainConfig, faces: FaceSet, split: Split, argv: list[str], times: dict[str, float]) -> str:
     seconds = round(sum(times.values()), 1)
     return (
         f"Fine-tuned from ImageNet ({WEIGHTS_PACKAGE}) on real faces only: self-blended images (Shiohara & "
         f"Yamasaki, CVPR 2022) and cross-identity blends (Li et al., Face X-ray, CVPR 2020; {cfg.xray_share:.0%} of "
-        f"the pseudo-fakes). Data: {len(faces)} face crops ({len(train_idx)} train / {len(val_idx)} held out; "
-        f"{n_train_ids} / {n_val_ids} identities, split by identity), real video frames {cfg.video_share:.0%} of the "
-        f"draws. Recipe: stem + {cfg.frozen_blocks} blocks frozen, {cfg.input_size} px, crop margin {cfg.margin} "
-        f"(jittered {cfg.margin_range[0]}-{cfg.margin_range[1]}, shift {cfg.max_shift}), pairs of a real face and its "
-        f"pseudo-fake with the same augmentation (flip, roll, colour, beauty filter, blur, noise, downscale, H.264/VP8 "
-        f"via PyAV, JPEG), {cfg.epochs} epochs x {cfg.samples_per_epoch} samples, batch {cfg.batch_size}, AdamW lr "
-        f"{cfg.lr} (head x{cfg.head_lr_scale}) warmup+cosine, weight decay {cfg.weight_decay}, BCE + "
-        f"{cfg.map_weight} x blend-map BCE. Thresholds from held-out real faces and real calls only (see "
-        f"metrics.calibration). Command: {command_line(argv)}. Run time {seconds / 60:.1f} min on {os.cpu_count()} "
-        f"CPU cores, {cfg.threads} torch threads (faces {times['faces_s']} s, training {times['train_s']} s, "
-        f"calibration {times['calibration_s']} s)."
+        f"the pseudo-fakes). Data: {len(faces)} face crops ({len(split.train_idx)} train / {len(split.val_idx)} held "
+        f"out; {len(split.train_ids)} / {len(split.val_ids)} identities, split by identity), real video frames "
+        f"{cfg.video_share:.0%} of the draws. Recipe: stem + {cfg.frozen_blocks} blocks frozen, {cfg.input_size} px, "
+        f"crop margin {cfg.margin} (jittered {cfg.margin_range[0]}-{cfg.margin_range[1]}, shift {cfg.max_shift}), "
+        f"pairs of a real face and its pseudo-fake with the same augmentation (flip, roll, colour, beauty filter, "
+        f"blur, noise, downscale, H.264/VP8 via PyAV, JPEG), {cfg.epochs} epochs x {cfg.samples_per_epoch} samples, "
+        f"batch {cfg.batch_size}, AdamW lr {cfg.lr} (head x{cfg.head_lr_scale}) warmup+cosine, weight decay "
+        f"{cfg.weight_decay}, BCE + {cfg.map_weight} x blend-map BCE. Thresholds from held-out real faces and real "
+        f"calls only (see metrics.calibration). Command: {command_line(argv)}. Run time {seconds / 60:.1f} min on "
+        f"{os.cpu_count()} CPU cores, {cfg.threads} torch threads (faces {times['faces_s']} s, training "
+        f"{times['train_s']} s, calibration {times['calibration_s']} s)."
     )
 
 
+def extract(args: argparse.Namespace, out: Path) -> tuple[FaceSet, set[str], int]:
+    """(the faces of every training file, the identities never held out, how many files)."""
+    items, train_only = gather(args)
+    extractor = FaceExtractor(args.cache or out / "faces", ExtractConfig(fps=args.fps, max_frames=args.max_frames))
+    try:
+        faces = extractor.extract_all(items, progress=not args.quiet)
+    finally:
+        extractor.close()
+    if len(faces) == 0:
+        raise SystemExit("no faces found in the training media")
+    return faces, train_only, len(items)
+
+
+def config_of(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        epochs=args.epochs, samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, lr=args.lr,
+        input_size=args.input_size, seed=args.seed, num_workers=args.workers, threads=args.threads,
+        frozen_blocks=args.frozen_blocks, xray_share=args.xray_share, video_share=args.video_share,
+        margin=args.margin,
+    )
+
+
+def export_and_calibrate(result: TrainResult, faces: FaceSet, info: CardInfo, onnx_path: Path,
+                         args: argparse.Namespace) -> tuple[float, Calibration, list[ClipScores]]:
+    """ONNX export (and its max |ONNX - torch|), then thresholds from held-out real faces and calls scored through
+    the serving path, which needs a card: a provisional one first (rewritten with the results by the caller)."""
+    from streamguard.inference.models import load_classifier
+    from streamguard.training.export import check_onnx, export_onnx
+
+    export_onnx(result.model, onnx_path, info.cfg.input_size)
+    max_diff = check_onnx(result.model, onnx_path, info.cfg.input_size)
+    info.write(onnx_path, threshold=0.5, training="", metrics={})
+    classifier = load_classifier(str(onnx_path))
+    clips = calibration_clips(classifier, args.calibration, args.calibration_fps)
+    calibration = calibrate(heldout_real_scores(result, faces), clips, max_face_fpr=args.max_face_fpr)
+    log.info("calibration: threshold %.2f, raise %.2f, clear %.2f", calibration.threshold,
+             calibration.raise_threshold, calibration.clear_threshold)
+    return max_diff, calibration, clips
+
+
+def report_of(argv: list[str], cfg: TrainConfig, result: TrainResult, card: ModelCard, onnx_path: Path,
+              max_diff: float, faces: FaceSet, split: Split, metrics: dict, times: dict[str, float]) -> dict:
+    from streamguard.training.model import count_parameters
+
+    return {
+        "command": command_line(argv),
+        "config": asdict(cfg),
+        "parameters": count_parameters(result.model),
+        "weights_sha256": weights_digest(result.model),
+        "onnx": {"path": _rel(onnx_path), "bytes": onnx_path.stat().st_size, "sha256": card.sha256,
+                 "max_abs_diff_vs_torch": max_diff},
+        "data": {"faces": len(faces), "train_faces": len(split.train_idx), "heldout_faces": len(split.val_idx),
+                 "train_identities": len(split.train_ids), "heldout_identities": split.val_ids},
+        "history": [asdict(h) for h in result.history],
+        "metrics": metrics,
+        "times": times,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
+    from streamguard.training.model import ARCHITECTURE
+
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -201,83 +314,36 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, float] = {}
 
     t = time.perf_counter()
-    items, train_only = gather(args)
-    extractor = FaceExtractor(args.cache or out / "faces", ExtractConfig(fps=args.fps, max_frames=args.max_frames))
-    faces = extractor.extract_all(items, progress=not args.quiet)
-    extractor.close()
+    faces, train_only, n_files = extract(args, out)
     times["faces_s"] = round(time.perf_counter() - t, 1)
-    if len(faces) == 0:
-        raise SystemExit("no faces found in the training media")
-    log.info("%d faces from %d files", len(faces), len(items))
+    log.info("%d faces from %d files", len(faces), n_files)
     if args.extract_only:
         return 0
-    train_idx, val_idx = split_by_identity(faces.identities, args.val_fraction, args.seed, keep_in_train=train_only)
-    train_ids = sorted({faces.identities[i] for i in train_idx})
-    val_ids = sorted({faces.identities[i] for i in val_idx})
-    log.info("%d train faces (%d identities), %d held out (%d identities)", len(train_idx), len(train_ids),
-             len(val_idx), len(val_ids))
+    split = Split.from_faces(faces, args.val_fraction, args.seed, train_only)
+    log.info("%d train faces (%d identities), %d held out (%d identities)", len(split.train_idx),
+             len(split.train_ids), len(split.val_idx), len(split.val_ids))
 
-    cfg = TrainConfig(
-        epochs=args.epochs, samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, lr=args.lr,
-        input_size=args.input_size, seed=args.seed, num_workers=args.workers, threads=args.threads,
-        frozen_blocks=args.frozen_blocks, xray_share=args.xray_share, video_share=args.video_share,
-        margin=args.margin,
-    )
+    cfg = config_of(args)
     t = time.perf_counter()
-    result = train(faces, train_idx, val_idx, cfg, out, resume=args.resume, progress=not args.quiet)
+    result = train(faces, split.train_idx, split.val_idx, cfg, out, resume=args.resume, progress=not args.quiet)
     times["train_s"] = round(time.perf_counter() - t, 1)
     save_history(result.history, out / "history.json", out / "curves.png")
 
-    from streamguard.inference.models import load_classifier
-    from streamguard.training.calibrate import calibrate
-    from streamguard.training.data import REAL
-    from streamguard.training.export import check_onnx, export_onnx, write_card
-    from streamguard.training.model import ARCHITECTURE, count_parameters
-
     onnx_path = Path(args.export) if args.export else out / "model.onnx"
-    export_onnx(result.model, onnx_path, cfg.input_size)
-    max_diff = check_onnx(result.model, onnx_path, cfg.input_size)
-    # A provisional card so the serving loader can score the calibration clips; rewritten below with the results.
-    name = args.name or onnx_path.stem
-    arch = f"{ARCHITECTURE} (ImageNet EfficientNet-Lite0, stem+{cfg.frozen_blocks} blocks frozen) " \
-           f"input={cfg.input_size}"
-    common = {"name": name, "architecture": arch, "input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std,
-              "crop_margin": cfg.margin, "license": LICENSE, "version": "2"}
-    write_card(onnx_path, threshold=0.5, training="", metrics={}, **common)
-
+    architecture = (f"{ARCHITECTURE} (ImageNet EfficientNet-Lite0, stem+{cfg.frozen_blocks} blocks frozen) "
+                    f"input={cfg.input_size}")
+    info = CardInfo(args.name or onnx_path.stem, architecture, cfg)
     t = time.perf_counter()
-    classifier = load_classifier(str(onnx_path))
-    clips = calibration_clips(classifier, args.calibration, args.calibration_fps)
-    real_val = [s for k, s in zip(result.val_keys, result.val_scores, strict=True) if k[1] == REAL
-                and faces.labels[k[0]] == 0] if result.val_scores is not None else []
-    calibration = calibrate(real_val, clips, max_face_fpr=args.max_face_fpr)
+    max_diff, calibration, clips = export_and_calibrate(result, faces, info, onnx_path, args)
     times["calibration_s"] = round(time.perf_counter() - t, 1)
-    log.info("calibration: threshold %.2f, raise %.2f, clear %.2f", calibration.threshold,
-             calibration.raise_threshold, calibration.clear_threshold)
 
-    metrics = {**heldout_metrics(result, len(val_ids)),
+    metrics = {**heldout_metrics(result, len(split.val_ids)),
                "calibration": {"what": "thresholds from held-out real faces and held-out real calls "
                                f"({', '.join(c.name for c in clips) or 'none'}); never from fakes",
                                **calibration.to_dict()}}
-    training = training_text(cfg, faces, train_idx, val_idx, len(train_ids), len(val_ids), args, argv, times)
-    card = write_card(onnx_path, threshold=calibration.threshold, raise_threshold=calibration.raise_threshold,
-                      clear_threshold=calibration.clear_threshold, training=training, metrics=metrics, **common)
-
-    report = {
-        "command": command_line(argv),
-        "config": asdict(cfg),
-        "parameters": count_parameters(result.model),
-        "weights_sha256": weights_digest(result.model),
-        "onnx": {"path": _rel(onnx_path), "bytes": onnx_path.stat().st_size, "sha256": card.sha256,
-                 "max_abs_diff_vs_torch": max_diff},
-        "data": {
-            "faces": len(faces), "train_faces": len(train_idx), "heldout_faces": len(val_idx),
-            "train_identities": len(train_ids), "heldout_identities": val_ids,
-        },
-        "history": [asdict(h) for h in result.history],
-        "metrics": metrics,
-        "times": times,
-    }
+    card = info.write(onnx_path, calibration.threshold, training_text(cfg, faces, split, argv, times), metrics,
+                      calibration.raise_threshold, calibration.clear_threshold)
+    report = report_of(argv, cfg, result, card, onnx_path, max_diff, faces, split, metrics, times)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("parameters", "weights_sha256", "onnx", "metrics", "times")}, indent=2))
     return 0

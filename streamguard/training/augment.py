@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import cast
 
 import cv2
 import numpy as np
@@ -67,7 +68,8 @@ def geometry_matrix(
     """A small zoom, roll and shift of the crop (detector box jitter, head roll) as a 2x3 affine matrix."""
     h, w = size
     angle = rng.uniform(-max_rotate, max_rotate)
-    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, 1.0 + rng.uniform(-max_zoom, max_zoom))
+    m = np.asarray(cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, 1.0 + rng.uniform(-max_zoom, max_zoom)),
+                   np.float64)
     m[:, 2] += (rng.uniform(-max_shift, max_shift) * w, rng.uniform(-max_shift, max_shift) * h)
     return m
 
@@ -75,8 +77,9 @@ def geometry_matrix(
 def geometry(img: np.ndarray, rng: np.random.Generator, max_shift: float = 0.05, max_zoom: float = 0.08,
              max_rotate: float = 8.0) -> np.ndarray:
     """Small zoom, roll and shift of the crop; borders are replicated, not black."""
-    m = geometry_matrix(img.shape[:2], rng, max_shift, max_zoom, max_rotate)
-    return cv2.warpAffine(img, m, img.shape[1::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    h, w = img.shape[:2]
+    m = geometry_matrix((h, w), rng, max_shift, max_zoom, max_rotate)
+    return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def brightness_contrast(img: np.ndarray, rng: np.random.Generator, limit: float = 0.2) -> np.ndarray:
@@ -162,7 +165,7 @@ def video_codec(img: np.ndarray, codec: str, quality: int) -> np.ndarray:
     enc.width, enc.height, enc.pix_fmt = frame.width, frame.height, "yuv420p"
     enc.time_base = Fraction(1, 30)
     packets = [*enc.encode(frame), *enc.encode(None)]
-    dec = av.CodecContext.create(decoder, "r")
+    dec = cast(av.VideoCodecContext, av.CodecContext.create(decoder, "r"))
     frames = [f for p in packets for f in dec.decode(p)] + list(dec.decode(None))
     if not frames:
         raise RuntimeError(f"{codec} round trip gave no frame")
@@ -199,11 +202,12 @@ def augment_with_mask(
         out = hflip(out)
         mask = None if mask is None else np.ascontiguousarray(mask[:, ::-1])
     if rng.random() < cfg.p_geometry:
-        m = geometry_matrix(out.shape[:2], rng, cfg.max_shift, cfg.max_zoom, cfg.max_rotate)
-        size = out.shape[1::-1]
-        out = cv2.warpAffine(out, m, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        h, w = out.shape[:2]
+        m = geometry_matrix((h, w), rng, cfg.max_shift, cfg.max_zoom, cfg.max_rotate)
+        out = cv2.warpAffine(out, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         if mask is not None:
-            mask = cv2.warpAffine(mask, m, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            mask = cv2.warpAffine(mask, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                                  borderValue=(0,))
     if rng.random() < cfg.p_brightness_contrast:
         out = brightness_contrast(out, rng)
     if rng.random() < cfg.p_colour:

@@ -32,6 +32,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -41,6 +42,9 @@ from torch.utils.data import Dataset, Sampler
 from streamguard.ingest.av_source import SourceError
 from streamguard.training.augment import AugmentConfig, augment_with_mask, resize_to
 from streamguard.training.sbi import self_blend
+
+if TYPE_CHECKING:
+    from streamguard.faces.detector import FaceDetector
 
 log = logging.getLogger(__name__)
 
@@ -230,16 +234,17 @@ class FaceSet:
     crops: np.ndarray  # (N, S, S, 3) uint8
     landmarks: np.ndarray  # (N, 468, 2) float32 pixels in the crop; NaN where the face mesh found nothing
     labels: np.ndarray  # (N,) int64, 1 fake
-    identities: list[str] = field(default_factory=list)
+    identities: Sequence[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # "path@pts_s#face"
-    valid: np.ndarray | None = None  # (N, 4) int32 x0, y0, x1, y1: the part of the crop that is picture
+    valid: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int32))  # (N, 4) int32 x0, y0, x1,
+    # y1: the part of each crop that is picture (the rest is black padding); empty: all of it
     groups: list[str] = field(default_factory=list)  # MediaItem.group of each face
     margin: float = 1.65  # crop side / face box long side the crops were cut at
     path: Path | None = None  # the folder it was loaded from, when memory-mapped
 
     def __post_init__(self) -> None:
         n = len(self.labels)
-        if self.valid is None:
+        if len(self.valid) != n:
             side = self.crops.shape[1] if self.crops.ndim == 4 else 0
             self.valid = np.tile(np.array([0, 0, side, side], np.int32), (n, 1))
         if not self.groups:
@@ -254,7 +259,6 @@ class FaceSet:
 
     def valid_mask(self, index: int) -> np.ndarray:
         """(S, S) bool: True where the crop holds picture, False on its black padding."""
-        assert self.valid is not None
         x0, y0, x1, y1 = (int(v) for v in self.valid[index])
         m = np.zeros((self.crop_size, self.crop_size), bool)
         m[y0:y1, x0:x1] = True
@@ -277,7 +281,7 @@ class FaceSet:
             np.concatenate([p.labels for p in parts]),
             [i for p in parts for i in p.identities],
             [s for p in parts for s in p.sources],
-            np.concatenate([p.valid for p in parts if p.valid is not None]),
+            np.concatenate([p.valid for p in parts]),
             [g for p in parts for g in p.groups],
             margin,
         )
@@ -340,8 +344,8 @@ class FaceExtractor:
     def __init__(self, cache_dir: Path | None, cfg: ExtractConfig | None = None):
         self.cfg = cfg or ExtractConfig()
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self._detector = None
-        self._mesh = None
+        self._detector: FaceDetector | None = None
+        self._mesh: Any = None  # mediapipe's FaceMesh (untyped)
 
     def close(self) -> None:
         if self._detector is not None:
@@ -349,7 +353,7 @@ class FaceExtractor:
         if self._mesh is not None:
             self._mesh.close()
 
-    def _models(self) -> tuple:
+    def _models(self) -> tuple[FaceDetector, Any]:
         # Created on first use: a run whose crops are all cached never loads mediapipe.
         if self._detector is None:
             import mediapipe as mp
@@ -386,7 +390,7 @@ class FaceExtractor:
             if bgr is None:
                 raise ValueError(f"{path}: not a readable image")
             pad = round(self.cfg.image_pad * max(bgr.shape[:2]))
-            bgr = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0) if pad else bgr
+            bgr = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0)) if pad else bgr
             yield 0.0, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), pad
 
     def _extract(self, item: MediaItem) -> FaceSet:
@@ -704,7 +708,8 @@ class FaceDataset(Dataset):
             if self.crop.margin_range is not None:
                 margin = float(rng.uniform(*self.crop.margin_range))
             if self.crop.max_shift:
-                shift = (float(rng.uniform(-1, 1)) * self.crop.max_shift, float(rng.uniform(-1, 1)) * self.crop.max_shift)
+                dx, dy = rng.uniform(-1, 1, 2) * self.crop.max_shift
+                shift = (float(dx), float(dy))
         if margin == self.faces.margin and shift == (0.0, 0.0):
             img = resize_to(img, self.input_size)
             if mask is not None:
@@ -723,7 +728,7 @@ class FaceDataset(Dataset):
         if mask is None:
             target, known = np.zeros((side, side), np.float32), 0.0
         else:
-            target, known = cv2.resize(mask, (side, side), interpolation=cv2.INTER_AREA), 1.0
+            target, known = np.asarray(cv2.resize(mask, (side, side), interpolation=cv2.INTER_AREA), np.float32), 1.0
         return (
             to_tensor(img, self.mean, self.std),
             torch.tensor(float(label)),

@@ -10,11 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from streamguard.inference.classifier import Classifier
+
+if TYPE_CHECKING:
+    from streamguard.faces.analyzer import FaceAnalyzer
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -37,8 +41,8 @@ class ScoredFaces:
         return int(sum(s >= threshold for s in self.scores))
 
 
-def _analyzer(classifier: Classifier):
-    from streamguard.faces.analyzer import FaceAnalyzer
+def _analyzer(classifier: Classifier) -> FaceAnalyzer:
+    from streamguard.faces.analyzer import FaceAnalyzer  # mediapipe: imported when a set is scored
 
     return FaceAnalyzer(classifier.card)
 

@@ -10,17 +10,18 @@ import torch
 
 from streamguard.inference.card import ModelCard, Preprocess
 from streamguard.inference.models import file_sha256
-from streamguard.training.model import WithSigmoid
+from streamguard.training.model import FakeDetector, WithSigmoid
 
 OPSET = 17
 
 
-def export_onnx(model: torch.nn.Module, path: Path, input_size: int) -> Path:
+def export_onnx(model: FakeDetector, path: Path, input_size: int) -> Path:
     """Write `model` as ONNX: input "input" (N, 3, S, S); outputs "p_fake" (N, 1) first, as the card says, and
     "fake_map" (N, 1, S/32, S/32), the local P(blended) behind it (a coarse heatmap); dynamic batch axis."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = WithSigmoid(model).eval().to(memory_format=torch.contiguous_format)
+    # Contiguous weights again (training ran channels-last); torch's stubs lack Module.to's memory_format keyword.
+    wrapped = WithSigmoid(model).eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     dummy = torch.zeros(1, 3, input_size, input_size)
     # The TorchScript exporter (dynamo=False) is deprecated but gives a plain, static graph every runtime reads.
     with torch.no_grad(), warnings.catch_warnings():

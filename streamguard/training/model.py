@@ -51,6 +51,7 @@ class FakeDetector(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.head = nn.Conv2d(HEAD, 1, 1)
         nn.init.normal_(self.head.weight, std=0.01)
+        assert self.head.bias is not None
         nn.init.zeros_(self.head.bias)
         for p in self._frozen_parameters():
             p.requires_grad_(False)

@@ -39,7 +39,7 @@ class SelfBlend:
     """One self-blended image: `fake` equals `target` wherever `mask` is 0."""
 
     fake: np.ndarray  # (H, W, 3) uint8
-    target: np.ndarray  # (H, W, 3) uint8: the image the altered copy was blended onto (the input, maybe colour-jittered)
+    target: np.ndarray  # (H, W, 3) uint8: what the altered copy was blended onto (the input, maybe colour-jittered)
     mask: np.ndarray  # (H, W) float32 in [0, 1]: the blend weight of the altered copy, ratio included
 
 
@@ -59,7 +59,7 @@ def hull_mask(landmarks: np.ndarray, shape: tuple[int, int], rng: np.random.Gene
         pts = pts[pts[:, 1] >= brow_y]
     mask = np.zeros(shape, np.float32)
     hull = cv2.convexHull(np.round(pts).astype(np.int32))
-    cv2.fillConvexPoly(mask, hull, 1.0)
+    cv2.fillConvexPoly(mask, hull, (1.0,))
     return mask
 
 
@@ -69,7 +69,7 @@ def elastic(mask: np.ndarray, rng: np.random.Generator, alpha: float, sigma: flo
     dx = cv2.GaussianBlur(rng.uniform(-1, 1, (h, w)).astype(np.float32), (0, 0), sigma) * alpha
     dy = cv2.GaussianBlur(rng.uniform(-1, 1, (h, w)).astype(np.float32), (0, 0), sigma) * alpha
     x, y = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    return cv2.remap(mask, x + dx, y + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.remap(mask, x + dx, y + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(0,))
 
 
 def _odd(rng: np.random.Generator, lo: int, hi: int) -> int:
@@ -157,10 +157,10 @@ def random_affine(
     h, w = mask.shape
     tx, ty = rng.uniform(-0.03, 0.03) * w, rng.uniform(-0.015, 0.015) * h
     scale = rng.uniform(0.95, 1.0 / 0.95)
-    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), 0.0, scale)
+    m = np.asarray(cv2.getRotationMatrix2D((w / 2.0, h / 2.0), 0.0, scale), np.float64)
     m[:, 2] += (tx, ty)
     img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    mask = cv2.warpAffine(mask, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    mask = cv2.warpAffine(mask, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(0,))
     return img, mask
 
 

@@ -89,7 +89,7 @@ class EpochStats:
 
 @dataclass(slots=True)
 class TrainResult:
-    model: torch.nn.Module
+    model: FakeDetector
     history: list[EpochStats] = field(default_factory=list)
     val_keys: list[SampleKey] = field(default_factory=list)
     val_scores: np.ndarray | None = None  # P(fake) of each val key, after the last epoch
@@ -174,52 +174,38 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # atomic: a run killed while saving keeps the previous checkpoint
 
 
-def train(
-    faces: FaceSet,
-    train_idx: Sequence[int],
-    val_idx: Sequence[int],
-    cfg: TrainConfig,
-    out_dir: Path,
-    resume: bool = False,
-    progress: bool = True,
-) -> TrainResult:
-    """Train on faces[train_idx] (+ SBI fakes), validate on faces[val_idx] (+ fresh SBI fakes) after each epoch."""
-    from tqdm import tqdm
+@dataclass(frozen=True, slots=True)
+class _Schedule:
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
 
-    if cfg.paired and cfg.batch_size % 2:
-        raise ValueError("paired batches need an even batch_size")
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed, cfg.threads)
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> _Schedule:
+        steps = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
+        return cls(steps, steps * cfg.epochs, max(1, int(cfg.warmup_epochs * steps)))
 
-    model = build_model(cfg.frozen_blocks, cfg.dropout, cfg.topk_fraction, cfg.pretrained)
-    model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
-    steps_per_epoch = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
 
-    history: list[EpochStats] = []
-    start_epoch = 0
-    ckpt_path = out_dir / CHECKPOINT
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"{ckpt_path} was written with other settings; use another --out or drop --resume")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history = [EpochStats(**h) for h in state["history"]]
-        start_epoch = state["epoch"] + 1
-        log.info("resumed from %s after epoch %d", ckpt_path, state["epoch"])
+def _resume(model: FakeDetector, opt: torch.optim.Optimizer, cfg: TrainConfig, ckpt_path: Path,
+            ) -> tuple[list[EpochStats], int]:
+    """(history, first epoch to run) from the checkpoint, which must have been written with these settings."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if state["config"] != asdict(cfg):
+        raise ValueError(f"{ckpt_path} was written with other settings; use another --out or drop --resume")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    log.info("resumed from %s after epoch %d", ckpt_path, state["epoch"])
+    return [EpochStats(**h) for h in state["history"]], state["epoch"] + 1
 
-    if cfg.input_size % model.stride:
-        raise ValueError(f"input_size must be a multiple of {model.stride}")
+
+def _data(faces: FaceSet, train_idx: Sequence[int], val_idx: Sequence[int], cfg: TrainConfig, stride: int,
+          ) -> tuple[IdentityBalancedSampler, DataLoader, FaceDataset]:
+    """(the training sampler, its loader, the validation data set)."""
     crop = CropConfig(cfg.margin, cfg.margin_range, cfg.max_shift)
     train_ds = FaceDataset(faces, cfg.input_size, cfg.mean, cfg.std, train=True, augment_cfg=cfg.augment,
-                           map_stride=model.stride, crop=crop, donors=train_idx)
+                           map_stride=stride, crop=crop, donors=train_idx)
     # Held-out cross-identity blends take their donors among held-out faces: no training face in validation.
-    val_ds = FaceDataset(faces, cfg.input_size, cfg.mean, cfg.std, train=False, map_stride=model.stride,
+    val_ds = FaceDataset(faces, cfg.input_size, cfg.mean, cfg.std, train=False, map_stride=stride,
                          crop=CropConfig(cfg.margin), donors=val_idx)
     groups = {faces.groups[i] for i in train_idx}
     weights = {"video": cfg.video_share, "image": 1.0 - cfg.video_share} if groups == {"video", "image"} else None
@@ -235,52 +221,99 @@ def train(
         # in this process) can deadlock on a lock held by a thread that does not exist in the child.
         multiprocessing_context="spawn" if cfg.num_workers else None,
     )
+    return sampler, loader, val_ds
+
+
+def _loss(model: FakeDetector, batch: Sequence[torch.Tensor], cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, image logits) of one batch: image BCE + `map_weight` x the per-cell blend-map BCE."""
+    x, y, target, known = batch
+    fake_map = model.forward_map(x.contiguous(memory_format=torch.channels_last))
+    logit = model.pool(fake_map).flatten()
+    # Dense supervision: where the blend is, not just whether. Faces whose blend region is unknown (labelled
+    # fakes) weigh 0 in it.
+    cell_loss = F.binary_cross_entropy_with_logits(fake_map, target, reduction="none").mean(dim=(1, 2, 3))
+    map_loss = (cell_loss * known).sum() / known.sum().clamp(min=1.0)
+    return F.binary_cross_entropy_with_logits(logit, y) + cfg.map_weight * map_loss, logit
+
+
+def _train_epoch(model: FakeDetector, opt: torch.optim.Optimizer, loader: DataLoader, cfg: TrainConfig, epoch: int,
+                 sched: _Schedule, progress: bool) -> tuple[float, float, float]:
+    """One pass over the loader: (mean loss, accuracy, last learning rate)."""
+    from tqdm import tqdm
+
+    model.train()
+    total, correct, loss_sum, lr = 0, 0, 0.0, cfg.lr
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
+    for step, batch in enumerate(bar):
+        lr = lr_at(epoch * sched.steps_per_epoch + step, sched.total_steps, sched.warmup, cfg.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        loss, logit = _loss(model, batch, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        y = batch[1]
+        total += len(y)
+        loss_sum += loss.item() * len(y)
+        correct += int(((logit > 0).float() == y).sum())
+        bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.3f}")
+    return loss_sum / max(1, total), correct / max(1, total), lr
+
+
+def _log_epoch(stats: EpochStats, progress: bool) -> None:
+    line = (f"epoch {stats.epoch}: train loss {stats.train_loss:.4f} acc {stats.train_acc:.3f}, val loss "
+            f"{_fmt(stats.val_loss)} auc {_fmt(stats.val_auc)} (cross-identity {_fmt(stats.val_auc_xray)}) "
+            f"({stats.seconds:.0f} s)")
+    log.info("%s", line)
+    if progress:
+        from tqdm import tqdm
+
+        tqdm.write(line)
+
+
+def train(
+    faces: FaceSet,
+    train_idx: Sequence[int],
+    val_idx: Sequence[int],
+    cfg: TrainConfig,
+    out_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on faces[train_idx] (+ pseudo-fakes), validate on faces[val_idx] (+ fresh ones) after each epoch."""
+    if cfg.paired and cfg.batch_size % 2:
+        raise ValueError("paired batches need an even batch_size")
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed, cfg.threads)
+
+    model = build_model(cfg.frozen_blocks, cfg.dropout, cfg.topk_fraction, cfg.pretrained)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
+    if cfg.input_size % model.stride:
+        raise ValueError(f"input_size must be a multiple of {model.stride}")
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
+    sched = _Schedule.from_config(cfg)
+    ckpt_path = out_dir / CHECKPOINT
+    history, start_epoch = _resume(model, opt, cfg, ckpt_path) if resume and ckpt_path.exists() else ([], 0)
+    sampler, loader, val_ds = _data(faces, train_idx, val_idx, cfg, model.stride)
     keys = eval_keys(faces, val_idx, cfg.val_sbi_per_face, cfg.seed, cfg.val_xray_per_face if cfg.xray_share else 0)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     val_scores = val_labels = None
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: the same per epoch, with or without a resume
-        model.train()
-        total, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
-        for step, (x, y, target, known) in enumerate(bar):
-            global_step = epoch * steps_per_epoch + step
-            lr = lr_at(global_step, total_steps, warmup, cfg.lr)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            x = x.contiguous(memory_format=torch.channels_last)
-            fake_map = model.forward_map(x)
-            logit = model.pool(fake_map).flatten()
-            # Dense supervision: where the blend is, not just whether. Faces whose blend region is unknown
-            # (labelled fakes) weigh 0 in it.
-            cell_loss = F.binary_cross_entropy_with_logits(fake_map, target, reduction="none").mean(dim=(1, 2, 3))
-            map_loss = (cell_loss * known).sum() / known.sum().clamp(min=1.0)
-            loss = loss_fn(logit, y) + cfg.map_weight * map_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n = len(y)
-            total += n
-            loss_sum += loss.item() * n
-            correct += int(((logit > 0).float() == y).sum())
-            bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.3f}")
+        loss, acc, lr = _train_epoch(model, opt, loader, cfg, epoch, sched, progress)
         val_auc = val_auc_xray = val_loss = None
         if keys:
             val_scores, val_labels = predict(model, val_ds, keys)
             val_loss = _bce(val_scores, val_labels)
             val_auc, val_auc_xray = kind_aucs(keys, val_scores, val_labels)
-        stats = EpochStats(epoch + 1, loss_sum / max(1, total), correct / max(1, total), val_loss, val_auc, lr,
-                           round(time.perf_counter() - t0, 2), val_auc_xray)
+        stats = EpochStats(epoch + 1, loss, acc, val_loss, val_auc, lr, round(time.perf_counter() - t0, 2),
+                           val_auc_xray)
         history.append(stats)
-        log.info("epoch %d: train loss %.4f acc %.3f, val loss %s auc %s (cross-identity %s) (%.0f s)", stats.epoch,
-                 stats.train_loss, stats.train_acc, _fmt(val_loss), _fmt(val_auc), _fmt(val_auc_xray), stats.seconds)
-        if progress:
-            tqdm.write(f"epoch {stats.epoch}: train loss {stats.train_loss:.4f} acc {stats.train_acc:.3f}  "
-                       f"val loss {_fmt(val_loss)} auc {_fmt(val_auc)} x-id {_fmt(val_auc_xray)}  "
-                       f"({stats.seconds:.0f} s)")
+        _log_epoch(stats, progress)
         _save_checkpoint(ckpt_path, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "history": [asdict(h) for h in history], "config": asdict(cfg),
