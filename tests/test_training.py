@@ -11,6 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="training needs torch: pip install -e .[train]")
 
+from streamguard.faces.crop import resize_square  # noqa: E402
 from streamguard.training import augment as aug  # noqa: E402
 from streamguard.training.data import (  # noqa: E402
     REAL,
@@ -161,8 +162,6 @@ class TestAugment:
             assert out.shape == img.shape and out.dtype == np.uint8
         assert not np.array_equal(aug.jpeg(img, 30), img)
 
-    def test_resize_to(self, face_crops: FaceSet):
-        assert aug.resize_to(face_crops.crops[0], 160).shape == (160, 160, 3)
 
     @pytest.mark.parametrize(("codec", "low", "high"), [("h264", 18, 45), ("vp8", 8, 56)])
     def test_video_codec_round_trip_degrades_with_quality(self, face_crops: FaceSet, codec: str, low: int, high: int):
@@ -189,7 +188,7 @@ class TestCropCut:
         img = np.zeros((280, 280, 3), np.uint8)
         cv2.rectangle(img, (40, 40), (239, 239), (200, 100, 50), -1)  # the face box: 200 px at margin 1.4
         same, _ = cut_crop(img, None, 1.4, 140, 1.4)
-        np.testing.assert_allclose(same.astype(int), aug.resize_to(img, 140).astype(int), atol=1)
+        np.testing.assert_allclose(same.astype(int), resize_square(img, 140).astype(int), atol=1)
         tight, mask = cut_crop(img, np.ones((280, 280), np.float32), 1.4, 110, 1.1)
         # At margin 1.1 the box fills 1 / 1.1 of the crop: a 5 px black band each side at 110 px.
         assert tight[55, 2].sum() == 0 and tight[55, 8].sum() > 0

@@ -229,11 +229,3 @@ def augment_with_mask(
         out = jpeg(out, int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1)))
     return np.ascontiguousarray(out), mask
 
-
-def resize_to(img: np.ndarray, size: int) -> np.ndarray:
-    """To the model's input side, with the interpolation `square_crop` uses (area when shrinking)."""
-    h, w = img.shape[:2]
-    if (h, w) == (size, size):
-        return img
-    interp = cv2.INTER_AREA if size < max(h, w) else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)

@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from streamguard.faces.crop import resize_square
 from streamguard.ingest.av_source import SourceError
-from streamguard.training.augment import AugmentConfig, augment_with_mask, resize_to
+from streamguard.training.augment import AugmentConfig, augment_with_mask
 from streamguard.training.sbi import self_blend
 
 if TYPE_CHECKING:
@@ -711,9 +712,9 @@ class FaceDataset(Dataset):
                 dx, dy = rng.uniform(-1, 1, 2) * self.crop.max_shift
                 shift = (float(dx), float(dy))
         if margin == self.faces.margin and shift == (0.0, 0.0):
-            img = resize_to(img, self.input_size)
+            img = resize_square(img, self.input_size)
             if mask is not None:
-                mask = cv2.resize(mask, (self.input_size, self.input_size), interpolation=cv2.INTER_AREA)
+                mask = resize_square(mask, self.input_size)
         else:
             img, mask = cut_crop(img, mask, self.faces.margin, self.input_size, margin, shift)
         return img, label, mask

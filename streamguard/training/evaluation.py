@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from streamguard.faces.crop import resize_square
 from streamguard.inference.classifier import Classifier
 
 if TYPE_CHECKING:
@@ -83,8 +84,7 @@ def score_crops(classifier: Classifier, files: Sequence[Path]) -> ScoredFaces:
     crops = []
     for path in files:
         rgb = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        interp = cv2.INTER_AREA if max(rgb.shape[:2]) > size else cv2.INTER_LINEAR
-        crops.append(cv2.resize(rgb, (size, size), interpolation=interp))
+        crops.append(resize_square(rgb, size))
     result = ScoredFaces()
     result.extend(_predict(classifier, crops), [Path(p).name for p in files])
     return result
