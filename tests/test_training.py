@@ -172,11 +172,13 @@ class TestAugment:
         with pytest.raises(ValueError):
             aug.video_codec(img, "mjpeg", 10)
 
-    def test_beauty_filter_smooths_and_the_call_preset_runs(self, face_crops: FaceSet):
+    def test_beauty_filter_smooths_sharpening_sharpens_and_the_call_preset_runs(self, face_crops: FaceSet):
         img = face_crops.crops[1]
         out = aug.beauty_filter(img, np.random.default_rng(0))
         lap = lambda x: cv2.Laplacian(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var()  # noqa: E731
         assert out.shape == img.shape and lap(out) < lap(img)
+        crisp = aug.unsharp(img, np.random.default_rng(0))
+        assert crisp.shape == img.shape and crisp.dtype == np.uint8 and lap(crisp) > lap(img)
         for seed in range(6):
             out, mask = aug.augment_with_mask(img, np.ones(img.shape[:2], np.float32), np.random.default_rng(seed),
                                               aug.CALL_AUGMENT)
@@ -320,6 +322,15 @@ class TestTinyTraining:
         again = train(faces, idx[:-1], idx[-1:], cfg, tmp_path, resume=True, progress=False)
         for (k, a), b in zip(result.model.state_dict().items(), again.model.state_dict().values(), strict=True):
             assert torch.equal(a, b), k
+
+        # A fine-tuning phase starts from those weights (not ImageNet's): at lr 0 its convolutions stay theirs.
+        from dataclasses import replace
+
+        tuned = train(faces, idx[:-1], idx[-1:], replace(cfg, lr=0.0), tmp_path / "phase2", progress=False,
+                      init_from=tmp_path / CHECKPOINT)
+        first, second = result.model.state_dict(), tuned.model.state_dict()
+        convs = [k for k in first if k.endswith("conv.weight") or k == "head.weight"]
+        assert convs and all(torch.equal(first[k], second[k]) for k in convs)
 
         onnx_path = export_onnx(result.model, tmp_path / "tiny.onnx", cfg.input_size)
         assert check_onnx(result.model, onnx_path, cfg.input_size, batch=5) < 1e-4

@@ -96,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--workers", type=int, default=DEFAULTS.num_workers, help="DataLoader workers (blend+augment)")
     t.add_argument("--out", type=Path, default=ROOT / "out" / "train-lite0", help="run folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (a fine-tuning phase, with "
+                   "its own settings and schedule), not from ImageNet")
     e = p.add_argument_group("export and calibration")
     e.add_argument("--export", type=Path, help="ONNX path to write (its card goes beside it); default OUT/model.onnx")
     e.add_argument("--name", help="model name in the card (default: the ONNX file's stem)")
@@ -325,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = config_of(args)
     t = time.perf_counter()
-    result = train(faces, split.train_idx, split.val_idx, cfg, out, resume=args.resume, progress=not args.quiet)
+    result = train(faces, split.train_idx, split.val_idx, cfg, out, resume=args.resume, progress=not args.quiet,
+                   init_from=args.init_from)
     times["train_s"] = round(time.perf_counter() - t, 1)
     save_history(result.history, out / "history.json", out / "curves.png")
 

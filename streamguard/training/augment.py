@@ -39,6 +39,7 @@ class AugmentConfig:
     p_jpeg: float = 0.5
     jpeg_quality: tuple[int, int] = (40, 95)
     p_beauty: float = 0.0
+    p_sharpen: float = 0.0
     p_codec: float = 0.0
     vp8_share: float = 0.3  # of the codec draws; the rest are H.264
     h264_crf: tuple[int, int] = (18, 40)  # x264 CRF: 23 is its default, ~35-40 a congested call
@@ -48,7 +49,7 @@ class AugmentConfig:
 # What a live call does (the default model's recipe): a codec on half the faces, beauty filters, rolls.
 CALL_AUGMENT = AugmentConfig(
     p_geometry=0.3, max_shift=0.0, max_zoom=0.0, max_rotate=10.0, p_colour=0.3, p_blur=0.1, p_noise=0.15,
-    p_downscale=0.25, p_jpeg=0.2, p_beauty=0.15, p_codec=0.5,
+    p_downscale=0.3, min_downscale=0.35, p_jpeg=0.2, p_beauty=0.15, p_sharpen=0.2, p_codec=0.5,
 )
 
 
@@ -133,6 +134,14 @@ def beauty_filter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(a * smooth.astype(np.float32) + (1 - a) * img.astype(np.float32), 0, 255).astype(np.uint8)
 
 
+def unsharp(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A camera's or an editor's sharpening over the whole frame (unsharp mask). SBI sharpens one side of a blend,
+    so without this a uniformly crisp real photo (a retouched red-carpet portrait) reads as fake."""
+    blur = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.6, 1.6)))
+    amount = float(rng.uniform(0.3, 1.2))
+    return np.clip(img.astype(np.float32) * (1 + amount) - blur.astype(np.float32) * amount, 0, 255).astype(np.uint8)
+
+
 def _even(img: np.ndarray) -> np.ndarray:
     """yuv420p needs even sides: pad one replicated row/column where a side is odd."""
     h, w = img.shape[:2]
@@ -214,6 +223,8 @@ def augment_with_mask(
         out = colour(out, rng)
     if rng.random() < cfg.p_beauty:
         out = beauty_filter(out, rng)
+    if rng.random() < cfg.p_sharpen:
+        out = unsharp(out, rng)
     if rng.random() < cfg.p_blur:
         out = gaussian_blur(out, rng)
     if rng.random() < cfg.p_noise:

@@ -279,8 +279,12 @@ def train(
     out_dir: Path,
     resume: bool = False,
     progress: bool = True,
+    init_from: Path | None = None,
 ) -> TrainResult:
-    """Train on faces[train_idx] (+ pseudo-fakes), validate on faces[val_idx] (+ fresh ones) after each epoch."""
+    """Train on faces[train_idx] (+ pseudo-fakes), validate on faces[val_idx] (+ fresh ones) after each epoch.
+
+    `init_from`: a checkpoint of an earlier run whose weights this one starts from (a fine-tuning phase with its own
+    settings and schedule); `resume` continues this run's own checkpoint instead."""
     if cfg.paired and cfg.batch_size % 2:
         raise ValueError("paired batches need an even batch_size")
     t_start = time.perf_counter()
@@ -289,6 +293,9 @@ def train(
     seed_everything(cfg.seed, cfg.threads)
 
     model = build_model(cfg.frozen_blocks, cfg.dropout, cfg.topk_fraction, cfg.pretrained)
+    if init_from is not None:
+        model.load_state_dict(torch.load(init_from, map_location="cpu", weights_only=False)["model"])
+        log.info("weights from %s", init_from)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
     if cfg.input_size % model.stride:
         raise ValueError(f"input_size must be a multiple of {model.stride}")
