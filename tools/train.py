@@ -96,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--workers", type=int, default=DEFAULTS.num_workers, help="DataLoader workers (blend+augment)")
     t.add_argument("--out", type=Path, default=ROOT / "out" / "train-lite0", help="run folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--stop-after", type=int, help="end after this many epochs of the --epochs schedule")
     t.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (a fine-tuning phase, with "
                    "its own settings and schedule), not from ImageNet")
     e = p.add_argument_group("export and calibration")
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_of(args)
     t = time.perf_counter()
     result = train(faces, split.train_idx, split.val_idx, cfg, out, resume=args.resume, progress=not args.quiet,
-                   init_from=args.init_from)
+                   init_from=args.init_from, stop_after=args.stop_after)
     times["train_s"] = round(time.perf_counter() - t, 1)
     save_history(result.history, out / "history.json", out / "curves.png")
 

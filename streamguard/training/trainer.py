@@ -280,11 +280,13 @@ def train(
     resume: bool = False,
     progress: bool = True,
     init_from: Path | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train on faces[train_idx] (+ pseudo-fakes), validate on faces[val_idx] (+ fresh ones) after each epoch.
 
     `init_from`: a checkpoint of an earlier run whose weights this one starts from (a fine-tuning phase with its own
-    settings and schedule); `resume` continues this run's own checkpoint instead."""
+    settings and schedule); `resume` continues this run's own checkpoint instead. `stop_after`: end after that many
+    epochs of the schedule (the checkpoint is kept; the schedule is still the one of `cfg.epochs`)."""
     if cfg.paired and cfg.batch_size % 2:
         raise ValueError("paired batches need an even batch_size")
     t_start = time.perf_counter()
@@ -307,7 +309,7 @@ def train(
     keys = eval_keys(faces, val_idx, cfg.val_sbi_per_face, cfg.seed, cfg.val_xray_per_face if cfg.xray_share else 0)
     val_scores = val_labels = None
 
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, min(cfg.epochs, stop_after or cfg.epochs)):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: the same per epoch, with or without a resume
