@@ -168,7 +168,7 @@ def test_dockerfiles(name: str) -> None:
         (tag,) = [v.split("=", 1)[1] for k, v in ins if k == "ARG" and v.startswith("TENSORRT_TAG=")]
         assert re.fullmatch(r"24\.\d\d-py3", tag), tag
         assert froms == ["nvcr.io/nvidia/tensorrt:${TENSORRT_TAG}"]
-        assert any(k == "RUN" and 'pip install ".[gpu]"' in v for k, v in ins)
+        assert any(k == "RUN" and 'pip install ".[gpu,cluster]"' in v for k, v in ins)
     users = [v for k, v in ins if k == "USER"]
     assert users and not users[-1].startswith(("root", "0")), "the image must not run as root"
     assert "HEALTHCHECK" in kinds and "/healthz" in dict(ins)["HEALTHCHECK"]
