@@ -44,6 +44,7 @@ class Follower:
         self.name = name or stream
         self.ready = asyncio.Event()
         self.restarts = 0
+        self._ready_at: int | None = None  # caught up once last_seq reaches it
         self._queue: asyncio.Queue[Msg] = asyncio.Queue(QUEUE_SIZE)
         self._sub: JetStreamContext.PushSubscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -68,8 +69,13 @@ class Follower:
                                         opt_start_seq=self.last_seq + 1)
         self._sub = await self._js.subscribe(self.subject, stream=self.stream, cb=self._queue.put, config=config,
                                              ordered_consumer=True, idle_heartbeat=IDLE_HEARTBEAT_S)
-        if not self.ready.is_set() and (await self._sub.consumer_info()).num_pending == 0:
-            self.ready.set()  # nothing to catch up with
+        if not self.ready.is_set():
+            # num_pending counts what the server has not sent yet: 0 with messages still in our queue. Caught up
+            # means handled up to the last one it sent by then.
+            info = await self._sub.consumer_info()
+            if not info.num_pending:
+                self._ready_at = info.delivered.stream_seq if info.delivered else 0
+                self._check_ready()
 
     async def _unsubscribe(self) -> None:
         if self._sub is not None:
@@ -88,6 +94,11 @@ class Follower:
                 self.last_seq = fresh[-1].metadata.sequence.stream
             if batch[-1].metadata.num_pending == 0:
                 self.ready.set()
+            self._check_ready()
+
+    def _check_ready(self) -> None:
+        if self._ready_at is not None and self.last_seq >= self._ready_at:
+            self.ready.set()
 
     async def _handle_until_done(self, batch: list[Msg]) -> None:
         """A failing handler (a full disk) is retried, not skipped: the stream's order is the point."""

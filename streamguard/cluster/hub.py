@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -49,6 +50,8 @@ class ClusterHub(EventHub):
         self._follower: Follower | None = None
         self.log_last_seq = 0  # the log's last seq, last time it was asked (for the lag metric)
         self.undecodable = 0
+        self._deadline: float | None = None  # set by stopping(): monotonic time after which publishes give up
+        self._give_up: asyncio.Task[None] | None = None
 
     @property
     def materialised_seq(self) -> int:
@@ -120,19 +123,37 @@ class ClusterHub(EventHub):
             if future is not None and not future.done():
                 future.set_result(event)
 
+    def stopping(self) -> None:
+        """The service is stopping: from now on NATS has `flush_timeout_s` to take what is published (the streams'
+        last events); a publish still waiting then fails, so the stop never hangs on an unreachable NATS."""
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self._flush_timeout_s
+            self._give_up = asyncio.get_running_loop().create_task(self._fail_waiting_at_deadline())
+
+    def _left_s(self) -> float:
+        return max(0.0, (self._deadline or 0.0) - time.monotonic())
+
+    async def _fail_waiting_at_deadline(self) -> None:
+        await asyncio.sleep(self._left_s())
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        lost = [f for f in self._waiting.values() if not f.done()]
+        for future in lost:
+            future.set_exception(ClusterUnavailable("NATS did not take the event before the service stopped"))
+        if lost:
+            log.error("cluster: %d event(s) not published: NATS did not take them within %g s of the stop",
+                      len(lost), self._flush_timeout_s)
+
     async def close(self) -> None:
-        """Give NATS `flush_timeout_s` to take what is queued, fail the publishes it did not take, then close."""
-        if self._waiting:
-            left = await self._log.drain(self._flush_timeout_s)
-            pending = [f for f in self._waiting.values() if not f.done()]
-            if pending:
-                await asyncio.wait(pending, timeout=self._flush_timeout_s if not left else 0.5)
-            lost = [f for f in self._waiting.values() if not f.done()]
-            for future in lost:
-                future.set_exception(ClusterUnavailable("NATS did not take the event before the service stopped"))
-            if lost:
-                log.error("cluster: %d event(s) not published: NATS did not take them within %g s", len(lost),
-                          self._flush_timeout_s)
+        """Wait (up to the stop's deadline) for what is queued to reach the log and come back, then close."""
+        self.stopping()
+        pending = [f for f in self._waiting.values() if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self._left_s())
+        self._fail_waiting()
+        if self._give_up is not None:
+            self._give_up.cancel()
         if self._follower is not None:
             await self._follower.close()
         await super().close()

@@ -131,8 +131,10 @@ class ClusterNode:
         self._wake.set()
 
     def stop_scheduling(self) -> None:
-        """The service is stopping: take no more streams (the leases held are renewed until close)."""
+        """The service is stopping: take no more streams (the leases held are renewed until close), and give NATS
+        `flush_timeout_s` to take the last events."""
         self._scheduling = False
+        self.hub.stopping()
 
     async def close(self) -> None:
         """After the service stopped its streams and closed the hub: give the leases up, say goodbye, disconnect."""
