@@ -1,7 +1,7 @@
 """A real NATS server with JetStream for the cluster tests: Debian's `nats-server` (2.9), run with `-js`.
 
-`NatsServer` starts one on a free port with its own store folder, and can be killed (SIGKILL) and started again on
-the same port and store, as an operator's restart would. `log_messages` reads a JetStream stream from its start
+`NatsServer` starts one on a free port with its own store folder, and can be stopped (SIGTERM) or killed (SIGKILL)
+and started again on the same port and store. `log_messages` reads a JetStream stream from its start
 with the server's own API (a direct `get_msg` per seq), independent of the code under test.
 """
 
@@ -68,6 +68,13 @@ class NatsServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        """SIGTERM, as a restart by an operator or an orchestrator does: the server flushes its store and exits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
         self.proc = None
 
     def __enter__(self) -> NatsServer:

@@ -72,9 +72,7 @@ class ClusterHub(EventHub):
             # Retention removed events from the log that this store never got: what it holds before them can no
             # longer be replayed without a hole, so it goes too, and a replay from there gets a feed.gap.
             await asyncio.to_thread(self._drop_through, first - 1)
-        self._follower = Follower(self._link.js, self._log.settings.events_stream,
-                                  f"{self._log.settings.subject_prefix}.events.>", self._materialise,
-                                  start_seq=start, name="event log")
+        self._follower = self._new_follower(start)
         await self._follower.start()
         await self._follower.ready.wait()
 
@@ -122,6 +120,32 @@ class ClusterHub(EventHub):
             future = self._waiting.pop(msg_id, None) if msg_id else None
             if future is not None and not future.done():
                 future.set_result(event)
+
+    async def check_log(self) -> None:
+        """Find out whether the log lost events this store has (its last seq is now below what was read: a single
+        NATS server that crashed loses its last writes) and, if so, drop them here too and read on from there, so
+        every instance keeps the log's own order. Publishers waiting for a lost event fail (it was acknowledged,
+        then lost); subscribers that had read past the end are told to resync (4409)."""
+        read = self.materialised_seq  # before asking: what the follower reads later exists in the log
+        last = await self._log.last_seq()
+        if last is not None:
+            self.log_last_seq = last  # for the lag metric
+        if last is None or last >= read or self._follower is None:
+            return
+        log.error("cluster: the event log ends at seq %d, but this instance had read up to %d: NATS lost its latest "
+                  "writes (run it with 3 replicas: cluster.replicas); dropping them here too", last, read)
+        await self._follower.close()
+        await self.truncate_after(last)
+        for msg_id, future in list(self._waiting.items()):
+            if not self._log.is_queued(msg_id) and not future.done():
+                future.set_exception(ClusterUnavailable("NATS acknowledged the event, then lost it"))
+        self._follower = self._new_follower(last + 1)
+        await self._follower.start()
+
+    def _new_follower(self, start_seq: int) -> Follower:
+        settings = self._log.settings
+        return Follower(self._link.js, settings.events_stream, f"{settings.subject_prefix}.events.>",
+                        self._materialise, start_seq=start_seq, name="event log")
 
     def stopping(self) -> None:
         """The service is stopping: from now on NATS has `flush_timeout_s` to take what is published (the streams'

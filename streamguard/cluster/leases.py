@@ -76,11 +76,34 @@ class Leases:
             update = self._kv.update(key_of(stream_id), self._value, last=lease.revision)
             lease.revision = await asyncio.wait_for(update, self.fence_s / 4)
         except (KeyWrongLastSequenceError, KeyNotFoundError):
-            return False
+            revision = await self._still_ours(stream_id)
+            if revision is None:
+                return False
+            lease.revision = revision
         except Exception:  # noqa: BLE001 - timed out or disconnected
             return None
         lease.renewed_at = sent
         return True
+
+    async def _still_ours(self, stream_id: str) -> int | None:
+        """The revision of a lease whose last renewals a restarted NATS lost (a single server killed loses its last
+        writes): the entry still names this instance and boot, or is gone and can be created again. None: lost."""
+        key = key_of(stream_id)
+        try:
+            entry = await self._kv.get(key)
+        except KeyNotFoundError:
+            try:
+                return await self._kv.create(key, self._value)
+            except Exception:  # noqa: BLE001 - taken meanwhile, or NATS away again
+                return None
+        except Exception:  # noqa: BLE001 - NATS away again: count it lost, the scheduler takes it again
+            return None
+        if entry.value != self._value or entry.revision is None:
+            return None
+        try:
+            return await self._kv.update(key, self._value, last=entry.revision)
+        except Exception:  # noqa: BLE001 - another instance was faster
+            return None
 
     async def release(self, stream_id: str) -> None:
         """Give the lease up (after the stream stopped), so another instance can take it at once."""

@@ -96,6 +96,10 @@ class EventLog:
     def queued(self) -> int:
         return len(self._queue)
 
+    def is_queued(self, msg_id: str) -> bool:
+        """Still to be sent (or resent): not acknowledged yet."""
+        return msg_id in self._queue
+
     def submit(self, event: dict[str, Any]) -> str:
         """Queue one event (the envelope without seq) for the log; returns its message id."""
         self._next += 1

@@ -188,9 +188,7 @@ class ClusterNode:
         if self.link.connected:
             self.members.expire()
             await self._publish_state()
-            last = await self.log.last_seq()
-            if last is not None:
-                self.hub.log_last_seq = max(self.hub.log_last_seq, last)
+            await self.hub.check_log()
 
     async def _publish_state(self) -> None:
         state = MemberState(instance=self.me, boot=self.boot, started_at=self.started_at,

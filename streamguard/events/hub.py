@@ -141,6 +141,14 @@ class _Sequenced:
 
 
 @dataclass(slots=True)
+class _Truncate:
+    """Drop the events after `seq` (see `EventHub.truncate_after`)."""
+
+    seq: int
+    future: asyncio.Future[int]
+
+
+@dataclass(slots=True)
 class _Prune:
     """Apply retention now; the future gets the number of events the pass deleted."""
 
@@ -388,7 +396,7 @@ class EventHub:
         self._subscribers: set[Subscription] = set()
         self._last_delivered = store.last_seq()  # highest seq fanned out; where a live-only subscriber starts
         self._pending: set[asyncio.Future[Any]] = set()
-        self._requests: queue.SimpleQueue[_Request | _Sequenced | _Prune | _Stop] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[_Request | _Sequenced | _Truncate | _Prune | _Stop] = queue.SimpleQueue()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # One writer thread: seqs are assigned in queue order, and the SQLite write + fsync never runs on the loop.
@@ -434,6 +442,14 @@ class EventHub:
         self._track(future)
         self._requests.put(_Sequenced(events, future))
         return future
+
+    async def truncate_after(self, seq: int) -> int:
+        """Drop the stored events after `seq`, after everything queued before, because the log that sequenced them
+        lost them; subscribers that had read past it are ended (CursorAhead: resync). Returns the number dropped."""
+        future: asyncio.Future[int] = self._check_loop().create_future()
+        self._track(future)
+        self._requests.put(_Truncate(seq, future))
+        return await future
 
     async def cursor_limit(self) -> int:
         """The highest `since` a client may resume from: the last seq of the log (here, the store)."""
@@ -527,6 +543,8 @@ class EventHub:
                 self._commit(batch)
             if isinstance(tail, _Sequenced):
                 self._commit_sequenced(tail)
+            elif isinstance(tail, _Truncate):
+                self._truncate(tail)
             elif isinstance(tail, _Prune):
                 if pruning.due is None:
                     self._settle(tail.future, 0)
@@ -538,8 +556,8 @@ class EventHub:
                 return
 
     def _take_batch(
-        self, first: _Request | _Sequenced | _Prune | _Stop
-    ) -> tuple[list[_Request], _Sequenced | _Prune | _Stop | None]:
+        self, first: _Request | _Sequenced | _Truncate | _Prune | _Stop
+    ) -> tuple[list[_Request], _Sequenced | _Truncate | _Prune | _Stop | None]:
         """Group commit: `first` and whatever else is queued, in order, up to max_batch or the first control item."""
         batch: list[_Request] = []
         item = first
@@ -573,6 +591,24 @@ class EventHub:
         assert self._loop is not None  # set by the append_sequenced that queued it
         with contextlib.suppress(RuntimeError):  # loop already closed: written, nobody left to tell
             self._loop.call_soon_threadsafe(self._deliver_sequenced, written, item.future)
+
+    def _truncate(self, item: _Truncate) -> None:
+        try:
+            n = self.store.truncate_after(item.seq)
+        except BaseException as exc:
+            self._settle(item.future, exc)
+            return
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._after_truncate, item.seq, n, item.future)
+
+    def _after_truncate(self, seq: int, n: int, future: asyncio.Future[int]) -> None:
+        self._last_delivered = min(self._last_delivered, seq)
+        for sub in list(self._subscribers):
+            if max(sub.last_seq, sub._fetched) > seq:
+                sub._end(CursorAhead(f"the log lost its events after seq {seq}; resync with since=0", None))
+        if not future.done():
+            future.set_result(n)
 
     def _prune_step(self, pruning: _Pruning) -> None:
         """One retention transaction. A full chunk means more to delete: the next one follows the next commit

@@ -257,6 +257,27 @@ class EventStore:
                 raise
         return written
 
+    def truncate_after(self, seq: int) -> int:
+        """Delete every event after `seq`, with the alerts they raised and the clearings they recorded, so later
+        events take those seqs: the log kept elsewhere lost them (cluster mode: a single NATS server that crashed
+        loses its last writes). Returns the number of events deleted."""
+        with self._wlock:
+            self._check_open()
+            c = self._w
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                n = c.execute("DELETE FROM events WHERE seq > ?", (seq,)).rowcount
+                c.execute("DELETE FROM alerts WHERE raised_seq > ?", (seq,))
+                c.execute("UPDATE alerts SET cleared_seq = NULL, cleared_ts = NULL, clear_reason = NULL"
+                          " WHERE cleared_seq > ?", (seq,))
+                c.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'events' AND seq > ?", (seq, seq))
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+        return n
+
     @staticmethod
     def _insert_event(c: sqlite3.Connection, etype: EventType, stream_id: str | None, participant_id: str | None,
                       data: dict[str, Any], ts: float, seq: int | None) -> int:
