@@ -22,15 +22,12 @@ class ClusterCollector(Collector):
         hub, counters = node.hub, node.log.counters
         yield GaugeMetricFamily("streamguard_cluster_connected", "1 while connected to NATS",
                                 value=int(node.link.connected))
-        members = getattr(node, "members", None)
         yield GaugeMetricFamily("streamguard_cluster_instances", "Live instances this instance sees (itself "
-                                "included)", value=len(members.live()) if members else 0)
-        registry = getattr(node, "registry", None)
+                                "included)", value=len(node.members.live()))
         yield GaugeMetricFamily("streamguard_cluster_streams_registered", "Pull streams registered in the cluster",
-                                value=len(registry.entries) if registry else 0)
-        leases = getattr(node, "leases", None)
+                                value=len(node.registry.entries))
         yield GaugeMetricFamily("streamguard_cluster_streams_owned", "Pull streams whose lease this instance holds",
-                                value=len(leases.held) if leases else 0)
+                                value=len(node.leases.held))
         yield CounterMetricFamily("streamguard_cluster_lease_takeovers", "Streams this instance took over from "
                                   "another instance (gone, or that did not start them)", value=node.stats.takeovers)
         yield CounterMetricFamily("streamguard_cluster_leases_lost", "Streams stopped here because their lease was "

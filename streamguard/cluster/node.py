@@ -69,6 +69,7 @@ class ClusterNode:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._followers: list[Follower] = []
+        self._started = False  # start() ran: there are leases, a state and a subscription to give back at close
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -79,13 +80,18 @@ class ClusterNode:
         try:
             await self.log.open(events.retention_days, events.max_events)
             await self.evidence.open(events.retention_days)
-            self._registry_kv = await self._bucket(s.streams_bucket, None)
+            registry_kv = await self._bucket(s.streams_bucket, None)
             self._leases_kv = await self._bucket(s.leases_bucket, s.lease_ttl_s)
-            self._members_kv = await self._bucket(s.instances_bucket, s.lease_ttl_s)
+            members_kv = await self._bucket(s.instances_bucket, s.lease_ttl_s)
         except Exception as exc:
             await self.link.close()
             raise ClusterUnavailable(f"cluster: NATS at {s.redacted_url} has no usable JetStream (is it started "
                                      f"with -js?): {self.link.scrub(exc) or type(exc).__name__}") from None
+        self.registry = Registry(registry_kv, self._wake.set)
+        self.members = Members(members_kv, self.me, s.lease_ttl_s, self._wake.set, self._on_gone)
+        self.leases = Leases(self._leases_kv, self.me, self.boot, fence_s=s.lease_ttl_s - 2 * s.heartbeat_s)
+        self.views = ClusterViews(self)
+        self.rpc = Rpc(self.link, s.subject_prefix, self.me)
 
     async def _bucket(self, name: str, ttl_s: float | None) -> KeyValue:
         js = self.link.js
@@ -106,17 +112,13 @@ class ClusterNode:
         s = self.settings
         self._loops.append(asyncio.create_task(self.log.run(), name="cluster-publish"))
         await self.hub.follow()
-        self.registry = Registry(self._registry_kv, self._wake.set)
-        self.members = Members(self._members_kv, self.me, s.lease_ttl_s, self._wake.set, self._on_gone)
-        self.leases = Leases(self._leases_kv, self.me, self.boot, fence_s=s.lease_ttl_s - 2 * s.heartbeat_s)
-        self.views = ClusterViews(self)
+        self._started = True
         for bucket, apply in ((s.streams_bucket, self.registry.apply), (s.instances_bucket, self.members.apply)):
             follower = Follower(self.link.js, f"KV_{bucket}", f"$KV.{bucket}.>", apply, last_per_subject=True,
                                 name=bucket)
             await follower.start()
             self._followers.append(follower)
         await asyncio.gather(*(f.ready.wait() for f in self._followers))
-        self.rpc = Rpc(self.link, s.subject_prefix, self.me)
         await self.rpc.serve(self._answer)
         await self._publish_state()
         for spec in streams:
@@ -141,7 +143,7 @@ class ClusterNode:
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
-        if hasattr(self, "leases"):
+        if self._started:
             for sid in list(self.leases.held):
                 await self.leases.release(sid)
             try:
@@ -160,7 +162,7 @@ class ClusterNode:
 
     def _connectivity(self, connected: bool, reason: str) -> None:
         self.service.report_health("cluster", connected, reason)
-        if connected and hasattr(self, "members"):
+        if connected and self._started:
             self.members.touch_all()  # silent while this one was cut off, not gone: hear from them first
             self._settle_until = time.monotonic() + 2 * self.settings.heartbeat_s
             self._wake.set()
