@@ -183,7 +183,11 @@ class Node:
         self.hub = ClusterHub(self.store, log=self.log, link=self.link, evidence=self.evidence,
                               flush_timeout_s=self.settings.flush_timeout_s)
         self.publisher = asyncio.create_task(self.log.run())
-        await self.hub.follow()
+        try:
+            await self.hub.follow()
+        except Exception:
+            await self.stop()
+            raise
         return self
 
     async def stop(self) -> None:
@@ -279,6 +283,14 @@ async def test_a_store_that_stopped_catches_up_and_an_unreachable_nats_is_a_clea
         await b.hub.publish(draft(n))
     again = await nodes("a")  # the same store, which holds 1..5
     assert [e.data["reason"] for e in again.store.since(0)] == [f"n={n}" for n in range(12)]
+    # A data dir a single-mode instance used holds other events under the same seqs: refused, not mixed in.
+    from streamguard.cluster.hub import ForeignStore
+    from streamguard.events.store import EventStore
+
+    with EventStore(tmp_path / "single" / "events.sqlite3") as single:
+        single.append(draft(0))
+    with pytest.raises(ForeignStore, match="not from the cluster's log"):
+        await nodes("single")
     with pytest.raises(ClusterUnavailable) as err:
         await probe(settings(f"nats://bob:{SECRET}@127.0.0.1:1", "x", connect_timeout_s=1.0))
     assert "cannot reach NATS at nats://***@127.0.0.1:1" in str(err.value) and SECRET not in str(err.value)

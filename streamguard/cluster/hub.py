@@ -17,6 +17,7 @@ No client sees an event JetStream has not acknowledged, since clients only read 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -33,7 +34,12 @@ from streamguard.events.store import EventStore
 
 log = logging.getLogger(__name__)
 
+MARKER = "cluster-log.json"  # in the data dir: which log the store is a copy of
 UNKNOWN_LIMIT = 2**63 - 1  # while NATS is unreachable, a client's `since` cannot be checked: it is taken as is
+
+
+class ForeignStore(ValueError):
+    """The data dir's store holds events of another log, whose seqs would mix with this one's."""
 
 
 class ClusterHub(EventHub):
@@ -66,6 +72,7 @@ class ClusterHub(EventHub):
 
     async def follow(self) -> None:
         """Start reading the log into the store after its last seq; returns once caught up with the log."""
+        await self._check_store_is_a_copy()
         start = self.store.last_seq() + 1
         first = await self._log.first_seq()
         if first is not None and first > start and start > 1:
@@ -75,6 +82,21 @@ class ClusterHub(EventHub):
         self._follower = self._new_follower(start)
         await self._follower.start()
         await self._follower.ready.wait()
+
+    async def _check_store_is_a_copy(self) -> None:
+        """A store is the copy of one log: one that holds other events (a single-mode instance's data dir, another
+        cluster's) is refused rather than mixed with this log by seq."""
+        marker = self.store.path.parent / MARKER
+        ours = await self._log.identity()
+        if marker.exists():
+            if json.loads(marker.read_text()) != ours:
+                raise ForeignStore(f"data_dir {marker.parent}: its store is a copy of another event log "
+                                   f"({marker.read_text().strip()}); give this instance an empty data_dir")
+        elif self.store.last_seq() > 0:
+            raise ForeignStore(f"data_dir {marker.parent}: its store holds events that are not from the cluster's "
+                               "log (a single-mode instance's); give this instance an empty data_dir")
+        else:
+            marker.write_text(json.dumps(ours) + "\n")
 
     def _drop_through(self, seq: int) -> None:
         while self.store.prune(through_seq=seq, limit=2000) == 2000:

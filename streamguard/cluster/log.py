@@ -123,6 +123,11 @@ class EventLog:
         except Exception:  # noqa: BLE001 - unreachable or timed out: the caller decides without it
             return None
 
+    async def identity(self) -> dict[str, str]:
+        """What tells this log from another of the same name: the stream's name and when it was created."""
+        info = await self._link.js.stream_info(self.settings.events_stream)
+        return {"events_stream": self.settings.events_stream, "created": str(info.created)}
+
     async def first_seq(self) -> int | None:
         try:
             return int((await self._link.js.stream_info(self.settings.events_stream)).state.first_seq)
