@@ -316,7 +316,7 @@ async def client_saw_the_log(cluster: Cluster, client: ResumingClient) -> None:
     msgs = await log_messages(cluster.nats.url, LOG)
     seqs = [e["seq"] for e in client.events]
     assert seqs == list(range(1, len(seqs) + 1)), "the client missed or repeated an event"
-    assert len(msgs) >= len(seqs) and client.connections >= 10
+    assert len(msgs) >= len(seqs) and client.connections >= 5  # it resumed across the kill and the restart
     for got, msg in zip(client.events, msgs, strict=False):
         assert got["seq"] == msg["seq"]
         assert {k: got[k] for k in ("ts", "type", "stream_id", "participant_id", "data")} == msg["event"], got
