@@ -341,6 +341,7 @@ def serve(
         _serve_error(f"cannot load model {cfg.model!r}: {exc}")
     _check_thresholds(cfg, card)
     _check_data_dir(cfg.data_dir, data_dir is not None)
+    _check_cluster(cfg)
     sock = _bind(cfg.host, cfg.port, port is not None, host is not None)
     try:
         _load_model(cfg.model)  # fail fast, with the flag named, before the server starts
@@ -415,6 +416,20 @@ def _check_thresholds(cfg: ServiceConfig, card: ModelCard) -> None:
         else:
             fields = ["scoring.raise_threshold", "scoring.clear_threshold"]
         _serve_error(f"{', '.join(fields)}: {exc} (model {card.name})" + "".join(_where(f) for f in fields))
+
+
+def _check_cluster(cfg: ServiceConfig) -> None:
+    """Cluster mode: NATS must answer, with JetStream (what Service.start connects to), said now and named."""
+    if not cfg.cluster.enabled:
+        return
+    import asyncio
+
+    from streamguard.cluster.link import ClusterUnavailable, probe
+
+    try:
+        asyncio.run(probe(cfg.cluster))
+    except ClusterUnavailable as exc:
+        _serve_error(f"{exc}{_where('cluster.nats_url')}")
 
 
 def _check_data_dir(path: Path, from_flag: bool) -> None:

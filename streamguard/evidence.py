@@ -7,6 +7,7 @@ URLs are the API paths `evidence_path` gives.
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -24,12 +25,19 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     return bytes(buf.tobytes())
 
 
+class EvidenceCopy(Protocol):
+    """Where else evidence goes (cluster mode: the JetStream Object Store every instance reads)."""
+
+    async def put(self, alert_id: str, kind: EvidenceKind, data: bytes) -> None: ...
+
+
 class EvidenceMaker:
     """Makes and stores the evidence of an alert, off the event loop (the heatmap is ~50 model calls)."""
 
-    def __init__(self, classifier: Classifier, store: EventStore) -> None:
+    def __init__(self, classifier: Classifier, store: EventStore, copy: EvidenceCopy | None = None) -> None:
         self._classifier = classifier
         self._store = store
+        self._copy = copy
 
     async def __call__(self, alert_id: str, crop: np.ndarray, p_fake: float) -> dict[EvidenceKind, str]:
         """Store the face crop and its artefact heatmap; returns their API paths."""
@@ -41,4 +49,6 @@ class EvidenceMaker:
         images = await asyncio.to_thread(build)
         for kind, data in images.items():
             await asyncio.to_thread(self._store.put_evidence, alert_id, kind, EVIDENCE_MIME[kind], data)
+            if self._copy is not None:
+                await self._copy.put(alert_id, kind, data)
         return {kind: evidence_path(alert_id, kind) for kind in images}

@@ -8,12 +8,16 @@ by a collector instead of being mirrored into gauges that could drift.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from streamguard import __version__
+
+if TYPE_CHECKING:
+    from streamguard.cluster.node import ClusterNode
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -85,6 +89,12 @@ class Metrics:
     def watch(self, snapshot: Callable[[], dict]) -> None:
         """Register the scrape-time collector of the service's live state."""
         self.registry.register(_LiveCollector(snapshot))
+
+    def watch_cluster(self, node: ClusterNode) -> None:
+        """Cluster mode: the streamguard_cluster_* metrics (streamguard/cluster/metrics.py)."""
+        from streamguard.cluster.metrics import ClusterCollector
+
+        self.registry.register(ClusterCollector(node))
 
     def on_batch(self, size: int, seconds: float, backend: str) -> None:
         self.inference_batch.labels(backend).observe(size)

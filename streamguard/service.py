@@ -8,7 +8,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -33,6 +33,9 @@ from streamguard.participants import Roster
 from streamguard.scoring.live import ParticipantState
 from streamguard.types import SampledFrame
 from streamguard.worker import StreamWorker, WorkerDeps
+
+if TYPE_CHECKING:
+    from streamguard.cluster.node import ClusterNode
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class StreamInfo(BaseModel):
     verdict: Literal["alert", "suspicious", "clear", "pending"]
     alerts_active: int
     max_smoothed: float | None = Field(description="highest smoothed P(fake) among the stream's participants")
+    instance: str | None = Field(None, description="cluster mode: the instance that runs it (null: none yet)")
 
 
 class ParticipantInfo(BaseModel):
@@ -74,6 +78,7 @@ class ParticipantInfo(BaseModel):
     first_seen_ts: float
     last_seen_ts: float
     sparkline: list[tuple[float, float]]
+    instance: str | None = Field(None, description="cluster mode: the instance its stream runs on")
 
 
 class _Stream:
@@ -140,12 +145,18 @@ class Service:
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()  # state events and end paths in flight
         self.ws_clients = 0
+        self.cluster: ClusterNode | None = None  # cluster mode (config.cluster.nats_url): streamguard/cluster/
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.cluster.enabled:  # before the model loads: an unreachable NATS fails the start at once
+            from streamguard.cluster.node import ClusterNode
+
+            self.cluster = ClusterNode(self)
+            await self.cluster.connect()
         degraded_reason = await self._load_classifier()
         try:  # thresholds derived from the card may not fit it (card 0.88 + margin 0.2 > 1): refuse now, not per frame
             cfg.scoring.thresholds(CardThresholds.from_card(self.classifier.card))
@@ -153,15 +164,16 @@ class Service:
             raise ValueError(f"scoring: {exc} (model {self.classifier.card.name})") from None
         self.store = EventStore(cfg.data_dir / "events.sqlite3")
         ev = cfg.events
-        self.hub = EventHub(self.store, client_queue_size=ev.client_queue_size,
-                            slow_consumer_grace_s=ev.slow_consumer_grace_s, retention_days=ev.retention_days,
-                            max_events=ev.max_events)
+        options: dict[str, Any] = dict(client_queue_size=ev.client_queue_size, max_events=ev.max_events,
+                                       slow_consumer_grace_s=ev.slow_consumer_grace_s, retention_days=ev.retention_days)
+        self.hub = self.cluster.make_hub(self.store, **options) if self.cluster else EventHub(self.store, **options)
         if degraded_reason:
             self._degraded.add("inference")
             await self.hub.publish(EventDraft(EventType.SERVICE_DEGRADED, None, None,
                                    {"component": "inference", "reason": degraded_reason, "active": True}))
         self._watch_inference()
-        await self._close_dangling_alerts()
+        if self.cluster is None:  # in a cluster, the alerts of a gone instance are cleared by another one
+            await self._close_dangling_alerts()
         await self._choose_decoding()
         decode = "nvdec" if self.hwdecode.hwaccel is not None else "cpu"
         self.metrics.set_info(self.classifier.card.name, self.classifier.backend, decode)
@@ -172,7 +184,8 @@ class Service:
         self.faces = FacePool(card, cfg.faces, threads=min(2, os.cpu_count() or 1))
         self.deps = WorkerDeps(
             faces=self.faces, batcher=self.batcher, hub=self.hub, metrics=self.metrics,
-            make_evidence=EvidenceMaker(self.classifier, self.store), window_s=cfg.scoring.window_s,
+            make_evidence=EvidenceMaker(self.classifier, self.store, self.cluster.evidence if self.cluster else None),
+            window_s=cfg.scoring.window_s,
             publish_scores=cfg.events.publish_scores,
         )
         self.whip = WhipManager(
@@ -181,7 +194,10 @@ class Service:
             ice_servers=rtc_ice_servers(cfg.whip.ice_servers), ice_transport_policy=cfg.whip.ice_transport_policy,
         )
         self.metrics.watch(self._snapshot)
-        for spec in cfg.streams:
+        if self.cluster is not None:  # config streams are registered cluster-wide and run where they are placed
+            await self.cluster.start(cfg.streams)
+            self.metrics.watch_cluster(self.cluster)
+        for spec in cfg.streams if self.cluster is None else []:
             await self.add_stream(spec)
         self._ready = True
         log.info("streamguard ready: model %s (%s), data in %s", card.name, self.classifier.backend, cfg.data_dir)
@@ -242,19 +258,25 @@ class Service:
         watch(changed)
 
     def _inference_health(self, healthy: bool, reason: str) -> None:
-        if self._stopping or healthy != ("inference" in self._degraded):
+        self.report_health("inference", healthy, reason)
+
+    def report_health(self, component: str, healthy: bool, reason: str) -> None:
+        """A component's outage or recovery (on the loop): listed by /readyz and published as `service.degraded`."""
+        if self._stopping or healthy != (component in self._degraded):
             return  # stopping, or no change (watch_health first replays the state the start already reported)
         if healthy:
-            self._degraded.discard("inference")
+            self._degraded.discard(component)
         else:
-            self._degraded.add("inference")
+            self._degraded.add(component)
         self._spawn(self._publish(EventDraft(EventType.SERVICE_DEGRADED, None, None,
-                                             {"component": "inference", "reason": reason, "active": not healthy})))
+                                             {"component": component, "reason": reason, "active": not healthy})))
 
     async def stop(self) -> None:
         """Close every stream (participants leave, streams close), then flush events and close the store."""
         self._ready = False
         self._stopping = True
+        if self.cluster is not None:
+            self.cluster.stop_scheduling()
         await self.whip.close_all()  # no new sessions; live ones end with "server shutdown"
         await self._finish_ended()  # their participants leave with that reason, their streams close
         await self._settle()  # and so do end paths that their own tasks had started
@@ -264,6 +286,8 @@ class Service:
         self.classifier.close()
         self.faces.close()
         await self.hub.close()
+        if self.cluster is not None:  # after the hub flushed its events to the log: leases go, then the connection
+            await self.cluster.close()
         self.store.close()
 
     async def _publish(self, draft: EventDraft) -> None:

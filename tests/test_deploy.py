@@ -168,7 +168,7 @@ def test_dockerfiles(name: str) -> None:
         (tag,) = [v.split("=", 1)[1] for k, v in ins if k == "ARG" and v.startswith("TENSORRT_TAG=")]
         assert re.fullmatch(r"24\.\d\d-py3", tag), tag
         assert froms == ["nvcr.io/nvidia/tensorrt:${TENSORRT_TAG}"]
-        assert any(k == "RUN" and 'pip install ".[gpu]"' in v for k, v in ins)
+        assert any(k == "RUN" and 'pip install ".[gpu,cluster]"' in v for k, v in ins)
     users = [v for k, v in ins if k == "USER"]
     assert users and not users[-1].startswith(("root", "0")), "the image must not run as root"
     assert "HEALTHCHECK" in kinds and "/healthz" in dict(ins)["HEALTHCHECK"]
@@ -308,3 +308,85 @@ def test_k8s_monitoring_matches_prometheus_rules() -> None:
     assert ep["authorization"]["credentials"] == {"name": "streamguard-token", "key": "token"}
     shipped = yaml.safe_load((DEPLOY / "prometheus/rules/streamguard.rules.yml").read_text())["groups"]
     assert rule["spec"]["groups"] == shipped, "k8s/monitoring/prometheusrule.yaml drifted from the rules file"
+
+
+# -- cluster mode -----------------------------------------------------------------------------------------------
+
+CLUSTER_INSTANCES = ["streamguard-1", "streamguard-2", "streamguard-3"]
+
+
+@pytest.fixture(scope="module")
+def compose_cluster() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.cluster.yaml").read_text())
+
+
+def test_compose_cluster_services_and_wiring(compose_cluster: dict) -> None:
+    """Three instances on one NATS (JetStream on, healthy before they start), the RTSP demo, Prometheus scraping
+    the three, Grafana; every STREAMGUARD_* variable a setting; the shared config valid for StreamGuard."""
+    from streamguard.config.service import _unknown_variables
+
+    services = compose_cluster["services"]
+    assert set(services) == {"nats", *CLUSTER_INSTANCES, "mediamtx", "demo-publisher", "prometheus", "grafana"}
+    nats = services["nats"]
+    assert nats["image"].startswith("nats:2.") and "-js" in nats["command"]
+    assert "/data" in nats["command"] and any(v.endswith(":/data") for v in nats["volumes"])
+    named_volumes = set(compose_cluster["volumes"])
+    ids, ports = set(), set()
+    for name in CLUSTER_INSTANCES:
+        sg = services[name]
+        assert sg["build"]["dockerfile"] == "deploy/Dockerfile" and sg["command"][:3] == ["serve", "--host", "0.0.0.0"]
+        assert sg["depends_on"]["nats"] == {"condition": "service_healthy"}
+        env = sg["environment"]
+        assert _unknown_variables(dict.fromkeys(env, "x")) == []
+        assert env["STREAMGUARD_CLUSTER__NATS_URL"] == "nats://nats:4222"
+        assert env["STREAMGUARD_TOKEN"].startswith("${STREAMGUARD_TOKEN:?")
+        ids.add(env["STREAMGUARD_CLUSTER__INSTANCE_ID"])
+        ports |= {p.split(":")[0] for p in sg["ports"]}
+        (config_mount,) = [m for m in sg["volumes"] if m.endswith(":/etc/streamguard/config.yaml:ro")]
+        cfg = load_config(DEPLOY / config_mount.split(":")[0])
+        assert [s.url for s in cfg.streams] == [services["demo-publisher"]["command"][-1]]
+        data = [m.split(":")[0] for m in sg["volumes"] if m.endswith(":/data")]
+        assert len(data) == 1 and data[0] in named_volumes
+    assert ids == set(CLUSTER_INSTANCES) and len(ports) == 3  # distinct ids, ports and data volumes
+    assert len({m for n in CLUSTER_INSTANCES for m in services[n]["volumes"] if m.endswith(":/data")}) == 3
+    prom_cmd = services["prometheus"]["command"]
+    assert "--config.file=/etc/prometheus/prometheus.cluster.yml" in prom_cmd
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.cluster.yml").read_text())
+    (job,) = prom["scrape_configs"]
+    assert job["job_name"] == "streamguard"
+    assert job["static_configs"][0]["targets"] == [f"{n}:8080" for n in CLUSTER_INSTANCES]
+    assert prom["rule_files"] == yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["rule_files"]
+    assert set(services["prometheus"]["depends_on"]) == set(CLUSTER_INSTANCES)
+
+
+def test_k8s_cluster_deployment_hpa_and_nats_chart(tmp_path: Path) -> None:
+    docs = by_kind(kustomize("cluster"))
+    assert "StatefulSet" not in docs and "PersistentVolumeClaim" not in docs and "Secret" not in docs
+    (dep,), (cm,), (hpa,), (svc,) = docs["Deployment"], docs["ConfigMap"], docs["HorizontalPodAutoscaler"], \
+        docs["Service"]
+    check_pod(dep, cm)
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert set(vols["data"]) == {"name", "emptyDir"}, "the store is a copy of the log: no volume per pod"
+    env = {e["name"]: e for e in container(dep)["env"]}
+    assert env["STREAMGUARD_CLUSTER__NATS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "streamguard-nats",
+                                                                                 "key": "url"}
+    assert env["STREAMGUARD_CLUSTER__INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    secret = load_all(K8S / "cluster" / "nats-secret.yaml")[0]
+    assert secret["metadata"]["name"] == "streamguard-nats" and secret["stringData"]["url"].startswith("nats://")
+    assert svc["spec"]["sessionAffinity"] == "None"  # WHIP session requests reach their pod through any pod
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "streamguard"}
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] == "streamguard_streams_active"
+    assert docs["PodDisruptionBudget"][0]["spec"]["maxUnavailable"] == 1
+    # the replicas of the log and buckets match the NATS servers of the chart's values
+    values = yaml.safe_load((K8S / "cluster" / "nats-values.yaml").read_text())
+    assert values["config"]["jetstream"]["enabled"] is True and values["config"]["cluster"]["enabled"] is True
+    assert int(env["STREAMGUARD_CLUSTER__REPLICAS"]["value"]) == values["config"]["cluster"]["replicas"]
+    assert "helm install nats nats/nats" in (K8S / "cluster" / "kustomization.yaml").read_text()
+    # a pod's settings are valid: the ConfigMap's config with the cluster variables
+    path = tmp_path / "config.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    cfg = load_config(path, cluster={"nats_url": secret["stringData"]["url"], "instance_id": "streamguard-abc12",
+                                     "replicas": 3})
+    assert cfg.cluster.enabled

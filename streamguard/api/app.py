@@ -3,7 +3,8 @@
 Routers: `streams` (streams and participants), `alerts` (alerts and evidence), `whip`, `events` (the WebSocket feed
 and its schema), `health` (probes, metrics, console); `errors` makes every error JSON; `auth` holds the token gate;
 handlers get the service through `deps`. Shutdown runs in the order `lifecycle` explains: the service stops before
-uvicorn closes the WebSockets.
+uvicorn closes the WebSockets. In cluster mode `cluster.streams` replaces `streams`, and `cluster.sessions` (WHIP
+sessions held by other instances) comes before `whip`: see api/cluster.py.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def create_app(service: Service) -> FastAPI:
     guarded = documented(api.token)  # the lock in /docs; the Gate does the checking
     routers = [(health.probes, []), (health.metrics, guarded), (streams.router, guarded), (alerts.router, guarded),
                (whip.router, guarded), (events.router, [])]  # events: the WebSocket checks the token itself
+    if service.config.cluster.enabled:
+        from streamguard.api import cluster  # imports nats: only in cluster mode
+
+        swapped = [(cluster.streams if r is streams.router else r, guards) for r, guards in routers]
+        routers = [(cluster.sessions, guarded), *swapped]
     for router, dependencies in routers:
         app.include_router(router, dependencies=dependencies)
     install_error_handlers(app, [*app.router.routes, *(route for router, _ in routers for route in router.routes)])

@@ -3,6 +3,7 @@
 Config imports no stage; stages import their section from here.
 """
 
+from streamguard.config.cluster import ClusterSettings
 from streamguard.config.service import OTHER_VARIABLES, ConfigError, ServiceConfig, load_config
 from streamguard.config.stages import (
     BatcherSettings,
@@ -23,6 +24,7 @@ __all__ = [
     "PULL_SCHEMES",
     "BatcherSettings",
     "CardThresholds",
+    "ClusterSettings",
     "ConfigError",
     "EventSettings",
     "FaceSettings",

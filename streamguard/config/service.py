@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from streamguard.config import stages
+from streamguard.config.cluster import ClusterSettings
 from streamguard.config.streams import StreamSpec
 from streamguard.config.triton import TritonSettings
 from streamguard.config.whip import WhipSettings
@@ -44,6 +45,7 @@ class ServiceConfig(BaseSettings):
     sources: stages.SourceSettings = Field(default_factory=stages.SourceSettings)
     whip: WhipSettings = Field(default_factory=WhipSettings)
     events: stages.EventSettings = Field(default_factory=stages.EventSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     streams: list[StreamSpec] = Field(default_factory=list, description="pull streams started with the service")
 
     @field_validator("streams")

@@ -133,6 +133,22 @@ class _Request:
 
 
 @dataclass(slots=True)
+class _Sequenced:
+    """Events whose seq was assigned elsewhere (see `EventHub.append_sequenced`); the future gets those written."""
+
+    events: list[Event]
+    future: asyncio.Future[list[Event]]
+
+
+@dataclass(slots=True)
+class _Truncate:
+    """Drop the events after `seq` (see `EventHub.truncate_after`)."""
+
+    seq: int
+    future: asyncio.Future[int]
+
+
+@dataclass(slots=True)
 class _Prune:
     """Apply retention now; the future gets the number of events the pass deleted."""
 
@@ -259,7 +275,7 @@ class Subscription:
         store = self._hub.store
         if not self._checked_cursor:
             self._checked_cursor = True
-            last = await asyncio.to_thread(store.last_seq)
+            last = await self._hub.cursor_limit()
             if self._fetched > last:
                 self._end(
                     CursorAhead(f"since={self._fetched} is beyond the last event ({last}); resync with since=0", None)
@@ -380,7 +396,7 @@ class EventHub:
         self._subscribers: set[Subscription] = set()
         self._last_delivered = store.last_seq()  # highest seq fanned out; where a live-only subscriber starts
         self._pending: set[asyncio.Future[Any]] = set()
-        self._requests: queue.SimpleQueue[_Request | _Prune | _Stop] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[_Request | _Sequenced | _Truncate | _Prune | _Stop] = queue.SimpleQueue()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # One writer thread: seqs are assigned in queue order, and the SQLite write + fsync never runs on the loop.
@@ -410,8 +426,34 @@ class EventHub:
         validate_draft(draft, ts)
         future: asyncio.Future[Event] = loop.create_future()
         self._track(future)
-        self._requests.put(_Request(draft, future))
+        self._enqueue(draft, future)
         return future
+
+    def _enqueue(self, draft: EventDraft, future: asyncio.Future[Event]) -> None:
+        """Where a validated, stamped event goes: to the writer thread, which gives it the store's next seq (a
+        cluster hub sends it to the cluster's log instead, see streamguard/cluster/hub.py)."""
+        self._requests.put(_Request(draft, future))
+
+    def append_sequenced(self, events: list[Event]) -> asyncio.Future[list[Event]]:
+        """Store and fan out events whose seq was assigned elsewhere (cluster mode: the JetStream stream that is
+        the cluster's log), after everything queued before; the future gets those written (seq above the store's
+        last). The same order and guarantees as publish: stored first, then handed to subscribers in seq order."""
+        future: asyncio.Future[list[Event]] = self._check_loop().create_future()
+        self._track(future)
+        self._requests.put(_Sequenced(events, future))
+        return future
+
+    async def truncate_after(self, seq: int) -> int:
+        """Drop the stored events after `seq`, after everything queued before, because the log that sequenced them
+        lost them; subscribers that had read past it are ended (CursorAhead: resync). Returns the number dropped."""
+        future: asyncio.Future[int] = self._check_loop().create_future()
+        self._track(future)
+        self._requests.put(_Truncate(seq, future))
+        return await future
+
+    async def cursor_limit(self) -> int:
+        """The highest `since` a client may resume from: the last seq of the log (here, the store)."""
+        return await asyncio.to_thread(self.store.last_seq)
 
     async def publish(self, draft: EventDraft) -> Event:
         """Write the event durably, hand it to every matching subscriber, return it with its seq.
@@ -499,7 +541,11 @@ class EventHub:
             batch, tail = self._take_batch(item)
             if batch:
                 self._commit(batch)
-            if isinstance(tail, _Prune):
+            if isinstance(tail, _Sequenced):
+                self._commit_sequenced(tail)
+            elif isinstance(tail, _Truncate):
+                self._truncate(tail)
+            elif isinstance(tail, _Prune):
                 if pruning.due is None:
                     self._settle(tail.future, 0)
                 else:
@@ -509,7 +555,9 @@ class EventHub:
                 self._end_pass(pruning, RuntimeError("EventHub closed before pruning finished"))
                 return
 
-    def _take_batch(self, first: _Request | _Prune | _Stop) -> tuple[list[_Request], _Prune | _Stop | None]:
+    def _take_batch(
+        self, first: _Request | _Sequenced | _Truncate | _Prune | _Stop
+    ) -> tuple[list[_Request], _Sequenced | _Truncate | _Prune | _Stop | None]:
         """Group commit: `first` and whatever else is queued, in order, up to max_batch or the first control item."""
         batch: list[_Request] = []
         item = first
@@ -533,6 +581,34 @@ class EventHub:
         assert self._loop is not None  # set by the publish that queued the batch
         with contextlib.suppress(RuntimeError):  # loop already closed: written, nobody left to tell
             self._loop.call_soon_threadsafe(self._deliver, list(zip(batch, results, strict=True)))
+
+    def _commit_sequenced(self, item: _Sequenced) -> None:
+        try:
+            written = self.store.append_sequenced(item.events)
+        except BaseException as exc:  # e.g. disk full: none was written; the caller retries from its last seq
+            self._settle(item.future, exc)
+            return
+        assert self._loop is not None  # set by the append_sequenced that queued it
+        with contextlib.suppress(RuntimeError):  # loop already closed: written, nobody left to tell
+            self._loop.call_soon_threadsafe(self._deliver_sequenced, written, item.future)
+
+    def _truncate(self, item: _Truncate) -> None:
+        try:
+            n = self.store.truncate_after(item.seq)
+        except BaseException as exc:
+            self._settle(item.future, exc)
+            return
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._after_truncate, item.seq, n, item.future)
+
+    def _after_truncate(self, seq: int, n: int, future: asyncio.Future[int]) -> None:
+        self._last_delivered = min(self._last_delivered, seq)
+        for sub in list(self._subscribers):
+            if max(sub.last_seq, sub._fetched) > seq:
+                sub._end(CursorAhead(f"the log lost its events after seq {seq}; resync with since=0", None))
+        if not future.done():
+            future.set_result(n)
 
     def _prune_step(self, pruning: _Pruning) -> None:
         """One retention transaction. A full chunk means more to delete: the next one follows the next commit
@@ -578,10 +654,7 @@ class EventHub:
         """On the loop, in commit order: fan out first, then resolve the publishers' futures."""
         for _, res in items:
             if isinstance(res, Event):
-                self._last_delivered = res.seq
-                self.written[getattr(res.type, "value", res.type)] += 1
-                for sub in list(self._subscribers):
-                    sub._offer(res)
+                self._fan_out(res)
         for req, res in items:
             if req.future.done():
                 continue
@@ -589,3 +662,15 @@ class EventHub:
                 req.future.set_result(res)
             else:
                 req.future.set_exception(res)
+
+    def _deliver_sequenced(self, events: list[Event], future: asyncio.Future[list[Event]]) -> None:
+        for event in events:
+            self._fan_out(event)
+        if not future.done():
+            future.set_result(events)
+
+    def _fan_out(self, event: Event) -> None:
+        self._last_delivered = event.seq
+        self.written[getattr(event.type, "value", event.type)] += 1
+        for sub in list(self._subscribers):
+            sub._offer(event)

@@ -224,21 +224,83 @@ class EventStore:
                     c.execute("ROLLBACK")
                 raise
 
+    def append_sequenced(self, events: Sequence[Event]) -> list[Event]:
+        """Commit events that already have their seq (from a log kept elsewhere: cluster mode's JetStream stream)
+        in one transaction; returns those written. Events at or below `last_seq()` are skipped, so a log follower
+        that delivers one twice after a reconnect changes nothing. The log has accepted them, so each is written:
+        an alert row that conflicts (a second clear of one alert) is left as it is, and the event kept."""
+        written: list[Event] = []
+        with self._wlock:
+            self._check_open()
+            c = self._w
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                last = self._last_seq(c)
+                for event in events:
+                    if event.seq <= last:
+                        continue
+                    c.execute("SAVEPOINT item")
+                    try:
+                        self._insert(c, EventType(event.type), event.stream_id, event.participant_id, event.data,
+                                     event.ts, seq=event.seq)
+                    except AlertConflict:  # the row insert or update failed: keep the event without it
+                        c.execute("ROLLBACK TO item")
+                        self._insert_event(c, EventType(event.type), event.stream_id, event.participant_id,
+                                           event.data, event.ts, event.seq)
+                    c.execute("RELEASE item")
+                    written.append(event)
+                    last = event.seq
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+        return written
+
+    def truncate_after(self, seq: int) -> int:
+        """Delete every event after `seq`, with the alerts they raised and the clearings they recorded, so later
+        events take those seqs: the log kept elsewhere lost them (cluster mode: a single NATS server that crashed
+        loses its last writes). Returns the number of events deleted."""
+        with self._wlock:
+            self._check_open()
+            c = self._w
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                n = c.execute("DELETE FROM events WHERE seq > ?", (seq,)).rowcount
+                c.execute("DELETE FROM alerts WHERE raised_seq > ?", (seq,))
+                c.execute("UPDATE alerts SET cleared_seq = NULL, cleared_ts = NULL, clear_reason = NULL"
+                          " WHERE cleared_seq > ?", (seq,))
+                c.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'events' AND seq > ?", (seq, seq))
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+        return n
+
     @staticmethod
+    def _insert_event(c: sqlite3.Connection, etype: EventType, stream_id: str | None, participant_id: str | None,
+                      data: dict[str, Any], ts: float, seq: int | None) -> int:
+        """One events row; `seq` None: the next one (AUTOINCREMENT), else that one (sqlite_sequence follows)."""
+        cur = c.execute(
+            "INSERT INTO events (seq, ts, type, stream_id, participant_id, data) VALUES (?, ?, ?, ?, ?, ?)",
+            (seq, ts, etype.value, stream_id, participant_id, json.dumps(data, separators=(",", ":"))),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    @classmethod
     def _insert(
+        cls,
         c: sqlite3.Connection,
         etype: EventType,
         stream_id: str | None,
         participant_id: str | None,
         data: dict[str, Any],
         ts: float,
+        seq: int | None = None,
     ) -> int:
-        cur = c.execute(
-            "INSERT INTO events (ts, type, stream_id, participant_id, data) VALUES (?, ?, ?, ?, ?)",
-            (ts, etype.value, stream_id, participant_id, json.dumps(data, separators=(",", ":"))),
-        )
-        seq = cur.lastrowid
-        assert seq is not None
+        seq = cls._insert_event(c, etype, stream_id, participant_id, data, ts, seq)
         if etype is EventType.ALERT_RAISED:
             try:
                 c.execute(
@@ -352,11 +414,12 @@ class EventStore:
 
     # -- retention --------------------------------------------------------------------------------------------
 
-    def prune(self, *, before_ts: float | None = None, keep_last: int | None = None, limit: int = 2000) -> int:
-        """Delete up to `limit` of the oldest events that are older than `before_ts` (unix s) or outside the last
-        `keep_last` seqs, with the cleared alerts (and their evidence) whose events are all gone, and evidence
-        whose alert was never published (ORPHAN_EVIDENCE_S after it was stored). Returns the number of events
-        deleted: `limit` means there may be more, call again.
+    def prune(self, *, before_ts: float | None = None, keep_last: int | None = None, through_seq: int = 0,
+              limit: int = 2000) -> int:
+        """Delete up to `limit` of the oldest events that are older than `before_ts` (unix s), outside the last
+        `keep_last` seqs or at most `through_seq`, with the cleared alerts (and their evidence) whose events are all
+        gone, and evidence whose alert was never published (ORPHAN_EVIDENCE_S after it was stored). Returns the
+        number of events deleted: `limit` means there may be more, call again.
 
         Only a prefix of the log goes: an event is kept while an older one is (ts is the producer's clock and may
         step back), so `pruned_through()` stays exact.
@@ -371,7 +434,7 @@ class EventStore:
             c.execute("BEGIN IMMEDIATE")
             try:
                 # By seq, not by count(*): O(1), and seqs have no holes.
-                cap = self._last_seq(c) - keep_last if keep_last is not None else 0
+                cap = max(self._last_seq(c) - keep_last if keep_last is not None else 0, through_seq)
                 oldest = c.execute("SELECT seq, ts FROM events ORDER BY seq LIMIT ?", (limit,)).fetchall()
                 through, n = 0, 0
                 for seq, ts in oldest:
