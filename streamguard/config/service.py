@@ -9,14 +9,22 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    YamlConfigSettingsSource,
+)
 
 from streamguard.config import stages
+from streamguard.config.stages import numeric_secret
 from streamguard.config.streams import StreamSpec
 from streamguard.config.triton import TritonSettings
 from streamguard.config.whip import WhipSettings
@@ -56,6 +64,11 @@ class ServiceConfig(BaseSettings):
             seen.add(spec.id)
         return streams
 
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token_digits(cls, token: Any) -> Any:
+        return numeric_secret(token)
+
     @field_validator("token")
     @classmethod
     def _token_not_blank(cls, token: SecretStr | None) -> SecretStr | None:
@@ -85,6 +98,10 @@ class ServiceConfig(BaseSettings):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+
+# Settings whose values are secrets: their values never appear in an error.
+SECRET_FIELDS = frozenset({"token", "credential"})
 
 
 class ConfigError(ValueError):
@@ -118,6 +135,8 @@ def load_config(config_file: Path | None = None, **flags: Any) -> ServiceConfig:
         return FromFile(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:  # an environment variable holding a section or list that is not JSON
+        raise ConfigError(_describe_settings_error(exc)) from None
     except Exception as exc:  # malformed YAML
         raise ConfigError(f"{config_file}: {exc}") from None
 
@@ -151,6 +170,20 @@ def _describe(exc: ValidationError) -> str:
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "config"
         env = "STREAMGUARD_" + "__".join(str(p) for p in err["loc"] if not isinstance(p, int)).upper()
-        value = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict | list) else ""
+        secret = any(str(p) in SECRET_FIELDS for p in err["loc"])  # a typo'd password is still a password
+        shown = not (secret or isinstance(err.get("input"), dict | list))
+        value = f" (got {err['input']!r})" if shown else ""
         lines.append(f"{field}: {err['msg']}{value} [file key {field}, env {env}]")
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _describe_settings_error(exc: SettingsError) -> str:
+    """pydantic-settings says 'error parsing value for field "streams" from source "EnvSettingsSource"': name the
+    variable, say what it must hold, and why it does not (never the value: it may hold secrets)."""
+    match = re.search(r'field "([^"]+)"', str(exc))
+    field = match[1] if match else "config"
+    env = "STREAMGUARD_" + field.upper()
+    why = f": {exc.__cause__}" if isinstance(exc.__cause__, ValueError) else ""
+    return (f"invalid config:\n  {field}: {env} must be JSON (a list or an object, e.g. "
+            f"{env}='[{{\"id\": \"cam\", \"url\": \"rtsp://cam/stream\"}}]' for streams){why} "
+            f"[file key {field}, env {env}]")

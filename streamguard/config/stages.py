@@ -7,9 +7,14 @@ cv2 or ONNX Runtime (seconds of imports) are loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def numeric_secret(value: Any) -> Any:
+    """A password written as a bare number in YAML (`credential: 12345`) arrives as an int: keep its digits."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class ConfigSection(BaseModel):

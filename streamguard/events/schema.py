@@ -37,6 +37,7 @@ from ..types import QualityVerdict
 SCHEMA_VERSION = "1.1"  # 1.1: feed.gap
 SCHEMA_ID = f"urn:streamguard:schema:event:{SCHEMA_VERSION}"  # a URN: no fake domain that could later resolve
 SCHEMA_FILE = Path(__file__).with_name("event.schema.json")
+MAX_SEQ = 2**63 - 1  # the largest seq: SQLite's INTEGER (a cursor past it cannot be bound as a parameter)
 
 
 class EventType(str, Enum):
