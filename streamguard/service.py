@@ -71,9 +71,10 @@ class ParticipantInfo(BaseModel):
     p_fake: float | None
     smoothed: float | None
     samples: int
-    first_seen_ts: float
-    last_seen_ts: float
-    sparkline: list[tuple[float, float]]
+    first_seen_ts: float = Field(description="when they joined, Unix seconds (wall clock)")
+    last_seen_ts: float = Field(description="when their face was last seen, Unix seconds (wall clock)")
+    last_seen_media_s: float | None = Field(description="the same moment in the stream's media time, seconds")
+    sparkline: list[tuple[float, float]] = Field(description="the window's scores: (Unix seconds, P(fake)) pairs")
 
 
 class _Stream:
@@ -316,6 +317,8 @@ class Service:
         person = stream.worker.roster.start(time.time())
         assert person is not None  # a single-participant roster has its participant from the start
         await self.hub.publish(EventDraft(EventType.PARTICIPANT_JOINED, stream.id, person.id, {"label": display_name}))
+        log.info("participant joined: stream %s, participant %s%s (WHIP)", stream.id, person.id,
+                 f" ({display_name})" if display_name else "")
         return session
 
     async def remove_stream(self, stream_id: str) -> None:
@@ -453,7 +456,8 @@ class Service:
                 out.append(ParticipantInfo(
                     id=p.id, stream_id=stream.id, label=p.label, state=s.state.value, alert_active=s.alert_active,
                     alert_id=p.alert_id, p_fake=p.last_p_fake, smoothed=s.smoothed, samples=len(s.window),
-                    first_seen_ts=p.first_seen_ts, last_seen_ts=p.last_seen_ts, sparkline=s.sparkline(),
+                    first_seen_ts=p.first_seen_ts, last_seen_ts=p.last_seen_ts,
+                    last_seen_media_s=p.last_seen_media_s, sparkline=p.sparkline(),
                 ))
         return out
 
