@@ -170,10 +170,12 @@ def scan(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Scan files for deepfaked faces: a verdict per file and a score per participant."""
+    from streamguard import logs
     from streamguard.ingest.av_source import SourceError, probe
     from streamguard.scan import Scanner, ScanReport, expand_paths, model_info
 
     settings = _settings(fps, min_samples, images_are_crops, hwdecode)
+    logs.filter_native_stderr()  # mediapipe's start-up lines are noise between the progress bars
     if json_out is not None and str(json_out) != "-":
         _check_output_file(json_out, "--json")
     if heatmaps is not None:
@@ -259,6 +261,7 @@ def eval_cmd(
 ) -> None:
     """Measure a model on labelled files: AUC, accuracy, TPR/FPR at the threshold, log loss, ROC curve."""
     settings = _settings(fps, min_samples, images_are_crops)
+    from streamguard import logs
     from streamguard.evaluate import evaluate, load_labels, plot_roc  # scikit-learn: after the options are checked
     from streamguard.scan import Scanner
 
@@ -271,6 +274,7 @@ def eval_cmd(
         if (out / name).is_dir():
             raise typer.BadParameter(f"{out / name} is a folder", param_hint="--out")
     classifier = _load_model(model)
+    logs.filter_native_stderr()
     scanner = Scanner(classifier, settings)
     bar = tqdm(total=len(items), desc="eval", unit="file", disable=quiet, file=sys.stderr)
     try:
@@ -311,28 +315,31 @@ def serve(
     port: Annotated[int | None, typer.Option(help="listen port (default 8080)")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="event store and evidence (default ./streamguard-data)")] = None,
     model: ModelOption = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error")] = None,
+    log_level: Annotated[str | None, typer.Option(
+        help="debug, info, warning or error; debug also shows every request, WebSocket, ICE and native library line"
+    )] = None,
+    allow_unauthenticated: Annotated[bool | None, typer.Option(
+        "--allow-unauthenticated", help="serve a non-loopback --host without a token (only behind something that "
+        "authenticates: anyone reaching the port could watch and control every stream)")] = None,
 ) -> None:
     """Run the live service: WHIP and RTSP/RTMP/HLS ingest, scoring, alerts over WebSocket, API and console.
 
     Settings come from --config, then STREAMGUARD_* environment variables (nested with __, e.g.
     STREAMGUARD_SCORING__WINDOW_S=15), then these flags, each overriding the one before.
     """
+    from streamguard import logs
     from streamguard.config import ConfigError, load_config
 
     try:
-        cfg = load_config(config, host=host, port=port, data_dir=data_dir, model=model, log_level=log_level)
+        cfg = load_config(config, host=host, port=port, data_dir=data_dir, model=model, log_level=log_level,
+                          allow_unauthenticated=allow_unauthenticated)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("streamguard")
-    if cfg.token is None and not cfg.is_loopback:
-        log.warning("no token configured: refusing to listen on %s, listening on 127.0.0.1 only "
-                    "(set STREAMGUARD_TOKEN to serve other hosts)", cfg.host)
-        cfg = cfg.model_copy(update={"host": "127.0.0.1"})
-    elif cfg.token is None:
-        log.info("no token configured: listening on %s only, without authentication", cfg.host)
+    if cfg.log_level != "debug":
+        logs.filter_native_stderr()
+    log_config = logs.configure(cfg.log_level, cfg.secrets())
+    _check_authentication(cfg, host is not None)
     try:
         _, card = resolve_model(cfg.model)  # a wrong name fails here, before onnxruntime is imported
     except ModelNotFound as exc:
@@ -368,7 +375,7 @@ def serve(
         signal.signal(sig, lambda *_: sys.exit(0))
     # The socket bound above is the one served: nothing can take the port between the check and the start.
     server = Server(uvicorn.Config(
-        create_app(Service(cfg)), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+        create_app(Service(cfg)), host=cfg.host, port=cfg.port, log_config=log_config, log_level=None,
         ws_ping_interval=cfg.events.ping_interval_s, ws_ping_timeout=cfg.events.ping_interval_s,
         timeout_graceful_shutdown=10,
     ))
@@ -383,6 +390,24 @@ def serve(
         sock.close()
     if not server.started:
         raise typer.Exit(3)  # the service could not start; uvicorn has logged why
+
+
+def _check_authentication(cfg: ServiceConfig, host_from_flag: bool) -> None:
+    """No token on a host other hosts can reach: refuse to start, unless unauthenticated access was asked for."""
+    log = logging.getLogger("streamguard")
+    if cfg.token is not None:
+        return
+    if cfg.is_loopback:
+        log.info("no token configured: listening on %s only, without authentication", cfg.host)
+    elif cfg.allow_unauthenticated:
+        log.warning("no token configured: serving %s WITHOUT authentication (allow_unauthenticated): anyone who "
+                    "reaches the port can watch and control every stream", cfg.host)
+    else:
+        _serve_error(
+            f"host: refusing to listen on {cfg.host} without a token: anyone who reaches it could watch and control "
+            "every stream. Set one (STREAMGUARD_TOKEN=$(openssl rand -hex 24), or token: in the config file), or "
+            "listen on 127.0.0.1, or, behind a proxy that authenticates, pass --allow-unauthenticated "
+            "(allow_unauthenticated: true)" + _where("host", "--host" if host_from_flag else None))
 
 
 def _serve_error(message: str) -> NoReturn:

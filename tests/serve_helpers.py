@@ -43,6 +43,17 @@ MODEL: str | None = os.environ.get("STREAMGUARD_TEST_MODEL") or (None if DEFAULT
                                                                  "mesonet-meso4-df")
 
 
+# Variables that are not settings but point at the session's temporary engines folder (tests/conftest.py): kept for
+# child processes, whose environment is otherwise cleared of STREAMGUARD_* settings.
+SESSION_VARIABLES = ("STREAMGUARD_ENGINES", "STREAMGUARD_ENGINE_CACHE")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment without STREAMGUARD_* settings (the session's engines folder kept), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMGUARD_") or k in SESSION_VARIABLES}
+    return {**env, **extra}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -205,7 +216,7 @@ class ServeProcess:
             self.config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
         self.port = int(settings["port"]) if settings and "port" in settings else None
         self.url = f"http://127.0.0.1:{self.port}" if self.port else ""
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMGUARD_")} | (env or {})
+        self.env = child_env(**(env or {}))
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.args = args or []
         self.proc: subprocess.Popen[bytes] | None = None

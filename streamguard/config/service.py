@@ -33,10 +33,13 @@ from streamguard.config.whip import WhipSettings
 class ServiceConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STREAMGUARD_", env_nested_delimiter="__", extra="forbid")
 
-    host: str = Field("127.0.0.1", description="address to listen on; without a token only loopback is allowed")
+    host: str = Field("127.0.0.1", description="address to listen on; without a token only loopback, unless "
+                      "allow_unauthenticated")
     port: int = Field(8080, ge=1, le=65535)
     data_dir: Path = Field(Path("streamguard-data"), description="SQLite event store and evidence")
     token: SecretStr | None = Field(None, description="bearer token for every endpoint, WHIP and the WebSocket")
+    allow_unauthenticated: bool = Field(
+        False, description="serve a non-loopback host without a token; without this such a start is refused")
     model: str | None = Field(None, description="model name in engines/ or path; default: the shipped model")
     backend: Literal["auto", "onnxruntime", "cuda", "tensorrt", "triton"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -89,6 +92,11 @@ class ServiceConfig(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Flags (init) beat the environment, which beats the YAML file.
         return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+    def secrets(self) -> list[str]:
+        """Every secret in this config (token, TURN credentials, Triton's headers): what logs must never show."""
+        values = [self.token, *(s.credential for s in self.whip.ice_servers), *self.triton.headers.values()]
+        return [v.get_secret_value() for v in values if v is not None]
 
     @property
     def is_loopback(self) -> bool:

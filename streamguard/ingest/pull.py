@@ -358,7 +358,7 @@ class PullSource:
         if delay_s is not None:
             info["delay_s"] = delay_s
         self._state, self._state_reason = state, reason
-        log.info("stream %s: %s %s", self.stream_id, state.value, info or "")
+        log.info("stream %s: %s%s", self.stream_id, state.value, f" {dict(info)}" if info else "")
         try:
             self._on_state(state, info)
         except Exception:  # a consumer's bug must not end this stream, let alone others
