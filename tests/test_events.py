@@ -691,14 +691,42 @@ async def test_close_flushes_queued_events_and_ends_subscriptions(tmp_path: Path
     hub = EventHub(store)
     sub = hub.subscribe(since=0)
     futs = [hub.publish_nowait(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1})) for _ in range(300)]
+    got: list[Event] = []
+
+    async def read() -> None:
+        async for ev in sub:  # ends quietly: the hub closed
+            got.append(ev)
+
+    reader = asyncio.create_task(read())
     await hub.close()  # without awaiting the futures: close must flush them
+    await asyncio.wait_for(reader, 5)
     assert all(f.done() and not f.exception() for f in futs)
     assert [f.result().seq for f in futs] == list(range(1, 301))
-    got = [ev async for ev in sub]  # ends quietly: the hub closed
-    assert got == []  # closing ends subscriptions at once; they resume with since on the next server
+    # A reader gets every event before the end, whether it was replaying or live when the close came.
+    assert [e.seq for e in got] == list(range(1, 301))
+    assert isinstance(sub.ended, HubClosed) and sub.ended.last_seq == 300
     store.close()
     with EventStore(path) as reopened:
         assert reopened.last_seq() == 300
+
+
+@pytest.mark.asyncio
+async def test_the_last_events_reach_a_live_reader_before_the_close(store: EventStore) -> None:
+    """SIGTERM: the last participant.left and stream.state closed were delivered to the subscriber's buffer, then
+    the close ended it and cleared the buffer: the client got them only after it resumed. They come first now."""
+    hub = EventHub(store)
+    live = hub.subscribe()
+    idle = hub.subscribe()  # nobody reads it: it is ended after the drain timeout, and resumes with since
+    last = [await hub.publish(EventDraft("participant.left", "s1", "p1", {"reason": "server shutdown"})),
+            await hub.publish(EventDraft("stream.state", "s1", None, state("closed")))]
+    closing = asyncio.create_task(hub.close(drain_timeout_s=0.5))
+    await asyncio.sleep(0.05)  # the close has begun before the reader comes back for its events
+    got = [ev async for ev in live]
+    await closing
+    assert got == last
+    assert isinstance(live.ended, HubClosed) and live.ended.last_seq == last[-1].seq
+    assert isinstance(idle.ended, HubClosed) and idle.ended.last_seq == 0  # it handed out nothing
+    assert hub.subscriber_count == 0
 
 
 @pytest.mark.asyncio
