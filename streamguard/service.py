@@ -163,6 +163,7 @@ class Service:
                                    {"component": "inference", "reason": degraded_reason, "active": True}))
         self._watch_inference()
         await self._close_dangling_alerts()
+        await self._close_dangling_presence()
         await self._choose_decoding()
         decode = "nvdec" if self.hwdecode.hwaccel is not None else "cpu"
         self.metrics.set_info(self.classifier.card.name, self.classifier.backend, decode)
@@ -198,6 +199,16 @@ class Service:
                 }))
                 log.warning("cleared alert %s of %s left open by the previous run", alert.alert_id,
                             alert.participant_id)
+
+    async def _close_dangling_presence(self) -> None:
+        """Participants still present in the store joined in a process that died before they left (a graceful stop
+        has them leave): they are gone, so they leave now, with that reason, before any source can join them again."""
+        for gone in await asyncio.to_thread(self.store.present):
+            await self.hub.publish(EventDraft(EventType.PARTICIPANT_LEFT, gone.stream_id, gone.participant_id, {
+                "reason": "service restarted: the participant's session ended", "samples": 0, "score": None,
+            }))
+            log.warning("participant %s of stream %s, present when the previous run ended, has left",
+                        gone.participant_id, gone.stream_id)
 
     async def _choose_decoding(self) -> None:
         """NVDEC for pull sources when configured or present (sources.hwdecode); degraded when asked for and absent."""

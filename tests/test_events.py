@@ -930,4 +930,20 @@ def test_a_layout_1_store_is_migrated(tmp_path: Path) -> None:
         assert s.get_evidence("a1", "crop") is not None
         assert s.prune() == 0 and s.get_evidence("a1", "crop") is None  # an old orphan: stored_ts 0
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def test_presence_is_kept_with_the_log_and_rebuilt_from_it_for_a_layout_2_store(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "events.sqlite3"
+    with EventStore(path, synchronous="NORMAL") as s:
+        for kind, sid, pid in [("joined", "cam", "cam/p1"), ("joined", "whip:a", "alice"), ("left", "cam", "cam/p1"),
+                               ("joined", "cam", "cam/p2"), ("left", "whip:a", "alice"), ("joined", "whip:b", "alice")]:
+            s.append(EventDraft(f"participant.{kind}", sid, pid, {}))
+        present = [(p.stream_id, p.participant_id) for p in s.present()]
+    assert present == [("cam", "cam/p2"), ("whip:b", "alice")]  # joined, not (yet) left, by join order
+    with sqlite3.connect(path) as db:  # layout 2 had no presence table
+        db.executescript("DROP TABLE presence; PRAGMA user_version=2;")
+    with EventStore(path, synchronous="NORMAL") as s:
+        assert [(p.stream_id, p.participant_id) for p in s.present()] == present

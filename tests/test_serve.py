@@ -884,3 +884,32 @@ async def test_alerts_left_open_by_a_dead_process_are_cleared_at_start(tmp_path,
         cleared = await feed.wait_for(is_("alert.cleared", "cam"), 10, "the dangling alert cleared")
         assert cleared["data"]["alert_id"] == aid and "service restarted" in cleared["data"]["reason"]
         assert (await http.get("/v1/alerts", params={"open_only": True})).json()["items"] == []
+
+
+@pytest.mark.asyncio
+async def test_presence_left_open_by_a_dead_process_ends_at_start(tmp_path, servers):
+    """kill -9 mid-call: the store says two participants joined and never left. The restart says they left (after
+    clearing the alert one of them had open), before anything else can join."""
+    from streamguard.events.schema import EventDraft, new_alert_id
+    from streamguard.events.store import EventStore
+
+    data = tmp_path / "data"
+    aid = new_alert_id()
+    with EventStore(data / "events.sqlite3") as store:
+        store.append(EventDraft("participant.joined", "cam", "cam/p1", {}))
+        store.append(EventDraft("participant.joined", "whip:s1", "alice", {"label": "Alice"}))
+        store.append(EventDraft("alert.raised", "whip:s1", "alice", {
+            "alert_id": aid, "score": 0.97, "smoothed": 0.95, "threshold": 0.93, "window_s": 10.0, "samples": 10,
+            "evidence": {}}))
+        store.append(EventDraft("participant.joined", "cam", "cam/p2", {}))
+        store.append(EventDraft("participant.left", "cam", "cam/p2", {"reason": "not seen for 30 s"}))
+    srv = servers(fast_settings(data))
+    async with Feed(srv.url, since=5) as feed:
+        await feed.wait_for(lambda e: e["type"] == "participant.left" and e["participant_id"] == "alice", 10,
+                            "alice left")
+        await asyncio.sleep(0.5)  # and nothing else follows for the others
+    got = [(e["type"], e["participant_id"]) for e in feed.events]
+    assert got == [("alert.cleared", "alice"), ("participant.left", "cam/p1"), ("participant.left", "alice")], got
+    assert all("service restarted" in e["data"]["reason"] for e in feed.events)
+    with EventStore(data / "events.sqlite3") as store:
+        assert store.present() == []
