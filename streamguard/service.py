@@ -54,18 +54,27 @@ class StreamInfo(BaseModel):
     participants: int
     # The stream's verdict, from its participants' own (hysteresis) verdicts: "alert" while any has an active alert;
     # "pending" while the stream is not live or has no participant, or one without a smoothed score yet;
-    # "suspicious" when one is over the raise threshold but not yet for raise_after samples; else "clear": an
-    # operator's per-camera / per-call status.
+    # "suspicious" when one's smoothed score is at or over the model's threshold without an alert (between the
+    # thresholds, or over the raise threshold for fewer than raise_after samples); else "clear": an operator's
+    # per-camera / per-call status.
     verdict: Literal["alert", "suspicious", "clear", "pending"]
     alerts_active: int
     max_smoothed: float | None = Field(description="highest smoothed P(fake) among the stream's participants")
+    last_frame_ts: float | None = Field(description="when the last sampled frame came in, Unix seconds")
+    receiving: bool = Field(description="live and a frame came within scoring.stale_after_s: false reads 'no "
+                                        "frames', which is not 'no face'")
+
+
+# A participant's state while their stream delivers no frames (stalled, reconnecting, a silent WHIP peer).
+NO_FRAMES = "no_frames"
 
 
 class ParticipantInfo(BaseModel):
     id: str
     stream_id: str
     label: str | None
-    state: str
+    state: str = Field(description="the scorer's state (warming_up, ok, suspicious, alert, low_quality, no_face), or "
+                                   "no_frames while the stream delivers none")
     alert_active: bool
     alert_id: str | None
     p_fake: float | None
@@ -107,15 +116,20 @@ class _Stream:
     def kind(self) -> str:
         return self.source.kind
 
-    def info(self) -> StreamInfo:
+    def receiving(self, stale_after_s: float) -> bool:
+        """Live, and a frame came in within `stale_after_s` (counted from the start before the first frame)."""
+        last = self.worker.last_frame_ts or self.created_at
+        return self.state is StreamState.LIVE and time.time() - last < stale_after_s
+
+    def info(self, stale_after_s: float) -> StreamInfo:
         scorers = [p.scorer for p in self.worker.roster.participants.values() if p.confirmed]
         alerts = sum(1 for sc in scorers if sc.alert_active)
         smoothed = [sc.smoothed for sc in scorers if sc.smoothed is not None]
         verdict: Literal["alert", "suspicious", "clear", "pending"]
         if alerts:
             verdict = "alert"
-        elif self.state is not StreamState.LIVE or not scorers or len(smoothed) < len(scorers):
-            verdict = "pending"  # no verdict on a stream that is down, or on participants still warming up
+        elif not self.receiving(stale_after_s) or not scorers or len(smoothed) < len(scorers):
+            verdict = "pending"  # no verdict on a stream that is down or silent, or on participants warming up
         elif any(sc.state is ParticipantState.SUSPICIOUS for sc in scorers):
             verdict = "suspicious"
         else:
@@ -125,6 +139,7 @@ class _Stream:
             state=self.state.value, reason=self.reason, created_at=self.created_at,
             frames_sampled=self.worker.slot.put_count, frames_dropped=self.worker.slot.dropped,
             participants=len(scorers), verdict=verdict, alerts_active=alerts, max_smoothed=max(smoothed, default=None),
+            last_frame_ts=self.worker.last_frame_ts, receiving=self.receiving(stale_after_s),
         )
 
 
@@ -313,7 +328,7 @@ class Service:
                               hwaccel=self.hwdecode.hwaccel)
 
         stream = await self._open(pull, url=spec.url, name=spec.name, mode="tracked")
-        return stream.info()
+        return stream.info(self.config.scoring.stale_after_s)
 
     async def whip_publish(self, body: bytes, content_type: str | None, participant_id: str | None,
                            display_name: str | None) -> WhipSession:
@@ -343,10 +358,10 @@ class Service:
             await asyncio.gather(stream.task, return_exceptions=True)  # its end path publishes the final state
 
     def streams(self) -> list[StreamInfo]:
-        return [s.info() for s in self._streams.values()]
+        return [s.info(self.config.scoring.stale_after_s) for s in self._streams.values()]
 
     def stream(self, stream_id: str) -> StreamInfo:
-        return self._streams[stream_id].info()
+        return self._streams[stream_id].info(self.config.scoring.stale_after_s)
 
     async def _open(self, make: Callable[[OnFrame, OnState], Source], *, url: str | None, name: str | None,
                     mode: Literal["single", "tracked"], participant_id: str | None = None) -> _Stream:
@@ -460,12 +475,15 @@ class Service:
         for stream in self._streams.values():
             if stream_id is not None and stream.id != stream_id:
                 continue
+            # No frames is the stream's state, not the face's: nobody can be seen, so nobody is "no face".
+            receiving = stream.receiving(self.config.scoring.stale_after_s)
             for p in stream.worker.roster.participants.values():
                 if not p.confirmed:
                     continue
                 s = p.scorer
+                state = s.state.value if receiving else NO_FRAMES
                 out.append(ParticipantInfo(
-                    id=p.id, stream_id=stream.id, label=p.label, state=s.state.value, alert_active=s.alert_active,
+                    id=p.id, stream_id=stream.id, label=p.label, state=state, alert_active=s.alert_active,
                     alert_id=p.alert_id, p_fake=p.last_p_fake, smoothed=s.smoothed, samples=len(s.window),
                     first_seen_ts=p.first_seen_ts, last_seen_ts=p.last_seen_ts,
                     last_seen_media_s=p.last_seen_media_s, sparkline=p.sparkline(),

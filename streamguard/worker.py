@@ -99,6 +99,7 @@ class StreamWorker:
         self._idle_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # frames and idle ticks take turns on the roster
         self._last_frame_mono: float | None = None
+        self.last_frame_ts: float | None = None  # wall clock of the last sampled frame handed in
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"worker:{self.stream_id}")
@@ -106,6 +107,7 @@ class StreamWorker:
 
     def put(self, frame: SampledFrame) -> None:
         dropped = self.slot.dropped
+        self.last_frame_ts = time.time()
         self.slot.put(frame)
         self.deps.metrics.frames_sampled.labels(self.kind).inc()
         if self.slot.dropped > dropped:
@@ -216,7 +218,7 @@ class StreamWorker:
         person.alert_id, person.alert_raised_ts = alert_id, time.time()
         await self._publish(EventType.ALERT_RAISED, person, {
             "alert_id": alert_id, "score": t.p_fake, "smoothed": t.smoothed, "threshold": t.threshold,
-            "window_s": self.deps.window_s, "samples": t.samples, "evidence": evidence,
+            "window_s": self.deps.window_s, "samples": t.samples, "evidence": evidence, "label": person.label,
         })
         log.info("alert raised: stream %s, participant %s, smoothed P(fake) %.2f >= %.2f (this sample %.2f), alert %s",
                  self.stream_id, _who(person), t.smoothed, t.threshold, t.p_fake, alert_id)

@@ -45,7 +45,8 @@ from pydantic import BaseModel, ConfigDict
 
 from .schema import Event, EventDraft, EventType, EvidenceKind, validate_draft
 
-# PRAGMA user_version: the layout of this file, not the event schema (2: evidence.stored_ts, 3: presence)
+# PRAGMA user_version: the layout of this file, not the event schema (2: evidence.stored_ts, 3: presence and
+# alerts.label)
 DB_SCHEMA_VERSION = 3
 # Evidence is stored before its alert is published; evidence with no alert row this long after it was stored belongs
 # to an alert that was never published (the process died in between): retention deletes it.
@@ -74,7 +75,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     score          REAL NOT NULL,
     smoothed       REAL NOT NULL,
     threshold      REAL NOT NULL,
-    clear_reason   TEXT
+    clear_reason   TEXT,
+    label          TEXT
 );
 CREATE INDEX IF NOT EXISTS alerts_stream ON alerts (stream_id, raised_seq);
 -- Who is present: a row per participant.joined without its participant.left yet, kept in the event's transaction
@@ -135,6 +137,7 @@ class AlertRecord(BaseModel):
     smoothed: float
     threshold: float
     clear_reason: str | None
+    label: str | None = None  # the participant's display name when the alert was raised
     evidence: list[EvidenceKind]
 
 
@@ -188,6 +191,8 @@ class EventStore:
                 self._w.execute("ALTER TABLE evidence ADD COLUMN stored_ts REAL NOT NULL DEFAULT 0")
             if version < 3:  # presence from the log: whoever's last joined/left event is a join
                 self._w.execute(_PRESENCE_FROM_EVENTS)
+            if 0 < version < 3:  # an existing alerts table: add the display name (a new one has it)
+                self._w.execute("ALTER TABLE alerts ADD COLUMN label TEXT")
             self._w.execute(f"PRAGMA user_version={DB_SCHEMA_VERSION}")
             self._w.execute("COMMIT")
         self._r = self._connect(synchronous)
@@ -275,9 +280,9 @@ class EventStore:
             try:
                 c.execute(
                     "INSERT INTO alerts (alert_id, stream_id, participant_id, raised_seq, raised_ts, score, smoothed,"
-                    " threshold) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " threshold, label) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (data["alert_id"], stream_id, participant_id, seq, ts, data["score"], data["smoothed"],
-                     data["threshold"]),
+                     data["threshold"], data.get("label")),
                 )
             except sqlite3.IntegrityError as exc:
                 raise AlertConflict(f"alert {data['alert_id']!r} was already raised") from exc
@@ -434,17 +439,17 @@ class EventStore:
 
     _ALERT_COLUMNS = (
         "a.alert_id, a.stream_id, a.participant_id, a.raised_seq, a.raised_ts, a.cleared_seq, a.cleared_ts, a.score,"
-        " a.smoothed, a.threshold, a.clear_reason,"
+        " a.smoothed, a.threshold, a.clear_reason, a.label,"
         " (SELECT group_concat(e.kind) FROM evidence e WHERE e.alert_id = a.alert_id)"
     )
 
     @staticmethod
     def _alert(row: tuple[Any, ...]) -> AlertRecord:
-        kinds = sorted(row[11].split(",")) if row[11] else []
+        kinds = sorted(row[12].split(",")) if row[12] else []
         return AlertRecord(
             alert_id=row[0], stream_id=row[1], participant_id=row[2], raised_seq=row[3], raised_ts=row[4],
             cleared_seq=row[5], cleared_ts=row[6], score=row[7], smoothed=row[8], threshold=row[9],
-            clear_reason=row[10], evidence=[EvidenceKind(k) for k in kinds],
+            clear_reason=row[10], label=row[11], evidence=[EvidenceKind(k) for k in kinds],
         )
 
     def get_alert(self, alert_id: str) -> AlertRecord | None:
