@@ -14,7 +14,8 @@ States (emitted on change only, except `reconnecting`, which is emitted once per
     close() ──► closed (from any state)
 
 The attempt counter resets once a stream has stayed live for backoff_max_s (it recovered); a stream that flaps
-faster than that keeps escalating its backoff and counts towards max_attempts. The watchdog, the read timeout and
+faster than that keeps escalating its backoff (up to backoff_max_s: the cap is what bounds how long a source that
+returns waits to be noticed) and counts towards max_attempts. The watchdog, the read timeout and
 stalled apply to network sources only. A file (a path or a file: URL) is not retried: its end gives closed
 ("end of file"), any error failed; it is played at its own pace (`realtime`) unless told otherwise.
 
