@@ -249,24 +249,38 @@ def _print_file(r: FileReport) -> None:
                    + (f"  heatmap {p.heatmap}" if p.heatmap else ""))
 
 
-@app.command("eval")
+EVAL_HELP = (
+    "Measure a model on labelled files: AUC, accuracy, TPR/FPR at the threshold, log loss, ROC curve.\n\n"
+    "LABELS is a labels CSV (path,label: paths relative to it, labels real/fake or 0/1), or a folder whose "
+    "sub-folder names (real/, fake/, df/, original/, Celeb-synthesis/, ...), own name (real/) or file-name prefixes "
+    "(real_..., fake_...) say each file's label; --label labels the files nothing else labels.\n\n"
+    "Each rate is given per file (the file's verdict) and per face (every scored sample of every file)."
+)
+
+
+@app.command("eval", help=EVAL_HELP)
 def eval_cmd(
-    labels: Annotated[Path, typer.Argument(help="LABELS.csv (path,label) or a folder of real/ and fake/ media")],
+    labels: Annotated[Path, typer.Argument(help="a labels CSV (path,label) or a folder; see above")],
     model: ModelOption = None,
+    label: Annotated[str | None, typer.Option(
+        help="real or fake: the label of every file whose names say neither (--label real on a folder of real "
+             "photos measures false positives)")] = None,
     out: Annotated[Path, typer.Option(help="folder for eval.json and roc.png")] = Path("eval-out"),
     fps: Annotated[float, typer.Option(help="samples per second of video")] = 1.0,
     min_samples: Annotated[int, typer.Option(help="scored samples a person needs in a video")] = 3,
     images_are_crops: Annotated[bool, typer.Option(help="images are aligned face crops: skip detection")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """Measure a model on labelled files: AUC, accuracy, TPR/FPR at the threshold, log loss, ROC curve."""
+    """Measure a model on labelled files (see EVAL_HELP)."""
     settings = _settings(fps, min_samples, images_are_crops)
+    if label not in (None, "real", "fake"):
+        raise typer.BadParameter(f"use real or fake, got {label!r}", param_hint="--label")
     from streamguard import logs
     from streamguard.evaluate import evaluate, load_labels, plot_roc  # scikit-learn: after the options are checked
     from streamguard.scan import Scanner
 
     try:
-        items = load_labels(labels)
+        items = load_labels(labels, None if label is None else int(label == "fake"))
     except (OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="LABELS") from None
     _check_output_dir(out, "--out")

@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--down", type=float, default=20.0, help="seconds the server stays dead")
     ap.add_argument("--clip", type=Path, help="H.264 MP4 to serve (default: a camera-like clip made here)")
     ap.add_argument("--max-recovery", type=float, default=10.0)
+    ap.add_argument("--limit", type=float, default=60.0, help="give a recovery up after this many seconds")
     ap.add_argument("--json", type=Path, help="write the cycles and the summary here")
     ap.add_argument("--backoff-max", type=float, help="sources.backoff_max_s to measure (default: the shipped one)")
     args = ap.parse_args(argv)
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             wait_ready(f"http://127.0.0.1:{port}", proc)
             cycles = asyncio.run(run_cycles(f"http://127.0.0.1:{port}", rtsp, "cam", cycles=args.cycles,
-                                            up_s=args.up, down_s=args.down))
+                                            up_s=args.up, down_s=args.down, limit_s=args.limit))
         finally:
             rtsp.kill()
             proc.send_signal(signal.SIGTERM)
