@@ -22,7 +22,9 @@ from streamguard.inference.backends import BackendOptions, select_backend
 from streamguard.inference.batcher import Batcher
 from streamguard.inference.classifier import Classifier
 from streamguard.ingest.av_source import redact_url
+from streamguard.ingest.egress import EgressProxy
 from streamguard.ingest.nvdec import choose_hwdecode
+from streamguard.ingest.policy import SourceGuard
 from streamguard.ingest.pull import PullSource
 from streamguard.ingest.sampler import spread_phase
 from streamguard.ingest.source import TERMINAL_STATES, OnFrame, OnState, Source, StateInfo, StreamState
@@ -198,6 +200,9 @@ class Service:
             ice_servers=rtc_ice_servers(cfg.whip.ice_servers), ice_transport_policy=cfg.whip.ice_transport_policy,
         )
         self.metrics.watch(self._snapshot)
+        self.guard = SourceGuard(cfg.sources.policy)
+        self.egress = EgressProxy(self.guard)
+        self.egress_url = self.egress.start()
         for spec in cfg.streams:
             await self.add_stream(spec)
         self._ready = True
@@ -287,6 +292,7 @@ class Service:
         await self._settle()  # and so do end paths that their own tasks had started
         await asyncio.gather(*(self.remove_stream(sid) for sid in list(self._streams)), return_exceptions=True)
         await self._settle()  # the sources' last state events
+        self.egress.close()
         await self.batcher.close()
         self.classifier.close()
         self.faces.close()
@@ -317,15 +323,21 @@ class Service:
 
     # --- streams: one path for every source ----------------------------------------------------------------------
 
-    async def add_stream(self, spec: StreamSpec) -> StreamInfo:
-        """Start pulling an RTSP/RTMP/HLS/file stream; its participants are tracked faces."""
+    async def add_stream(self, spec: StreamSpec, *, from_api: bool = False) -> StreamInfo:
+        """Start pulling an RTSP/RTMP/HLS/file stream; its participants are tracked faces. A stream added over the
+        API (`from_api`) must pass the source policy (SourceRefused) and is checked at every connection; one from
+        the config file is the operator's own."""
         if spec.id in self._streams:
             raise StreamExists(f"stream {spec.id!r} exists already")
+        guard = self.guard if from_api else None
+        if guard is not None:
+            guard.check_url(spec.url)
 
         def pull(on_frame: OnFrame, on_state: OnState) -> Source:
             return PullSource(spec.id, spec.url, settings=self.config.sources, fps=self.config.sampling.fps,
                               phase=self.sampling_phase(spec.id), on_frame=on_frame, on_state=on_state,
-                              hwaccel=self.hwdecode.hwaccel)
+                              hwaccel=self.hwdecode.hwaccel, guard=guard,
+                              proxy_url=self.egress_url if guard is not None else None)
 
         stream = await self._open(pull, url=spec.url, name=spec.name, mode="tracked")
         return stream.info(self.config.scoring.stale_after_s)

@@ -51,6 +51,9 @@ scoring:
   clear_threshold: 0.0000005
   raise_after: 2
   min_window_samples: 3
+sources:
+  policy:            # the second stream is a local file, added over the API
+    allow_files: true
 """
 
 LOOPBACK_ICE_SHIM = """\

@@ -32,7 +32,8 @@ async def test_a_camera_that_returns_is_live_within_10_s_and_a_dead_one_is_not_h
     rtsp.start()
     # The shipped backoff (sources.backoff_*); only the dead-connection timeouts are short, so the outage is seen fast.
     settings = fast_settings(tmp_path / "data", streams=[{"id": "cam", "url": rtsp.url}])
-    settings["sources"] = {"connect_timeout_s": 3.0, "read_timeout_s": 3.0, "watchdog_s": 5.0}
+    settings["sources"] = {"connect_timeout_s": 3.0, "read_timeout_s": 3.0, "watchdog_s": 5.0,
+                           "policy": settings["sources"]["policy"]}
     server = await asyncio.to_thread(LiveServer(settings).start)
     try:
         (cycle,) = await flap.run_cycles(server.url, rtsp, "cam", cycles=1, up_s=3.0, down_s=20.0, limit_s=30.0)

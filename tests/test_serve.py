@@ -37,6 +37,8 @@ from serve_helpers import (
     until,
 )
 
+from streamguard.ingest.policy import OPAQUE_OPEN_FAILURE
+
 pytestmark = pytest.mark.timeout(180)
 
 FFPP = SHARED / "ffpp_smoke"
@@ -505,17 +507,19 @@ async def test_bad_requests_are_refused_with_json_and_bad_streams_say_why(tmp_pa
             await _stream_refusals(http, srv, monkeypatch, slides_mp4)
             await _feed_refusals(srv)
 
-            # Streams that cannot work say why, and keep trying (network) or fail (nothing to retry).
+            # Streams that cannot work are told so, the same way whatever the cause (the log says which: the API
+            # maps no network, see test_source_policy), and keep trying (network) or fail (nothing to retry).
             for sid, url in [("text", f"{site}/readme.txt"), ("dead", f"rtsp://127.0.0.1:{dead_port}/cam"),
                              ("missing", str(tmp_path / "no such file.mp4"))]:
                 assert (await http.post("/v1/streams", json={"id": sid, "url": url})).status_code == 201
             text = await feed.wait_for(lambda e: e["stream_id"] == "text" and e["data"].get("state") in
                                        ("reconnecting", "failed"), 10, "text: reconnecting or failed")
-            assert "not a video" in text["data"]["reason"], text
+            assert text["data"]["reason"] == OPAQUE_OPEN_FAILURE, text
             dead = await feed.wait_for(state("dead", "reconnecting"), 10, "dead: reconnecting")
-            assert dead["data"]["reason"] and dead["data"]["attempt"] == 1 and dead["data"]["retry_in_s"] > 0, dead
+            assert dead["data"]["reason"] == OPAQUE_OPEN_FAILURE, dead
+            assert dead["data"]["attempt"] == 1 and dead["data"]["retry_in_s"] > 0, dead
             missing = await feed.wait_for(state("missing", "failed"), 10, "missing: failed")
-            assert "no such file" in missing["data"]["reason"].lower(), missing
+            assert missing["data"]["reason"] == OPAQUE_OPEN_FAILURE, missing
             info = (await http.get("/v1/streams/dead")).json()
             assert info["state"] in ("reconnecting", "connecting") and info["reason"] in (None, dead["data"]["reason"])
 

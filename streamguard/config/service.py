@@ -24,7 +24,7 @@ from pydantic_settings import (
 )
 
 from streamguard.config import stages
-from streamguard.config.stages import numeric_secret
+from streamguard.config.base import numeric_secret
 from streamguard.config.streams import StreamSpec
 from streamguard.config.triton import TritonSettings
 from streamguard.config.whip import WhipSettings

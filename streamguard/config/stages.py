@@ -7,20 +7,12 @@ cv2 or ONNX Runtime (seconds of imports) are loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-def numeric_secret(value: Any) -> Any:
-    """A password written as a bare number in YAML (`credential: 12345`) arrives as an int: keep its digits."""
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-class ConfigSection(BaseModel):
-    """A block of the config file: unknown keys are refused."""
-
-    model_config = ConfigDict(extra="forbid")  # a typo in the config file is an error, not a default
+from streamguard.config.base import ConfigSection
+from streamguard.config.policy import SourcePolicy
 
 
 class SamplingSettings(ConfigSection):
@@ -56,6 +48,8 @@ class SourceSettings(ConfigSection):
     hwdecode: Literal["auto", "nvdec", "off"] = Field(
         "auto", description="decode on NVDEC: auto = when it works here; nvdec = required (degraded without it)"
     )
+    policy: SourcePolicy = Field(default_factory=SourcePolicy, description="what streams added over the API may "
+                                 "reach (streamguard/config/policy.py)")
 
 
 class FaceSettings(ConfigSection):

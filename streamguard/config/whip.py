@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from streamguard.config.stages import ConfigSection, numeric_secret
+from streamguard.config.base import ConfigSection, numeric_secret
 
 # What aiortc can use (RFC 7064/7065 URIs): STUN over UDP, TURN over UDP or TCP, TURN over TLS (TCP). No stuns:,
 # no IPv6 literals: aiortc's parser would refuse those at every WHIP request, so they are refused here, at start.

@@ -31,8 +31,8 @@ _MAX_CONSECUTIVE_DEMUX_ERRORS = 32
 # encrypted ones through crypto; RTSP: interleaved over TCP or RTP over UDP, TLS for rtsps.
 PROTOCOLS = {
     "file": "file",
-    "http": "http,https,tls,tcp,crypto",
-    "https": "http,https,tls,tcp,crypto",
+    "http": "http,https,tls,tcp,crypto,httpproxy",
+    "https": "http,https,tls,tcp,crypto,httpproxy",
     "rtsp": "rtsp,rtsps,rtp,srtp,tcp,udp,tls",
     "rtsps": "rtsp,rtsps,rtp,srtp,tcp,udp,tls",
     "rtmp": "rtmp,rtmps,tcp,tls",
@@ -73,13 +73,15 @@ def _is_url(source: str) -> bool:
 
 
 def open_container(
-    url_or_path: str, *, timeout_s: float = 10.0, rtsp_transport: str = "tcp", hwaccel: Any | None = None
+    url_or_path: str, *, timeout_s: float = 10.0, rtsp_transport: str = "tcp", hwaccel: Any | None = None,
+    extra_options: dict[str, str] | None = None,
 ) -> av.container.InputContainer:
     """Open a file or a network source (RTSP, RTMP, HLS, HTTP…) for reading, or raise SourceError saying why.
 
     timeout_s bounds opening and each later read (PyAV's interrupt callback, all protocols). For RTSP the transport
     defaults to TCP (no UDP packet loss or NAT trouble) and `timeout` (FFmpeg ≥ 5: socket I/O timeout in
-    microseconds; it was `stimeout` before) makes a dead server fail instead of hang.
+    microseconds; it was `stimeout` before) makes a dead server fail instead of hang. `extra_options` go to FFmpeg
+    too (the source policy's `http_proxy`).
 
     hwaccel: a PyAV `HWAccel` (see `streamguard.ingest.nvdec`) to decode on the GPU. PyAV creates the hardware
     device after the input is open, so a device that fails there (GPU gone, out of decode memory) would fail a
@@ -109,6 +111,7 @@ def open_container(
     options: dict[str, str] = {"protocol_whitelist": PROTOCOLS[scheme]} if scheme in PROTOCOLS else {}
     if scheme in ("rtsp", "rtsps"):
         options |= {"rtsp_transport": rtsp_transport, "timeout": str(int(timeout_s * 1_000_000))}
+    options |= extra_options or {}
     started = time.monotonic()
     try:
         if hwaccel is not None:
