@@ -354,13 +354,7 @@ def serve(
         logs.filter_native_stderr()
     log_config = logs.configure(cfg.log_level, cfg.secrets())
     _check_authentication(cfg, host is not None)
-    try:
-        _, card = resolve_model(cfg.model)  # a wrong name fails here, before onnxruntime is imported
-    except ModelNotFound as exc:
-        _serve_error(str(exc))
-    except Exception as exc:  # a corrupt card
-        _serve_error(f"cannot load model {cfg.model!r}: {exc}")
-    _check_thresholds(cfg, card)
+    _check_model_card(cfg)
     _check_data_dir(cfg.data_dir, data_dir is not None)
     sock = _bind(cfg.host, cfg.port, port is not None, host is not None)
     try:
@@ -437,6 +431,17 @@ def _where(field: str, flag: str | None = None) -> str:
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_model_card(cfg: ServiceConfig) -> None:
+    """The model's card, and the thresholds it gives: a wrong name fails here, before onnxruntime is imported."""
+    try:
+        _, card = resolve_model(cfg.model)
+    except ModelNotFound as exc:
+        _serve_error(str(exc))
+    except Exception as exc:  # a corrupt card
+        _serve_error(f"cannot load model {cfg.model!r}: {exc}")
+    _check_thresholds(cfg, card)
 
 
 def _check_thresholds(cfg: ServiceConfig, card: ModelCard) -> None:

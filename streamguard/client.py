@@ -175,10 +175,8 @@ async def publish(
     """Publish a video source as one participant over WHIP; returns once the connection is up.
 
     source: a file path or URL, or a video MediaStreamTrack (left running on close: it is the caller's). A local
-    file loops by default (`loop`): it is played by `LoopingFileTrack` (video only, timestamps rising across loops);
-    anything else (URLs, `loop=False`) by aiortc's MediaPlayer.
-    audio: True sends the player's audio when it has some (never for a looping file), False sends none, a track
-    sends that track.
+    file loops by default (`loop`) in a `LoopingFileTrack` (video only); URLs and `loop=False` use MediaPlayer.
+    audio: True sends the player's audio when it has some, False sends none, a track sends that track.
     codec: force "H264" or "VP8" (setCodecPreferences); None lets the server pick from aiortc's default order.
     ice_servers: None asks the endpoint (OPTIONS) for its STUN/TURN servers; [] means host candidates only.
     connect_timeout_s: wait this long for ICE+DTLS to connect (None: return right after the answer is applied).
