@@ -943,7 +943,9 @@ def test_presence_is_kept_with_the_log_and_rebuilt_from_it_for_a_layout_2_store(
             s.append(EventDraft(f"participant.{kind}", sid, pid, {}))
         present = [(p.stream_id, p.participant_id) for p in s.present()]
     assert present == [("cam", "cam/p2"), ("whip:b", "alice")]  # joined, not (yet) left, by join order
-    with sqlite3.connect(path) as db:  # layout 2 had no presence table
-        db.executescript("DROP TABLE presence; PRAGMA user_version=2;")
+    with sqlite3.connect(path) as db:  # layout 2 had no presence table, and alerts without their label
+        db.executescript("DROP TABLE presence; ALTER TABLE alerts DROP COLUMN label; PRAGMA user_version=2;")
     with EventStore(path, synchronous="NORMAL") as s:
         assert [(p.stream_id, p.participant_id) for p in s.present()] == present
+        s.append(EventDraft("alert.raised", "cam", "cam/p2", {**raised("a1"), "label": "Lobby guest"}))
+        assert s.get_alert("a1").label == "Lobby guest"

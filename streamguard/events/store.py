@@ -191,7 +191,8 @@ class EventStore:
                 self._w.execute("ALTER TABLE evidence ADD COLUMN stored_ts REAL NOT NULL DEFAULT 0")
             if version < 3:  # presence from the log: whoever's last joined/left event is a join
                 self._w.execute(_PRESENCE_FROM_EVENTS)
-            if 0 < version < 3:  # an existing alerts table: add the display name (a new one has it)
+            columns = {row[1] for row in self._w.execute("PRAGMA table_info(alerts)")}
+            if "label" not in columns:  # an alerts table from before layout 3: add the display name
                 self._w.execute("ALTER TABLE alerts ADD COLUMN label TEXT")
             self._w.execute(f"PRAGMA user_version={DB_SCHEMA_VERSION}")
             self._w.execute("COMMIT")
