@@ -10,13 +10,21 @@ from the start of its own session (`since=0` filtered to the session's stream, `
 own `participant.joined` and nothing from earlier sessions. It keeps the last `seq` it handled, so after a crash it
 resumes the feed exactly where it stopped (`--since SEQ`, filtered to the participant, across sessions).
 
+It prints its participant's events: joined, per-second scores (`participant.score`, which the server sends with
+`events.publish_scores: true`; the bot says so when none come), alerts raised and cleared, left. A file is
+published in a seamless loop (`LoopingFileTrack`: timestamps keep rising), so one session lasts as long as the bot.
+
 The server can end a session on its own: no frames for a while, the peer connection failing, a restart (`server
 shutdown`). The bot watches for that (its stream's `stream.state` closed or failed, its participant's
-`participant.left`, or its peer connection failing or closing) rather than follow the feed of a session that is
+`participant.left`), and for its own side ending (the video track ended or its sender died: the publication DELETEs
+the session at once; or the peer connection failing or closing), rather than follow the feed of a session that is
 gone while the participant goes unmonitored. It then publishes again, with exponential back-off while the server
 cannot be reached (`--max-republish` bounds the attempts), or exits with status 3 (`--exit-on-end`). A session
 *replaced* by another session of the same participant is never republished: someone else publishes that
 participant now, and two bots taking it back from each other would flap for ever; the bot exits with status 3.
+
+SIGTERM (docker stop, systemd) and SIGINT (Ctrl+C) end the session with a DELETE before the bot exits (status 0 and
+130): the participant leaves at once instead of staying "live" until the server's no-frame timeout.
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ import argparse
 import asyncio
 import contextlib
 import random
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import httpx
@@ -36,6 +45,7 @@ from streamguard.client import EventStreamError, Publication, WhipClientError, e
 EXIT_SESSION_ENDED = 3
 # The reason the server gives a session that a newer session of the same participant replaced.
 REPLACED_PREFIX = "replaced by a new session"
+REASON_DELETED = "deleted by client"  # the server's reason for a session its publisher DELETEd
 
 
 class SessionEnded(Exception):
@@ -54,6 +64,11 @@ class SessionEnded(Exception):
 
 def describe(server: str, participant: str, event: dict[str, Any]) -> str | None:
     """The line the bot prints for an event, or None for events it does not act on."""
+    if event["type"] == "participant.score":
+        d = event["data"]
+        now = "-" if d.get("p_fake") is None else f"{d['p_fake']:.2f}"
+        smoothed = "-" if d.get("smoothed") is None else f"{d['smoothed']:.2f}"
+        return f"#{event['seq']} score {participant}: P(fake) {now} smoothed {smoothed} ({d.get('state')})"
     if event["type"] == "alert.raised":
         d = event["data"]
         return (f"#{event['seq']} ALERT {participant}: P(fake) {d['smoothed']:.2f} "
@@ -76,49 +91,61 @@ def session_end(event: dict[str, Any], stream_id: str, participant: str) -> str 
 
 
 async def follow(server: str, pub: Publication, participant: str, *, token: str | None, since: int | None,
-                 out: Callable[[str], None], feed_grace_s: float = 3.0) -> str:
+                 out: Callable[[str], None], feed_grace_s: float = 3.0, scores_hint_s: float = 15.0) -> str:
     """Print what happens to the session until it ends; returns why it ended (the server's reason when it gave one).
 
-    The feed says why; the peer connection failing or closing is the fallback for a server that went away without
-    saying (killed, or its feed closed before the bot read the last events)."""
+    The feed says why; the publication's own end is the other way it ends: its video track ended or its sender
+    died (the publication has DELETEd the session already: that is the reason), or the connection failed or closed
+    (a server that went away without saying, killed or with its feed closed before the bot read the last events:
+    the feed gets `feed_grace_s` to say why first)."""
     stream_id = f"whip:{pub.session_id}"
     if since is None:  # this session from its first event: its participant.joined came before publish() returned
         feed = events(server, token=token, since=0, stream_id=stream_id)
     else:  # resuming after a crash: everything for this participant after the last seq handled
         feed = events(server, token=token, since=since, participant_id=participant)
+    scored = asyncio.Event()
 
     async def read_feed() -> str:
         async for event in feed:
             line = describe(server, participant, event)
             if line is not None:
                 out(line)
+            if event["type"] == "participant.score":
+                scored.set()
             reason = session_end(event, stream_id, participant)
             if reason is not None:
                 return reason
         return "the event feed ended"
 
-    pc = pub.pc
-    pc_down: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    async def hint_scores() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(scored.wait(), scores_hint_s)
+            return
+        out(f"(no participant.score events in {scores_hint_s:g} s: the server sends per-second scores only with "
+            "events.publish_scores: true; alerts come either way)")
 
-    def changed() -> None:
-        if pc.connectionState in ("failed", "closed") and not pc_down.done():
-            pc_down.set_result(f"WebRTC connection {pc.connectionState}")
-
-    pc.on("connectionstatechange", changed)
-    changed()
     reader = asyncio.create_task(read_feed())
+    ended = asyncio.create_task(pub.wait_ended())
+    hint = asyncio.create_task(hint_scores())
     try:
-        await asyncio.wait({reader, pc_down}, return_when=asyncio.FIRST_COMPLETED)
-        if not reader.done():  # the connection went down: the feed may still say why
+        await asyncio.wait({reader, ended}, return_when=asyncio.FIRST_COMPLETED)
+        if not reader.done():
+            # Our side ended: often because the server ended the session (it closes the connection, and with it our
+            # sender and track), and then the feed says why (replaced, server shutdown...): give it a moment.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(reader), feed_grace_s)
-        return reader.result() if reader.done() else pc_down.result()  # a feed error (EventStreamError) raises
+        if not reader.done():
+            return ended.result()
+        reason = reader.result()  # a feed error (EventStreamError) raises
+        if reason == REASON_DELETED and pub.end_reason is not None:
+            await asyncio.wait({ended}, timeout=feed_grace_s)  # its DELETE's answer
+            if pub.deleted:  # our own DELETE, sent because of what ended on our side: that is the reason
+                return pub.end_reason
+        return reason
     finally:
-        pc.remove_listener("connectionstatechange", changed)
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
-        if not pc_down.done():
-            pc_down.cancel()
+        for task in (reader, ended, hint):
+            task.cancel()
+        await asyncio.gather(reader, ended, hint, return_exceptions=True)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -170,6 +197,32 @@ async def run(server: str, video: str, participant: str, *, name: str | None = N
         await asyncio.sleep(delay)
 
 
+async def until_signalled(bot: Coroutine[Any, Any, None]) -> signal.Signals | None:
+    """Run the bot until it returns or SIGTERM/SIGINT arrives; a signal cancels it, which ends its session cleanly
+    (`async with` the publication DELETEs it), and is returned. The default SIGTERM would kill the process with the
+    session still open on the server, its participant "live" until the no-frame timeout."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(bot)
+    received: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        if not received:
+            received.append(sig)
+            task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not received:
+            raise
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return received[0] if received else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Publish a participant's video to StreamGuard and print its verdicts.")
     ap.add_argument("server", help="the StreamGuard base URL, e.g. http://127.0.0.1:8080")
@@ -189,12 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return status
 
+    bot = run(server, args.video, args.participant, name=args.name, token=args.token, since=args.since,
+              out=lambda line: print(line, flush=True), republish=not args.exit_on_end,
+              max_republish=args.max_republish)
     try:
-        asyncio.run(run(server, args.video, args.participant, name=args.name, token=args.token, since=args.since,
-                        out=lambda line: print(line, flush=True), republish=not args.exit_on_end,
-                        max_republish=args.max_republish))
-    except KeyboardInterrupt:
-        return 130
+        stopped_by = asyncio.run(until_signalled(bot))
+        if stopped_by is not None:  # SIGTERM (docker stop, systemd) or Ctrl+C: the session was DELETEd on the way out
+            print(f"stopped by {stopped_by.name}; the WHIP session was ended", file=sys.stderr)
+            return 130 if stopped_by == signal.SIGINT else 0
     except SessionEnded as exc:
         if exc.replaced:
             why = "another session of the same participant replaced it; not taking it back"

@@ -170,10 +170,12 @@ def scan(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Scan files for deepfaked faces: a verdict per file and a score per participant."""
+    from streamguard import logs
     from streamguard.ingest.av_source import SourceError, probe
     from streamguard.scan import Scanner, ScanReport, expand_paths, model_info
 
     settings = _settings(fps, min_samples, images_are_crops, hwdecode)
+    logs.filter_native_stderr()  # mediapipe's start-up lines are noise between the progress bars
     if json_out is not None and str(json_out) != "-":
         _check_output_file(json_out, "--json")
     if heatmaps is not None:
@@ -247,23 +249,38 @@ def _print_file(r: FileReport) -> None:
                    + (f"  heatmap {p.heatmap}" if p.heatmap else ""))
 
 
-@app.command("eval")
+EVAL_HELP = (
+    "Measure a model on labelled files: AUC, accuracy, TPR/FPR at the threshold, log loss, ROC curve.\n\n"
+    "LABELS is a labels CSV (path,label: paths relative to it, labels real/fake or 0/1), or a folder whose "
+    "sub-folder names (real/, fake/, df/, original/, Celeb-synthesis/, ...), own name (real/) or file-name prefixes "
+    "(real_..., fake_...) say each file's label; --label labels the files nothing else labels.\n\n"
+    "Each rate is given per file (the file's verdict) and per face (every scored sample of every file)."
+)
+
+
+@app.command("eval", help=EVAL_HELP)
 def eval_cmd(
-    labels: Annotated[Path, typer.Argument(help="LABELS.csv (path,label) or a folder of real/ and fake/ media")],
+    labels: Annotated[Path, typer.Argument(help="a labels CSV (path,label) or a folder; see above")],
     model: ModelOption = None,
+    label: Annotated[str | None, typer.Option(
+        help="real or fake: the label of every file whose names say neither (--label real on a folder of real "
+             "photos measures false positives)")] = None,
     out: Annotated[Path, typer.Option(help="folder for eval.json and roc.png")] = Path("eval-out"),
     fps: Annotated[float, typer.Option(help="samples per second of video")] = 1.0,
     min_samples: Annotated[int, typer.Option(help="scored samples a person needs in a video")] = 3,
     images_are_crops: Annotated[bool, typer.Option(help="images are aligned face crops: skip detection")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """Measure a model on labelled files: AUC, accuracy, TPR/FPR at the threshold, log loss, ROC curve."""
+    """Measure a model on labelled files (see EVAL_HELP)."""
     settings = _settings(fps, min_samples, images_are_crops)
+    if label not in (None, "real", "fake"):
+        raise typer.BadParameter(f"use real or fake, got {label!r}", param_hint="--label")
+    from streamguard import logs
     from streamguard.evaluate import evaluate, load_labels, plot_roc  # scikit-learn: after the options are checked
     from streamguard.scan import Scanner
 
     try:
-        items = load_labels(labels)
+        items = load_labels(labels, None if label is None else int(label == "fake"))
     except (OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="LABELS") from None
     _check_output_dir(out, "--out")
@@ -271,6 +288,7 @@ def eval_cmd(
         if (out / name).is_dir():
             raise typer.BadParameter(f"{out / name} is a folder", param_hint="--out")
     classifier = _load_model(model)
+    logs.filter_native_stderr()
     scanner = Scanner(classifier, settings)
     bar = tqdm(total=len(items), desc="eval", unit="file", disable=quiet, file=sys.stderr)
     try:
@@ -311,35 +329,32 @@ def serve(
     port: Annotated[int | None, typer.Option(help="listen port (default 8080)")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="event store and evidence (default ./streamguard-data)")] = None,
     model: ModelOption = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error")] = None,
+    log_level: Annotated[str | None, typer.Option(
+        help="debug, info, warning or error; debug also shows every request, WebSocket, ICE and native library line"
+    )] = None,
+    allow_unauthenticated: Annotated[bool | None, typer.Option(
+        "--allow-unauthenticated", help="serve a non-loopback --host without a token (only behind something that "
+        "authenticates: anyone reaching the port could watch and control every stream)")] = None,
 ) -> None:
     """Run the live service: WHIP and RTSP/RTMP/HLS ingest, scoring, alerts over WebSocket, API and console.
 
     Settings come from --config, then STREAMGUARD_* environment variables (nested with __, e.g.
     STREAMGUARD_SCORING__WINDOW_S=15), then these flags, each overriding the one before.
     """
+    from streamguard import logs
     from streamguard.config import ConfigError, load_config
 
     try:
-        cfg = load_config(config, host=host, port=port, data_dir=data_dir, model=model, log_level=log_level)
+        cfg = load_config(config, host=host, port=port, data_dir=data_dir, model=model, log_level=log_level,
+                          allow_unauthenticated=allow_unauthenticated)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("streamguard")
-    if cfg.token is None and not cfg.is_loopback:
-        log.warning("no token configured: refusing to listen on %s, listening on 127.0.0.1 only "
-                    "(set STREAMGUARD_TOKEN to serve other hosts)", cfg.host)
-        cfg = cfg.model_copy(update={"host": "127.0.0.1"})
-    elif cfg.token is None:
-        log.info("no token configured: listening on %s only, without authentication", cfg.host)
-    try:
-        _, card = resolve_model(cfg.model)  # a wrong name fails here, before onnxruntime is imported
-    except ModelNotFound as exc:
-        _serve_error(str(exc))
-    except Exception as exc:  # a corrupt card
-        _serve_error(f"cannot load model {cfg.model!r}: {exc}")
-    _check_thresholds(cfg, card)
+    if cfg.log_level != "debug":
+        logs.filter_native_stderr()
+    log_config = logs.configure(cfg.log_level, cfg.secrets())
+    _check_authentication(cfg, host is not None)
+    _check_model_card(cfg)
     _check_data_dir(cfg.data_dir, data_dir is not None)
     _check_cluster(cfg)
     sock = _bind(cfg.host, cfg.port, port is not None, host is not None)
@@ -369,7 +384,7 @@ def serve(
         signal.signal(sig, lambda *_: sys.exit(0))
     # The socket bound above is the one served: nothing can take the port between the check and the start.
     server = Server(uvicorn.Config(
-        create_app(Service(cfg)), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+        create_app(Service(cfg)), host=cfg.host, port=cfg.port, log_config=log_config, log_level=None,
         ws_ping_interval=cfg.events.ping_interval_s, ws_ping_timeout=cfg.events.ping_interval_s,
         timeout_graceful_shutdown=10,
     ))
@@ -386,6 +401,24 @@ def serve(
         raise typer.Exit(3)  # the service could not start; uvicorn has logged why
 
 
+def _check_authentication(cfg: ServiceConfig, host_from_flag: bool) -> None:
+    """No token on a host other hosts can reach: refuse to start, unless unauthenticated access was asked for."""
+    log = logging.getLogger("streamguard")
+    if cfg.token is not None:
+        return
+    if cfg.is_loopback:
+        log.info("no token configured: listening on %s only, without authentication", cfg.host)
+    elif cfg.allow_unauthenticated:
+        log.warning("no token configured: serving %s WITHOUT authentication (allow_unauthenticated): anyone who "
+                    "reaches the port can watch and control every stream", cfg.host)
+    else:
+        _serve_error(
+            f"host: refusing to listen on {cfg.host} without a token: anyone who reaches it could watch and control "
+            "every stream. Set one (STREAMGUARD_TOKEN=$(openssl rand -hex 24), or token: in the config file), or "
+            "listen on 127.0.0.1, or, behind a proxy that authenticates, pass --allow-unauthenticated "
+            "(allow_unauthenticated: true)" + _where("host", "--host" if host_from_flag else None))
+
+
 def _serve_error(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
@@ -399,6 +432,17 @@ def _where(field: str, flag: str | None = None) -> str:
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_model_card(cfg: ServiceConfig) -> None:
+    """The model's card, and the thresholds it gives: a wrong name fails here, before onnxruntime is imported."""
+    try:
+        _, card = resolve_model(cfg.model)
+    except ModelNotFound as exc:
+        _serve_error(str(exc))
+    except Exception as exc:  # a corrupt card
+        _serve_error(f"cannot load model {cfg.model!r}: {exc}")
+    _check_thresholds(cfg, card)
 
 
 def _check_thresholds(cfg: ServiceConfig, card: ModelCard) -> None:

@@ -45,7 +45,11 @@ from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
+from streamguard.file_track import LoopingFileTrack
+
 log = logging.getLogger(__name__)
+
+REASON_TRACK_ENDED = "video track ended"
 
 Codec = Literal["H264", "VP8"]
 _CODECS: dict[str, str] = {"h264": "video/H264", "vp8": "video/VP8"}
@@ -81,6 +85,10 @@ class Publication:
     ice_servers: list[RTCIceServer] = field(default_factory=list, repr=False)  # what ICE gathered with
     _owned_tracks: list[MediaStreamTrack] = field(default_factory=list, repr=False)
     closed: bool = False
+    end_reason: str | None = None  # why it ended on its own (set once, before the session is DELETEd)
+    deleted: bool = False  # our DELETE ended the session (a 2xx; 404: the server had ended it already)
+    _ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _closing: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def session_id(self) -> str:
@@ -90,6 +98,38 @@ class Publication:
     def connection_state(self) -> str:
         return self.pc.connectionState
 
+    def watch(self, video: MediaStreamTrack) -> None:
+        """End the session as soon as it cannot send any more: its video track ended (a file that cannot be read,
+        a caller's track stopped) or its RTP sender died (aiortc stops the track when its sender task fails, e.g. on
+        an encoder error), or the connection failed or closed. The session is then DELETEd at once, instead of
+        reading "connected" until the server's no-frame timeout; `wait_ended()` says why."""
+        video.on("ended", lambda: self._lost(REASON_TRACK_ENDED))
+
+        def connection() -> None:
+            if self.pc.connectionState in ("failed", "closed"):
+                self._lost(f"WebRTC connection {self.pc.connectionState}")
+
+        self.pc.on("connectionstatechange", connection)
+        if video.readyState == "ended":  # it ended before anyone listened
+            self._lost(REASON_TRACK_ENDED)
+        connection()
+
+    def _lost(self, reason: str) -> None:
+        if self.closed or self.end_reason is not None:
+            return  # our own close() stops the tracks and closes the connection: not an end of its own
+        self.end_reason = reason
+        log.warning("WHIP session %s of %s ended: %s; deleting it", self.session_id, self.participant_id, reason)
+        self._ended.set()
+        self._closing = asyncio.get_running_loop().create_task(self.close())
+
+    async def wait_ended(self) -> str:
+        """Wait until the session ended on its own (see `watch`); returns why. Not for a session you close()."""
+        await self._ended.wait()
+        assert self.end_reason is not None
+        if self._closing is not None:
+            await asyncio.shield(self._closing)  # the DELETE has been sent by the time this returns
+        return self.end_reason
+
     async def close(self) -> None:
         """DELETE the session (best effort: a server that already ended it answers 404), then close everything."""
         if self.closed:
@@ -97,6 +137,7 @@ class Publication:
         self.closed = True
         try:
             response = await self._http.delete(self.location, headers=self._auth)
+            self.deleted = response.is_success
             if response.status_code >= 400 and response.status_code != 404:
                 log.warning("WHIP DELETE %s: HTTP %s", self.location, response.status_code)
         except httpx.HTTPError as exc:
@@ -133,8 +174,8 @@ async def publish(
 ) -> Publication:
     """Publish a video source as one participant over WHIP; returns once the connection is up.
 
-    source: a file path or URL opened with aiortc's MediaPlayer (`loop` defaults to True for local files, which
-    must be seekable), or a video MediaStreamTrack (left running on close: it is the caller's).
+    source: a file path or URL, or a video MediaStreamTrack (left running on close: it is the caller's). A local
+    file loops by default (`loop`) in a `LoopingFileTrack` (video only); URLs and `loop=False` use MediaPlayer.
     audio: True sends the player's audio when it has some, False sends none, a track sends that track.
     codec: force "H264" or "VP8" (setCodecPreferences); None lets the server pick from aiortc's default order.
     ice_servers: None asks the endpoint (OPTIONS) for its STUN/TURN servers; [] means host candidates only.
@@ -183,6 +224,7 @@ async def publish(
         )
         if connect_timeout_s is not None:
             await _wait_connected(pc, connect_timeout_s)
+        publication.watch(video)  # from here on, its end is the publication's to handle (before: the except below)
         return publication
     except BaseException:
         if location is not None:  # the server has a session: end it rather than leave it to its watchdog
@@ -206,6 +248,10 @@ def _tracks(source: str | MediaStreamTrack, audio: bool | MediaStreamTrack, loop
         return source, audio if isinstance(audio, MediaStreamTrack) else None, []
     if loop is None:
         loop = "://" not in source or source.startswith("file://")
+    if loop and player_format is None:
+        # MediaPlayer(loop=True) ends its tracks at the end of the file (aiortc 1.16, PyAV 18): our own track loops.
+        track = LoopingFileTrack(source.removeprefix("file://"))
+        return track, audio if isinstance(audio, MediaStreamTrack) else None, [track]
     player = MediaPlayer(source, format=player_format, options=player_options, loop=loop)
     owned = [t for t in (player.video, player.audio) if t is not None]
     if player.video is None:

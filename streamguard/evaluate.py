@@ -54,9 +54,11 @@ def label_of_name(name: str) -> int | None:
     return None
 
 
-def load_labels(source: Path) -> list[LabelledFile]:
-    """A CSV with `path,label` (paths relative to the CSV; labels fake/real or 1/0), or a folder whose sub-folder
-    names (df, fake, real, original, Celeb-synthesis, ...) or file-name prefixes (`fake_…`, `real_…`) say the label."""
+def load_labels(source: Path, default: int | None = None) -> list[LabelledFile]:
+    """The labelled files of `source`: a CSV with `path,label` (paths relative to the CSV; labels fake/real or 1/0),
+    or a folder whose names say each file's label (df, fake, real, original, Celeb-synthesis, ...). In a folder the
+    nearest name that says real or fake wins: sub-folders (innermost first), then the file-name prefix, then the
+    folder's own name, then `default`."""
     if source.is_file():
         return _labels_from_csv(source)
     if not source.is_dir():
@@ -64,12 +66,13 @@ def load_labels(source: Path) -> list[LabelledFile]:
     out = []
     for path in expand_paths([source]):
         rel = path.relative_to(source)
-        names = [*reversed(rel.parent.parts), re.split(r"[_\-. ]", path.stem)[0]]
-        label = next((lab for lab in map(label_of_name, names) if lab is not None), None)
+        names = [*reversed(rel.parent.parts), re.split(r"[_\-. ]", path.stem)[0], source.resolve().name]
+        label = next((lab for lab in map(label_of_name, names) if lab is not None), default)
         if label is not None:
             out.append(LabelledFile(path=path, label=label))
     if not out:
-        raise ValueError(f"{source}: no file whose folder or name says real or fake (e.g. real/…, df/…, fake_…)")
+        raise ValueError(f"{source}: no file whose folder or name says real or fake (e.g. real/…, df/…, fake_…); "
+                         "for a folder of one kind only, say which with --label real or --label fake")
     return out
 
 

@@ -22,7 +22,9 @@ from streamguard.inference.backends import BackendOptions, select_backend
 from streamguard.inference.batcher import Batcher
 from streamguard.inference.classifier import Classifier
 from streamguard.ingest.av_source import redact_url
+from streamguard.ingest.egress import EgressProxy
 from streamguard.ingest.nvdec import choose_hwdecode
+from streamguard.ingest.policy import SourceGuard
 from streamguard.ingest.pull import PullSource
 from streamguard.ingest.sampler import spread_phase
 from streamguard.ingest.source import TERMINAL_STATES, OnFrame, OnState, Source, StateInfo, StreamState
@@ -57,27 +59,37 @@ class StreamInfo(BaseModel):
     participants: int
     # The stream's verdict, from its participants' own (hysteresis) verdicts: "alert" while any has an active alert;
     # "pending" while the stream is not live or has no participant, or one without a smoothed score yet;
-    # "suspicious" when one is over the raise threshold but not yet for raise_after samples; else "clear": an
-    # operator's per-camera / per-call status.
+    # "suspicious" when one's smoothed score is at or over the model's threshold without an alert (between the
+    # thresholds, or over the raise threshold for fewer than raise_after samples); else "clear": an operator's
+    # per-camera / per-call status.
     verdict: Literal["alert", "suspicious", "clear", "pending"]
     alerts_active: int
     max_smoothed: float | None = Field(description="highest smoothed P(fake) among the stream's participants")
     instance: str | None = Field(None, description="cluster mode: the instance that runs it (null: none yet)")
+    last_frame_ts: float | None = Field(description="when the last sampled frame came in, Unix seconds")
+    receiving: bool = Field(description="live and a frame came within scoring.stale_after_s: false reads 'no "
+                                        "frames', which is not 'no face'")
+
+
+# A participant's state while their stream delivers no frames (stalled, reconnecting, a silent WHIP peer).
+NO_FRAMES = "no_frames"
 
 
 class ParticipantInfo(BaseModel):
     id: str
     stream_id: str
     label: str | None
-    state: str
+    state: str = Field(description="the scorer's state (warming_up, ok, suspicious, alert, low_quality, no_face), or "
+                                   "no_frames while the stream delivers none")
     alert_active: bool
     alert_id: str | None
     p_fake: float | None
     smoothed: float | None
     samples: int
-    first_seen_ts: float
-    last_seen_ts: float
-    sparkline: list[tuple[float, float]]
+    first_seen_ts: float = Field(description="when they joined, Unix seconds (wall clock)")
+    last_seen_ts: float = Field(description="when their face was last seen, Unix seconds (wall clock)")
+    last_seen_media_s: float | None = Field(description="the same moment in the stream's media time, seconds")
+    sparkline: list[tuple[float, float]] = Field(description="the window's scores: (Unix seconds, P(fake)) pairs")
     instance: str | None = Field(None, description="cluster mode: the instance its stream runs on")
 
 
@@ -111,15 +123,20 @@ class _Stream:
     def kind(self) -> str:
         return self.source.kind
 
-    def info(self) -> StreamInfo:
+    def receiving(self, stale_after_s: float) -> bool:
+        """Live, and a frame came in within `stale_after_s` (counted from the start before the first frame)."""
+        last = self.worker.last_frame_ts or self.created_at
+        return self.state is StreamState.LIVE and time.time() - last < stale_after_s
+
+    def info(self, stale_after_s: float) -> StreamInfo:
         scorers = [p.scorer for p in self.worker.roster.participants.values() if p.confirmed]
         alerts = sum(1 for sc in scorers if sc.alert_active)
         smoothed = [sc.smoothed for sc in scorers if sc.smoothed is not None]
         verdict: Literal["alert", "suspicious", "clear", "pending"]
         if alerts:
             verdict = "alert"
-        elif self.state is not StreamState.LIVE or not scorers or len(smoothed) < len(scorers):
-            verdict = "pending"  # no verdict on a stream that is down, or on participants still warming up
+        elif not self.receiving(stale_after_s) or not scorers or len(smoothed) < len(scorers):
+            verdict = "pending"  # no verdict on a stream that is down or silent, or on participants warming up
         elif any(sc.state is ParticipantState.SUSPICIOUS for sc in scorers):
             verdict = "suspicious"
         else:
@@ -129,6 +146,7 @@ class _Stream:
             state=self.state.value, reason=self.reason, created_at=self.created_at,
             frames_sampled=self.worker.slot.put_count, frames_dropped=self.worker.slot.dropped,
             participants=len(scorers), verdict=verdict, alerts_active=alerts, max_smoothed=max(smoothed, default=None),
+            last_frame_ts=self.worker.last_frame_ts, receiving=self.receiving(stale_after_s),
         )
 
 
@@ -172,8 +190,10 @@ class Service:
             await self.hub.publish(EventDraft(EventType.SERVICE_DEGRADED, None, None,
                                    {"component": "inference", "reason": degraded_reason, "active": True}))
         self._watch_inference()
-        if self.cluster is None:  # in a cluster, the alerts of a gone instance are cleared by another one
+        if self.cluster is None:  # in a cluster, a gone instance's alerts are cleared by another one, and this
+            # store holds every instance's presence
             await self._close_dangling_alerts()
+            await self._close_dangling_presence()
         await self._choose_decoding()
         decode = "nvdec" if self.hwdecode.hwaccel is not None else "cpu"
         self.metrics.set_info(self.classifier.card.name, self.classifier.backend, decode)
@@ -194,6 +214,9 @@ class Service:
             ice_servers=rtc_ice_servers(cfg.whip.ice_servers), ice_transport_policy=cfg.whip.ice_transport_policy,
         )
         self.metrics.watch(self._snapshot)
+        self.guard = SourceGuard(cfg.sources.policy)
+        self.egress = EgressProxy(self.guard)
+        self.egress_url = self.egress.start()
         if self.cluster is not None:  # config streams are registered cluster-wide and run where they are placed
             await self.cluster.start(cfg.streams)
             self.metrics.watch_cluster(self.cluster)
@@ -213,6 +236,16 @@ class Service:
                 }))
                 log.warning("cleared alert %s of %s left open by the previous run", alert.alert_id,
                             alert.participant_id)
+
+    async def _close_dangling_presence(self) -> None:
+        """Participants still present in the store joined in a process that died before they left (a graceful stop
+        has them leave): they are gone, so they leave now, with that reason, before any source can join them again."""
+        for gone in await asyncio.to_thread(self.store.present):
+            await self.hub.publish(EventDraft(EventType.PARTICIPANT_LEFT, gone.stream_id, gone.participant_id, {
+                "reason": "service restarted: the participant's session ended", "samples": 0, "score": None,
+            }))
+            log.warning("participant %s of stream %s, present when the previous run ended, has left",
+                        gone.participant_id, gone.stream_id)
 
     async def _choose_decoding(self) -> None:
         """NVDEC for pull sources when configured or present (sources.hwdecode); degraded when asked for and absent."""
@@ -282,6 +315,7 @@ class Service:
         await self._settle()  # and so do end paths that their own tasks had started
         await asyncio.gather(*(self.remove_stream(sid) for sid in list(self._streams)), return_exceptions=True)
         await self._settle()  # the sources' last state events
+        self.egress.close()
         await self.batcher.close()
         self.classifier.close()
         self.faces.close()
@@ -314,18 +348,24 @@ class Service:
 
     # --- streams: one path for every source ----------------------------------------------------------------------
 
-    async def add_stream(self, spec: StreamSpec) -> StreamInfo:
-        """Start pulling an RTSP/RTMP/HLS/file stream; its participants are tracked faces."""
+    async def add_stream(self, spec: StreamSpec, *, from_api: bool = False) -> StreamInfo:
+        """Start pulling an RTSP/RTMP/HLS/file stream; its participants are tracked faces. A stream added over the
+        API (`from_api`) must pass the source policy (SourceRefused) and is checked at every connection; one from
+        the config file is the operator's own."""
         if spec.id in self._streams:
             raise StreamExists(f"stream {spec.id!r} exists already")
+        guard = self.guard if from_api else None
+        if guard is not None:
+            guard.check_url(spec.url)
 
         def pull(on_frame: OnFrame, on_state: OnState) -> Source:
             return PullSource(spec.id, spec.url, settings=self.config.sources, fps=self.config.sampling.fps,
                               phase=self.sampling_phase(spec.id), on_frame=on_frame, on_state=on_state,
-                              hwaccel=self.hwdecode.hwaccel)
+                              hwaccel=self.hwdecode.hwaccel, guard=guard,
+                              proxy_url=self.egress_url if guard is not None else None)
 
         stream = await self._open(pull, url=spec.url, name=spec.name, mode="tracked")
-        return stream.info()
+        return stream.info(self.config.scoring.stale_after_s)
 
     async def whip_publish(self, body: bytes, content_type: str | None, participant_id: str | None,
                            display_name: str | None) -> WhipSession:
@@ -340,6 +380,8 @@ class Service:
         person = stream.worker.roster.start(time.time())
         assert person is not None  # a single-participant roster has its participant from the start
         await self.hub.publish(EventDraft(EventType.PARTICIPANT_JOINED, stream.id, person.id, {"label": display_name}))
+        log.info("participant joined: stream %s, participant %s%s (WHIP)", stream.id, person.id,
+                 f" ({display_name})" if display_name else "")
         return session
 
     async def remove_stream(self, stream_id: str) -> None:
@@ -353,10 +395,10 @@ class Service:
             await asyncio.gather(stream.task, return_exceptions=True)  # its end path publishes the final state
 
     def streams(self) -> list[StreamInfo]:
-        return [s.info() for s in self._streams.values()]
+        return [s.info(self.config.scoring.stale_after_s) for s in self._streams.values()]
 
     def stream(self, stream_id: str) -> StreamInfo:
-        return self._streams[stream_id].info()
+        return self._streams[stream_id].info(self.config.scoring.stale_after_s)
 
     async def _open(self, make: Callable[[OnFrame, OnState], Source], *, url: str | None, name: str | None,
                     mode: Literal["single", "tracked"], participant_id: str | None = None) -> _Stream:
@@ -470,14 +512,18 @@ class Service:
         for stream in self._streams.values():
             if stream_id is not None and stream.id != stream_id:
                 continue
+            # No frames is the stream's state, not the face's: nobody can be seen, so nobody is "no face".
+            receiving = stream.receiving(self.config.scoring.stale_after_s)
             for p in stream.worker.roster.participants.values():
                 if not p.confirmed:
                     continue
                 s = p.scorer
+                state = s.state.value if receiving else NO_FRAMES
                 out.append(ParticipantInfo(
-                    id=p.id, stream_id=stream.id, label=p.label, state=s.state.value, alert_active=s.alert_active,
+                    id=p.id, stream_id=stream.id, label=p.label, state=state, alert_active=s.alert_active,
                     alert_id=p.alert_id, p_fake=p.last_p_fake, smoothed=s.smoothed, samples=len(s.window),
-                    first_seen_ts=p.first_seen_ts, last_seen_ts=p.last_seen_ts, sparkline=s.sparkline(),
+                    first_seen_ts=p.first_seen_ts, last_seen_ts=p.last_seen_ts,
+                    last_seen_media_s=p.last_seen_media_s, sparkline=p.sparkline(),
                 ))
         return out
 

@@ -99,6 +99,7 @@ class StreamWorker:
         self._idle_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # frames and idle ticks take turns on the roster
         self._last_frame_mono: float | None = None
+        self.last_frame_ts: float | None = None  # wall clock of the last sampled frame handed in
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"worker:{self.stream_id}")
@@ -106,6 +107,7 @@ class StreamWorker:
 
     def put(self, frame: SampledFrame) -> None:
         dropped = self.slot.dropped
+        self.last_frame_ts = time.time()
         self.slot.put(frame)
         self.deps.metrics.frames_sampled.labels(self.kind).inc()
         if self.slot.dropped > dropped:
@@ -164,9 +166,10 @@ class StreamWorker:
         ts = self.clock(frame.pts_s)
         crops = await self.deps.faces.analyze(frame)
         self.deps.metrics.faces_detected.inc(len(crops))
-        obs = self.roster.observe(ts, crops)
+        obs = self.roster.observe(ts, crops, frame.wall_ts)
         for person in obs.joined:
             await self._publish(EventType.PARTICIPANT_JOINED, person, {"label": person.label, "pts_s": frame.pts_s})
+            log.info("participant joined: stream %s, participant %s", self.stream_id, _who(person))
             await self._apply(person, person.confirm(), None)
         scorable = [(p, c) for p, c in obs.faces if c.quality.ok]
         crops_in = np.stack([c.crop for _, c in scorable]) if scorable else None
@@ -177,7 +180,7 @@ class StreamWorker:
             scorable, scores = [], np.zeros(0, np.float32)
         self.deps.metrics.sample_to_score.observe(max(0.0, time.time() - frame.wall_ts))
         for (person, crop), p in zip(scorable, scores, strict=True):
-            await self._apply(person, person.score(ts, float(p)), crop)
+            await self._apply(person, person.score(ts, float(p), frame.wall_ts), crop)
             await self._publish_score(person, float(p), crop)
         for person, crop in obs.faces:
             if not crop.quality.ok:
@@ -202,7 +205,7 @@ class StreamWorker:
             if isinstance(t, AlertRaised):
                 await self._raise(person, t, crop)
             elif isinstance(t, AlertCleared) and person.alert_id:
-                await self._clear(person, "score below clear threshold", t.smoothed, t.threshold, t.duration_s)
+                await self._clear(person, "score below clear threshold", t.smoothed, t.threshold)
 
     async def _raise(self, person: LiveParticipant, t: AlertRaised, crop: FaceCrop | None) -> None:
         alert_id = new_alert_id()
@@ -212,31 +215,38 @@ class StreamWorker:
                 evidence = await self.deps.make_evidence(alert_id, crop.crop, t.p_fake)
             except Exception:  # evidence is a courtesy: the alert goes out without it
                 log.exception("evidence for alert %s failed", alert_id)
-        person.alert_id = alert_id
+        person.alert_id, person.alert_raised_ts = alert_id, time.time()
         await self._publish(EventType.ALERT_RAISED, person, {
             "alert_id": alert_id, "score": t.p_fake, "smoothed": t.smoothed, "threshold": t.threshold,
-            "window_s": self.deps.window_s, "samples": t.samples, "evidence": evidence,
+            "window_s": self.deps.window_s, "samples": t.samples, "evidence": evidence, "label": person.label,
         })
+        log.info("alert raised: stream %s, participant %s, smoothed P(fake) %.2f >= %.2f (this sample %.2f), alert %s",
+                 self.stream_id, _who(person), t.smoothed, t.threshold, t.p_fake, alert_id)
         self.deps.metrics.alerts_raised.inc()
 
-    async def _clear(self, person: LiveParticipant, reason: str, smoothed: float | None, threshold: float | None,
-                     duration_s: float) -> None:
+    async def _clear(self, person: LiveParticipant, reason: str, smoothed: float | None,
+                     threshold: float | None) -> None:
+        # Wall seconds since it was raised, whatever way it ends (the scorer's own clock is media time).
+        raised = person.alert_raised_ts
+        duration = max(0.0, time.time() - raised) if raised is not None else 0.0
         await self._publish(EventType.ALERT_CLEARED, person, {
             "alert_id": person.alert_id, "reason": reason, "smoothed": smoothed, "threshold": threshold,
-            "duration_s": max(0.0, duration_s),
+            "duration_s": duration,
         })
-        person.alert_id = None
+        log.info("alert cleared: stream %s, participant %s, after %.0f s (%s), smoothed P(fake) %s, alert %s",
+                 self.stream_id, _who(person), duration, reason, _score(smoothed), person.alert_id)
+        person.alert_id = person.alert_raised_ts = None
         self.deps.metrics.alerts_cleared.inc()
 
     async def _leave(self, person: LiveParticipant, reason: str) -> None:
         if person.alert_id:
-            raised_at = person.scorer.raised_at
-            duration = person.last_seen_ts - raised_at if raised_at is not None else 0.0
             # Why they left matters to an operator: a camera that failed is not a deepfake that went away.
-            await self._clear(person, f"participant left: {reason}", person.scorer.smoothed, None, duration)
+            await self._clear(person, f"participant left: {reason}", person.scorer.smoothed, None)
         score = id_strategy(person.scores) if person.scores else None
         await self._publish(EventType.PARTICIPANT_LEFT, person,
                             {"reason": reason, "samples": len(person.scores), "score": score})
+        log.info("participant left: stream %s, participant %s (%s), P(fake) %s over %d samples", self.stream_id,
+                 _who(person), reason, _score(score), len(person.scores))
 
     async def _publish_score(self, person: LiveParticipant, p: float | None, crop: FaceCrop) -> None:
         if not (self.deps.publish_scores and person.confirmed):
@@ -249,3 +259,12 @@ class StreamWorker:
 
     async def _publish(self, type: EventType, person: LiveParticipant, data: Mapping[str, Any]) -> None:
         await self.deps.hub.publish(EventDraft(type, self.stream_id, person.id, data))
+
+
+def _who(person: LiveParticipant) -> str:
+    """A participant as log lines name them: the id, and the display name when there is one."""
+    return f"{person.id} ({person.label})" if person.label and person.label != person.id else person.id
+
+
+def _score(p: float | None) -> str:
+    return "-" if p is None else f"{p:.2f}"

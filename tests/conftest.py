@@ -1,4 +1,7 @@
+import os
+import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -8,14 +11,36 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 # The MesoNet authors' models, which several tests compare against. Their weights live in ../shared and nothing
-# from there is committed: they are imported into engines/ (git-ignored names) once per machine, before any test
-# runs, so in-process services and `streamguard` subprocesses alike find them by name.
+# from there is committed. Tests write only to temporary folders: the models are imported into a temporary
+# engines folder made for this session (beside links to the shipped models), and STREAMGUARD_ENGINES points every
+# in-process service and `streamguard` subprocess at it; engine builds go to its cache/. engines/ stays as checked
+# out (an import landing there would show up in `streamguard models list`).
 MESONET_MODELS = {
     "mesonet-meso4-df": ("Meso4_DF.h5", "meso4"),
     "mesonet-meso4-f2f": ("Meso4_F2F.h5", "meso4"),
     "mesonet-inception-df": ("MesoInception_DF.h5", "mesoinception"),
     "mesonet-inception-f2f": ("MesoInception_F2F.h5", "mesoinception"),
 }
+_ENGINES_TMP: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test module imports streamguard (models.ENGINES_DIR is read at import): the session's engines."""
+    global _ENGINES_TMP
+    if "STREAMGUARD_ENGINES" in os.environ:  # the caller chose a folder: use it as it is
+        return
+    _ENGINES_TMP = Path(tempfile.mkdtemp(prefix="streamguard-test-engines-"))
+    for shipped in (REPO / "engines").glob("*.onnx"):
+        for path in (shipped, shipped.with_suffix(".json")):
+            if path.is_file():
+                (_ENGINES_TMP / path.name).symlink_to(path)
+    os.environ["STREAMGUARD_ENGINES"] = str(_ENGINES_TMP)
+    os.environ.setdefault("STREAMGUARD_ENGINE_CACHE", str(_ENGINES_TMP / "cache"))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _ENGINES_TMP is not None:
+        shutil.rmtree(_ENGINES_TMP, ignore_errors=True)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -24,8 +49,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         return  # tests that need them skip (they need ../shared for their media too)
     from streamguard.inference.importers import import_mesonet
 
+    engines = Path(os.environ["STREAMGUARD_ENGINES"])
     for name, (h5, arch) in MESONET_MODELS.items():
-        onnx_path = REPO / "engines" / f"{name}.onnx"
+        onnx_path = engines / f"{name}.onnx"
         if not (onnx_path.is_file() and onnx_path.with_suffix(".json").is_file()):
             import_mesonet(weights / h5, arch, output=onnx_path, name=name)
 

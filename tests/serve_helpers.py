@@ -43,6 +43,17 @@ MODEL: str | None = os.environ.get("STREAMGUARD_TEST_MODEL") or (None if DEFAULT
                                                                  "mesonet-meso4-df")
 
 
+# Variables that are not settings but point at the session's temporary engines folder (tests/conftest.py): kept for
+# child processes, whose environment is otherwise cleared of STREAMGUARD_* settings.
+SESSION_VARIABLES = ("STREAMGUARD_ENGINES", "STREAMGUARD_ENGINE_CACHE")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment without STREAMGUARD_* settings (the session's engines folder kept), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMGUARD_") or k in SESSION_VARIABLES}
+    return {**env, **extra}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,6 +91,9 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+LOCAL_SOURCES: dict[str, Any] = {"allow_files": True, "deny_networks": []}
+
+
 def fast_settings(data_dir: Path, port: int | None = None, **overrides: Any) -> dict[str, Any]:
     """Service settings with small timeouts so failures and recoveries happen within seconds."""
     base: dict[str, Any] = {
@@ -88,8 +102,10 @@ def fast_settings(data_dir: Path, port: int | None = None, **overrides: Any) -> 
         "data_dir": str(data_dir),
         "model": MODEL,
         "log_level": "warning",
+        # The tests' sources are on this machine (files, 127.0.0.1 servers): the policy for streams added over the
+        # API allows them here; tests/test_source_policy.py checks the shipped defaults.
         "sources": {"connect_timeout_s": 3.0, "read_timeout_s": 3.0, "watchdog_s": 2.0, "backoff_initial_s": 0.2,
-                    "backoff_max_s": 1.0},
+                    "backoff_max_s": 1.0, "policy": LOCAL_SOURCES},
         "whip": {"no_frame_timeout_s": 5.0},
         "participants": {"min_samples": 2},
         "events": {"publish_scores": True},
@@ -205,7 +221,7 @@ class ServeProcess:
             self.config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
         self.port = int(settings["port"]) if settings and "port" in settings else None
         self.url = f"http://127.0.0.1:{self.port}" if self.port else ""
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMGUARD_")} | (env or {})
+        self.env = child_env(**(env or {}))
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.args = args or []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -291,18 +307,18 @@ class RtspServer:
 
 
 @contextlib.contextmanager
-def http_folder(folder: Path) -> Iterator[str]:
-    """A local HTTP server (http.server in a thread) over a folder; yields its base URL."""
+def http_folder(folder: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """A local HTTP server (http.server in a thread) over a folder on `host`; yields its base URL."""
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    server = http.server.ThreadingHTTPServer((host, 0), functools.partial(Quiet, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://{host}:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

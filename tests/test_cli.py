@@ -1,6 +1,5 @@
 """CLI behaviour that needs no media: commands exist, and machines without a GPU get a clear exit."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +63,9 @@ def test_serve_reports_a_config_error_before_importing_the_server(tmp_path, conf
     config = tmp_path / "streamguard.yaml"
     if config_text is not None:
         config.write_text(config_text)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMGUARD_")}
+    from serve_helpers import child_env
+
+    env = child_env()
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "streamguard.cli", "serve", "--config",
                            str(config), *args], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]

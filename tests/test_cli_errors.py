@@ -4,7 +4,6 @@ traceback, and is reported before any work is done; an output that cannot be wri
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -34,8 +33,9 @@ def plain(output: str) -> str:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMGUARD_")}
-    return {**env, **extra}
+    from serve_helpers import child_env
+
+    return child_env(**extra)
 
 
 def imported(importtime_log: str) -> set[str]:

@@ -38,10 +38,11 @@ from streamguard.inference.gpu import (
     tensorrt_major,
     tensorrt_precision_problem,
 )
+from streamguard.inference.models import ENGINES_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-MESO4 = REPO / "engines" / "mesonet-meso4-df.onnx"
-# Imported from ../shared by conftest.py (never committed): absent in a user's clone.
+MESO4 = ENGINES_DIR / "mesonet-meso4-df.onnx"
+# Imported from ../shared by conftest.py into the session's engines folder: absent in a user's clone.
 needs_meso4 = pytest.mark.skipif(not MESO4.is_file(),
                                  reason=f"needs {MESO4.name}, imported from ../shared/data/mesonet")
 SHA = "ab" * 32

@@ -41,3 +41,39 @@ def test_csv_labels_need_columns(tmp_path):
     f.write_text("file,y\n")
     with pytest.raises(ValueError, match="path,label"):
         load_labels(f)
+
+
+def test_a_folder_of_real_files_only_is_a_false_positive_measurement(tmp_path):
+    """Photos named img1.jpg... in a folder of their own: refused without a word on what they are, labelled real
+    with --label real (or when the folder itself is called real/)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("img1.jpg", "img2.jpg", "fake_3.jpg"):
+        (photos / name).write_bytes(b"x")
+    (tmp_path / "unlabelled").mkdir()
+    (tmp_path / "unlabelled" / "img9.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match="--label real"):
+        load_labels(tmp_path / "unlabelled")
+    assert {p.path.name: p.label for p in load_labels(photos, 0)} == {"img1.jpg": 0, "img2.jpg": 0, "fake_3.jpg": 1}
+    real = tmp_path / "real"
+    photos.rename(real)
+    assert {p.path.name: p.label for p in load_labels(real)} == {"img1.jpg": 0, "img2.jpg": 0, "fake_3.jpg": 1}
+
+
+def test_eval_measures_fpr_on_real_photos_only(tmp_path, shared_data):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from streamguard.cli import app
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("img1.jpg", "img2.jpg", "img3.jpg"):
+        shutil.copy(shared_data / "real_faces" / name, photos / name)
+    result = CliRunner().invoke(app, ["eval", str(photos), "--label", "real", "--out", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 0, result.output
+    files = [line for line in result.output.splitlines() if line.startswith("files: ")]
+    assert files and "n=3 (real 3, fake 0)" in files[0], result.output
+    assert "FPR " in files[0] and "TPR   n/a" in files[0], result.output
+    assert CliRunner().invoke(app, ["eval", str(photos), "--label", "maybe"]).exit_code == 2

@@ -518,7 +518,12 @@ async def test_burst_larger_than_the_queue_reaches_a_prompt_reader_once_in_order
     assert [e.seq for e in got["filtered"]] == [e.seq for e in published if e.stream_id == "s1"]
     assert hub.dropped_subscribers == 0 and all(s.ended is None for s in (live, filtered, replaying))
     assert hub.catch_ups >= 3 and live._overflows > 0  # each fell back to the store at least once
-    assert not live.replaying and live._deadline is None  # caught up: live again, no clock running
+    # Caught up: live again, no clock running. The reader may still be in its last store read (the one that finds
+    # nothing more and ends the replay) when the events are all in: wait for that read, do not race it.
+    async with asyncio.timeout(10):
+        while live.replaying:
+            await asyncio.sleep(0.01)
+    assert live._deadline is None
     # Live again: the next event comes through the buffer.
     ev = await hub.publish(EventDraft("stream.state", "s1", None, state("stalled")))
     async with asyncio.timeout(10):
@@ -686,14 +691,42 @@ async def test_close_flushes_queued_events_and_ends_subscriptions(tmp_path: Path
     hub = EventHub(store)
     sub = hub.subscribe(since=0)
     futs = [hub.publish_nowait(EventDraft("participant.score", "s1", "p1", {"p_fake": 0.1})) for _ in range(300)]
+    got: list[Event] = []
+
+    async def read() -> None:
+        async for ev in sub:  # ends quietly: the hub closed
+            got.append(ev)
+
+    reader = asyncio.create_task(read())
     await hub.close()  # without awaiting the futures: close must flush them
+    await asyncio.wait_for(reader, 5)
     assert all(f.done() and not f.exception() for f in futs)
     assert [f.result().seq for f in futs] == list(range(1, 301))
-    got = [ev async for ev in sub]  # ends quietly: the hub closed
-    assert got == []  # closing ends subscriptions at once; they resume with since on the next server
+    # A reader gets every event before the end, whether it was replaying or live when the close came.
+    assert [e.seq for e in got] == list(range(1, 301))
+    assert isinstance(sub.ended, HubClosed) and sub.ended.last_seq == 300
     store.close()
     with EventStore(path) as reopened:
         assert reopened.last_seq() == 300
+
+
+@pytest.mark.asyncio
+async def test_the_last_events_reach_a_live_reader_before_the_close(store: EventStore) -> None:
+    """SIGTERM: the last participant.left and stream.state closed were delivered to the subscriber's buffer, then
+    the close ended it and cleared the buffer: the client got them only after it resumed. They come first now."""
+    hub = EventHub(store)
+    live = hub.subscribe()
+    idle = hub.subscribe()  # nobody reads it: it is ended after the drain timeout, and resumes with since
+    last = [await hub.publish(EventDraft("participant.left", "s1", "p1", {"reason": "server shutdown"})),
+            await hub.publish(EventDraft("stream.state", "s1", None, state("closed")))]
+    closing = asyncio.create_task(hub.close(drain_timeout_s=0.5))
+    await asyncio.sleep(0.05)  # the close has begun before the reader comes back for its events
+    got = [ev async for ev in live]
+    await closing
+    assert got == last
+    assert isinstance(live.ended, HubClosed) and live.ended.last_seq == last[-1].seq
+    assert isinstance(idle.ended, HubClosed) and idle.ended.last_seq == 0  # it handed out nothing
+    assert hub.subscriber_count == 0
 
 
 @pytest.mark.asyncio
@@ -897,4 +930,22 @@ def test_a_layout_1_store_is_migrated(tmp_path: Path) -> None:
         assert s.get_evidence("a1", "crop") is not None
         assert s.prune() == 0 and s.get_evidence("a1", "crop") is None  # an old orphan: stored_ts 0
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def test_presence_is_kept_with_the_log_and_rebuilt_from_it_for_a_layout_2_store(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "events.sqlite3"
+    with EventStore(path, synchronous="NORMAL") as s:
+        for kind, sid, pid in [("joined", "cam", "cam/p1"), ("joined", "whip:a", "alice"), ("left", "cam", "cam/p1"),
+                               ("joined", "cam", "cam/p2"), ("left", "whip:a", "alice"), ("joined", "whip:b", "alice")]:
+            s.append(EventDraft(f"participant.{kind}", sid, pid, {}))
+        present = [(p.stream_id, p.participant_id) for p in s.present()]
+    assert present == [("cam", "cam/p2"), ("whip:b", "alice")]  # joined, not (yet) left, by join order
+    with sqlite3.connect(path) as db:  # layout 2 had no presence table, and alerts without their label
+        db.executescript("DROP TABLE presence; ALTER TABLE alerts DROP COLUMN label; PRAGMA user_version=2;")
+    with EventStore(path, synchronous="NORMAL") as s:
+        assert [(p.stream_id, p.participant_id) for p in s.present()] == present
+        s.append(EventDraft("alert.raised", "cam", "cam/p2", {**raised("a1"), "label": "Lobby guest"}))
+        assert s.get_alert("a1").label == "Lobby guest"

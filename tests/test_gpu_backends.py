@@ -32,17 +32,17 @@ from streamguard.inference.gpu import (
     GpuInfo,
     probe_availability,
 )
-from streamguard.inference.models import resolve_model
+from streamguard.inference.models import ENGINES_DIR, resolve_model
 from streamguard.inference.onnx import OnnxClassifier
 from streamguard.ingest.nvdec import nvdec_codec_name, nvdec_decoder_name, probe_nvdec
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-MESO4 = REPO / "engines" / "mesonet-meso4-df.onnx"
-# Imported from ../shared by conftest.py (never committed): absent in a user's clone.
+MESO4 = ENGINES_DIR / "mesonet-meso4-df.onnx"
+# Imported from ../shared by conftest.py into the session's engines folder: absent in a user's clone.
 needs_meso4 = pytest.mark.skipif(not MESO4.is_file(),
                                  reason=f"needs {MESO4.name}, imported from ../shared/data/mesonet")
-MESO_MODELS = sorted((REPO / "engines").glob("mesonet-*.onnx"))
+MESO_MODELS = sorted(ENGINES_DIR.glob("mesonet-*.onnx"))
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
 TOLERANCE = 0.02
 

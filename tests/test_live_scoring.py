@@ -151,10 +151,14 @@ class TestHysteresis:
         assert raised(events) == [6.0] and cleared(events) == []
         assert sc.state is S.ALERT and sc.alert_active
 
-    def test_hovering_without_an_alert_stays_ok(self):
+    def test_hovering_between_thresholds_without_an_alert_is_suspicious_and_never_raises(self):
+        # Over the model's threshold (0.5) the model calls the face fake: not an alert yet, but not "ok" either.
         sc = ParticipantScorer()
         events = feed(sc, 0.6 + 0.09 * np.sin(np.arange(120)))  # up to 0.69: never over 0.7
-        assert raised(events) == [] and sc.state is S.OK
+        assert raised(events) == [] and sc.state is S.SUSPICIOUS
+        assert {tr.new for _, tr in events if isinstance(tr, StateChanged)} == {S.SUSPICIOUS}
+        feed(sc, [0.2] * 10, t0=120.0)
+        assert sc.state is S.OK
 
     def test_clears_after_clear_after_consecutive_low_samples(self):
         sc = ParticipantScorer(instant())  # clear_after 5

@@ -80,11 +80,12 @@ def test_media_clock_stays_monotonic_across_timestamp_restarts_and_stalls():
 
 def test_an_unconfirmed_participant_holds_its_observations_until_confirmed():
     person = LiveParticipant("s/1", "s", None, ParticipantScorer(INSTANT, card_threshold=0.5), 0.0, 0.0)
-    assert person.score(0.0, 0.9) == [] and person.low_quality(0.5, "blurry") == [] and person.no_face(0.6) == []
+    assert person.score(0.0, 0.9, 100.0) == [] and person.low_quality(0.5, "blurry") == [] and person.no_face(0.6) == []
     assert person.scores == [] and person.last_p_fake == 0.9 and person.scorer.smoothed is None
     replay = person.confirm()
     assert person.confirmed and [type(t) for t in replay if isinstance(t, AlertRaised)] == [AlertRaised]
     assert person.scores == [0.9] and person.scorer.smoothed == pytest.approx(0.9)
+    assert person.sparkline() == [(100.0, 0.9)]  # wall-clock time, as it was observed
     assert person.confirm() == []  # replayed once
 
 
@@ -95,12 +96,14 @@ def test_single_mode_needs_its_participant_and_takes_the_largest_face():
     with pytest.raises(ValueError, match="participant id"):
         Roster("whip:1", mode="single", scoring=INSTANT, card_threshold=0.5)
     roster = Roster("whip:1", mode="single", scoring=INSTANT, card_threshold=0.5, participant_id="alice", label="A")
-    alice = roster.start(0.0)
+    alice = roster.start(1_700_000_000.0)
     assert alice is not None and alice.confirmed and alice.label == "A" and list(roster.participants) == ["alice"]
     small, large = face(0, 40), face(100, 90)
-    obs = roster.observe(1.0, [small, large])
+    obs = roster.observe(1.0, [small, large], wall_ts=1_700_000_005.0)
     assert obs.faces == [(alice, large)] and obs.ignored == 1 and obs.joined == []
-    assert roster.observe(2.0, []).faces == [] and alice.last_seen_ts == 1.0
+    assert roster.observe(2.0, [], wall_ts=1_700_000_006.0).faces == []
+    # One clock per field: *_ts are wall-clock Unix seconds, the media time has its own field.
+    assert (alice.first_seen_ts, alice.last_seen_ts, alice.last_seen_media_s) == (1_700_000_000.0, 1_700_000_005.0, 1.0)
     assert roster.expire(1000.0) == []  # a session's participant leaves with the session, never by time
     assert roster.remove_all() == [alice] and roster.participants == {}
 
@@ -196,3 +199,25 @@ async def test_a_publisher_alerts_with_evidence_and_clears_when_the_score_drops(
     assert alice.scorer.state is ParticipantState.NO_FACE and hub.kinds()[-1] == "alert.cleared"
     await worker.stop("deleted by client")
     assert hub.kinds()[-1] == "participant.left" and hub[-1].data["reason"] == "deleted by client"
+
+
+@pytest.mark.asyncio
+async def test_alert_durations_are_wall_seconds_whatever_the_media_clock_says(stage, photo):
+    """Media time jumps 100 s between two samples taken a moment apart (a file, a publisher whose clock runs
+    ahead): the alert was open for a moment, and that is what alert.cleared says, on both ways it can end."""
+    hub = ListHub()
+    worker = make_worker(stage, hub, 0.99, mode="single")
+    assert worker.roster.start(0.0) is not None
+    await worker.process(SampledFrame("cam", 0.0, 0.0, photo))
+    worker.deps.batcher = FixedScores(0.01)
+    await worker.process(SampledFrame("cam", 100.0, 0.0, photo))
+    assert hub.kinds() == ["alert.raised", "alert.cleared"]
+    assert hub[1].data["duration_s"] < 10, hub[1].data  # wall seconds, not the 100 s of media time
+    hub.clear()
+    worker.deps.batcher = FixedScores(0.99)
+    await worker.process(SampledFrame("cam", 200.0, 0.0, photo))  # raised again
+    await worker.process(SampledFrame("cam", 230.0, 0.0, photo))  # still alerting, 30 media seconds later
+    await worker.stop("deleted by client")
+    assert hub.kinds() == ["alert.raised", "alert.cleared", "participant.left"]
+    assert hub[1].data["reason"] == "participant left: deleted by client"
+    assert hub[1].data["duration_s"] < 10, hub[1].data

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ from types import ModuleType
 
 import httpx
 import pytest
-from serve_helpers import LiveServer, fast_settings, media_tool
+from serve_helpers import SHARED, LiveServer, face_photos, fast_settings, media_tool
 
 from streamguard.client import publish
 
@@ -270,3 +271,136 @@ def test_bot_retries_republishing_while_the_server_is_down_then_gives_up(tmp_pat
     assert len([line for line in proc.lines if line.startswith("republishing alice failed")]) == 1, proc.lines
     (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert line.startswith(f"error: cannot reach {srv.url}"), line
+
+
+# --- a file published in a loop, and ends that the client notices ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 s of two real faces (1.5 s each): several play-throughs fit in a short test."""
+    photos = face_photos(2)
+    if len(photos) < 2:
+        pytest.skip(f"needs real face photos in {SHARED / 'real_faces'} (../shared is absent in a user's clone)")
+    out = tmp_path_factory.mktemp("bot") / "faces.mp4"
+    return media_tool().make_slideshow(photos, out, fps=10, seconds_per_image=1.5, size=(480, 360))
+
+
+@pytest.mark.asyncio
+async def test_the_looping_file_track_keeps_its_timestamps_rising(short_faces: Path) -> None:
+    from aiortc.mediastreams import MediaStreamError
+
+    from streamguard.file_track import LoopingFileTrack
+
+    track = LoopingFileTrack(str(short_faces))
+    started = time.monotonic()
+    times = [float((await track.recv()).time) for _ in range(75)]  # 7.5 s of a 3 s file: two loops and a half
+    elapsed = time.monotonic() - started
+    assert track.loops == 2
+    assert all(b > a for a, b in zip(times, times[1:], strict=False)), times  # never back, also at each loop
+    steps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert max(steps) == pytest.approx(0.1, abs=0.02), steps  # one frame apart, at the joins too
+    assert elapsed > 6.5  # at the file's own pace
+    track.stop()
+    with pytest.raises(MediaStreamError):
+        await track.recv()
+
+
+@pytest.mark.timeout(120)
+def test_a_file_loops_in_one_session_with_scores_throughout(bot: ModuleType, server: LiveServer, short_faces: Path,
+                                                            loopback_ice: None) -> None:
+    """A 3 s file published for 16 s (the server ends a session after 5 s without frames): one session, no
+    participant.left, scores up to the end. MediaPlayer(loop=True) stopped sending after one play-through."""
+    lines: list[str] = []
+    stamps: list[float] = []
+
+    def out(line: str) -> None:
+        lines.append(line)
+        stamps.append(time.monotonic())
+
+    async def main() -> None:
+        task = asyncio.create_task(bot.run(server.url, str(short_faces), "alice", name="Alice", out=out,
+                                           connect_timeout_s=30))
+        try:
+            for _ in range(300):
+                if any("participant.joined" in line for line in lines) or task.done():
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(16)
+            assert not task.done(), lines
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+    assert len([line for line in lines if line.startswith("publishing ")]) == 1, lines
+    assert not [line for line in lines if "participant.left" in line or "republishing" in line], lines
+    scores = [t for t, line in zip(stamps, lines, strict=True) if " score alice: " in line]
+    assert len(scores) >= 8 and stamps[-1] - scores[-1] < 3.0, lines  # still scored at the end
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_a_track_that_ends_ends_the_session_at_once(server: LiveServer, loopback_ice: None) -> None:
+    """The caller's track stops (or its sender dies: aiortc then stops the track): the publication notices at
+    once and DELETEs the session, well before the server's 5 s without frames would end it."""
+    from aiortc.mediastreams import VideoStreamTrack
+    from serve_helpers import Feed
+
+    async with Feed(server.url, type="participant.left") as feed:
+        track = VideoStreamTrack()
+        pub = await publish(f"{server.url}/v1/whip", track, participant_id="bob", connect_timeout_s=30)
+        await asyncio.sleep(1.0)
+        stopped = time.monotonic()
+        track.stop()
+        assert await asyncio.wait_for(pub.wait_ended(), 5) == "video track ended"
+        left = await feed.wait_for(lambda e: e["participant_id"] == "bob", 5, "bob left")
+        assert left["data"]["reason"] == "deleted by client" and time.monotonic() - stopped < 3.0, left
+        await pub.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_a_sender_that_dies_on_restarting_timestamps_ends_the_session(server: LiveServer,
+                                                                            loopback_ice: None) -> None:
+    """A publisher whose timestamps go back: aiortc's VP8 encoder raises and the RTP sender task dies (silently,
+    but it stops the track): the publication ends and DELETEs the session."""
+    from aiortc.mediastreams import VideoStreamTrack
+
+    class Rewinding(VideoStreamTrack):
+        """Starts at 10 s, and after 1 s its timestamps restart from 0 (a player that loops by starting over)."""
+
+        async def recv(self):  # type: ignore[no-untyped-def]
+            frame = await super().recv()
+            if frame.pts <= 90000:
+                frame.pts += 900000
+            return frame
+
+    pub = await publish(f"{server.url}/v1/whip", Rewinding(), participant_id="carol", codec="VP8",
+                        connect_timeout_s=30)
+    assert await asyncio.wait_for(pub.wait_ended(), 10) == "video track ended"
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        assert f"whip:{pub.session_id}" not in {s["id"] for s in (await http.get("/v1/streams")).json()}
+    await pub.close()
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+@pytest.mark.timeout(120)
+def test_sigterm_and_sigint_end_the_bots_session(server: LiveServer, short_faces: Path, loopback_ice: None,
+                                                 sig: signal.Signals, status: int) -> None:
+    proc = BotProcess(server.url, str(short_faces), "--participant", "dave")
+    try:
+        session = session_of(proc.wait_for("WHIP session "))
+        proc.wait_for("participant.joined")
+        sent = time.monotonic()
+        proc.proc.send_signal(sig)
+        rc, stderr = proc.exit(15)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert rc == status and "Traceback" not in stderr, (rc, stderr)
+    assert f"stopped by {sig.name}" in stderr, stderr
+    left = [e for e in server.service.store.since(0, participant_id="dave", types=["participant.left"])]
+    assert left and left[-1].stream_id == f"whip:{session}", left
+    assert left[-1].data["reason"] == "deleted by client" and took < 5.0, (left, took)  # DELETEd, not timed out

@@ -9,16 +9,18 @@ from fastapi import APIRouter, Query, Response
 
 from streamguard.api.deps import ServiceDep
 from streamguard.api.errors import ApiError
-from streamguard.events.schema import EvidenceKind
+from streamguard.events.schema import MAX_SEQ, EvidenceKind
 from streamguard.events.store import AlertPage, AlertRecord
 
 router = APIRouter(tags=["alerts"])
+# Bounded: a cursor beyond SQLite's INTEGER would overflow in the query (a 500); out of range it is a 400.
+Cursor = Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="cursor: next_before of the previous page")]
 
 
 @router.get("/v1/alerts")
 async def list_alerts(
     service: ServiceDep,
-    before: Annotated[int | None, Query(description="cursor: next_before of the previous page")] = None,
+    before: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     stream_id: str | None = None,
     participant_id: str | None = None,

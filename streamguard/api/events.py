@@ -17,12 +17,11 @@ from starlette.websockets import WebSocketDisconnect
 
 from streamguard.api.deps import Api, bearer
 from streamguard.events.hub import CLOSE_GOING_AWAY, SubscriptionEnded
-from streamguard.events.schema import EventType, event_json_schema
+from streamguard.events.schema import MAX_SEQ, EventType, event_json_schema
 from streamguard.service import Service
 
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_BAD_REQUEST = 1008  # a query the server cannot serve (bad `since`, unknown `type`): do not retry it as is
-MAX_SEQ = 2**63 - 1  # SQLite's INTEGER
 T = TypeVar("T")
 
 router = APIRouter(tags=["events"])

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from streamguard.api.deps import ServiceDep
 from streamguard.api.errors import ApiError
 from streamguard.config import StreamSpec
+from streamguard.ingest.policy import SourceRefused
 from streamguard.service import ParticipantInfo, StreamExists, StreamInfo
 
 router = APIRouter()
@@ -22,13 +23,17 @@ async def json_body(request: Request) -> None:
 
 
 @router.post("/v1/streams", tags=["streams"], status_code=201, dependencies=[Depends(json_body)],
-             responses={409: {"description": "the id is taken"}, 415: {"description": "not application/json"}})
+             responses={403: {"description": "the source policy (sources.policy) does not allow this URL"},
+                        409: {"description": "the id is taken"}, 415: {"description": "not application/json"}})
 async def add_stream(spec: StreamSpec, service: ServiceDep) -> StreamInfo:
-    """Start pulling an RTSP/RTMP/HLS/file stream; its state arrives as `stream.state` events."""
+    """Start pulling an RTSP/RTMP/HLS/file stream; its state arrives as `stream.state` events. The URL must pass the
+    source policy (`sources.policy`: schemes, networks, local files)."""
     try:
-        return await service.add_stream(spec)
+        return await service.add_stream(spec, from_api=True)
     except StreamExists as exc:
         raise ApiError(409, "stream_exists", str(exc)) from None
+    except SourceRefused as exc:
+        raise ApiError(403, "source_not_allowed", f"url: {exc}") from None
     except ValueError as exc:  # the source refused its settings: nothing was started or listed
         raise ApiError(400, "invalid_request", f"stream {spec.id!r}: {exc}") from None
 

@@ -20,6 +20,20 @@ def with_ice_links(response: Response, service: Service) -> Response:
     return response
 
 
+async def read_offer(request: Request, limit: int) -> bytes:
+    """The request body, read no further than `limit` bytes: a declared or chunked body over it gets 413 as soon as
+    it is known to be over (a 300 MB chunked offer is never held in memory)."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise ApiError(413, "sdp_too_large", f"the offer is {length} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "sdp_too_large", f"the offer is over the limit of {limit} bytes")
+    return bytes(body)
+
+
 @router.options("/v1/whip", status_code=204)
 async def whip_options(request: Request, service: ServiceDep) -> Response:
     """The STUN/TURN servers to gather with, for clients that need them before making their offer. A CORS
@@ -36,11 +50,7 @@ async def whip_options(request: Request, service: ServiceDep) -> Response:
 async def whip_publish(request: Request, service: ServiceDep) -> Response:
     """WHIP (RFC 9725): an SDP offer in, the answer out. Participant id and display name come from the
     `X-Participant-Id` / `X-Participant-Name` headers or the `participant_id` / `name` query parameters."""
-    limit = service.config.whip.max_sdp_bytes
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit:
-        raise ApiError(413, "sdp_too_large", f"the offer is {length} bytes; the limit is {limit}")
-    body = await request.body()
+    body = await read_offer(request, service.config.whip.max_sdp_bytes)
     pid, name = participant_from_request(request.headers, request.query_params)
     try:
         session = await service.whip_publish(body, request.headers.get("content-type"), pid, name)

@@ -28,7 +28,7 @@ from streamguard.cluster.evidence import EvidenceBucket
 from streamguard.cluster.follow import Follower
 from streamguard.cluster.link import ClusterUnavailable, NatsLink
 from streamguard.cluster.log import MSG_ID, EventLog, decode
-from streamguard.events.hub import EventHub
+from streamguard.events.hub import DRAIN_TIMEOUT_S, EventHub
 from streamguard.events.schema import Event, EventDraft, EventType, EvidenceKind, validate_draft
 from streamguard.events.store import EventStore
 
@@ -191,8 +191,9 @@ class ClusterHub(EventHub):
             log.error("cluster: %d event(s) not published: NATS did not take them within %g s of the stop",
                       len(lost), self._flush_timeout_s)
 
-    async def close(self) -> None:
-        """Wait (up to the stop's deadline) for what is queued to reach the log and come back, then close."""
+    async def close(self, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        """Wait (up to the stop's deadline) for what is queued to reach the log and come back, then close (and give
+        subscribers `drain_timeout_s` to take their last events, as a single-mode hub does)."""
         self.stopping()
         pending = [f for f in self._waiting.values() if not f.done()]
         if pending:
@@ -202,4 +203,4 @@ class ClusterHub(EventHub):
             self._give_up.cancel()
         if self._follower is not None:
             await self._follower.close()
-        await super().close()
+        await super().close(drain_timeout_s)

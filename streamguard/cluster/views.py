@@ -85,7 +85,7 @@ class ClusterViews:
             id=spec.id, kind=stream_kind(spec.url), url=redact_url(spec.url), name=spec.name, state="connecting",
             reason=f"starting on {here}" if here else "waiting for an instance to take it",
             created_at=registration.created_at, frames_sampled=0, frames_dropped=0, participants=0,
-            verdict="pending", alerts_active=0, max_smoothed=None, instance=here,
+            verdict="pending", alerts_active=0, max_smoothed=None, instance=here, last_frame_ts=None, receiving=False,
         )
 
     # --- registering and removing --------------------------------------------------------------------------------

@@ -9,14 +9,22 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    YamlConfigSettingsSource,
+)
 
 from streamguard.config import stages
+from streamguard.config.base import numeric_secret
 from streamguard.config.cluster import ClusterSettings
 from streamguard.config.streams import StreamSpec
 from streamguard.config.triton import TritonSettings
@@ -26,10 +34,13 @@ from streamguard.config.whip import WhipSettings
 class ServiceConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STREAMGUARD_", env_nested_delimiter="__", extra="forbid")
 
-    host: str = Field("127.0.0.1", description="address to listen on; without a token only loopback is allowed")
+    host: str = Field("127.0.0.1", description="address to listen on; without a token only loopback, unless "
+                      "allow_unauthenticated")
     port: int = Field(8080, ge=1, le=65535)
     data_dir: Path = Field(Path("streamguard-data"), description="SQLite event store and evidence")
     token: SecretStr | None = Field(None, description="bearer token for every endpoint, WHIP and the WebSocket")
+    allow_unauthenticated: bool = Field(
+        False, description="serve a non-loopback host without a token; without this such a start is refused")
     model: str | None = Field(None, description="model name in engines/ or path; default: the shipped model")
     backend: Literal["auto", "onnxruntime", "cuda", "tensorrt", "triton"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -58,6 +69,11 @@ class ServiceConfig(BaseSettings):
             seen.add(spec.id)
         return streams
 
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token_digits(cls, token: Any) -> Any:
+        return numeric_secret(token)
+
     @field_validator("token")
     @classmethod
     def _token_not_blank(cls, token: SecretStr | None) -> SecretStr | None:
@@ -79,6 +95,11 @@ class ServiceConfig(BaseSettings):
         # Flags (init) beat the environment, which beats the YAML file.
         return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
 
+    def secrets(self) -> list[str]:
+        """Every secret in this config (token, TURN credentials, Triton's headers): what logs must never show."""
+        values = [self.token, *(s.credential for s in self.whip.ice_servers), *self.triton.headers.values()]
+        return [v.get_secret_value() for v in values if v is not None]
+
     @property
     def is_loopback(self) -> bool:
         if self.host == "localhost":
@@ -87,6 +108,10 @@ class ServiceConfig(BaseSettings):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+
+# Settings whose values are secrets: their values never appear in an error.
+SECRET_FIELDS = frozenset({"token", "credential"})
 
 
 class ConfigError(ValueError):
@@ -120,6 +145,8 @@ def load_config(config_file: Path | None = None, **flags: Any) -> ServiceConfig:
         return FromFile(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:  # an environment variable holding a section or list that is not JSON
+        raise ConfigError(_describe_settings_error(exc)) from None
     except Exception as exc:  # malformed YAML
         raise ConfigError(f"{config_file}: {exc}") from None
 
@@ -153,6 +180,20 @@ def _describe(exc: ValidationError) -> str:
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "config"
         env = "STREAMGUARD_" + "__".join(str(p) for p in err["loc"] if not isinstance(p, int)).upper()
-        value = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict | list) else ""
+        secret = any(str(p) in SECRET_FIELDS for p in err["loc"])  # a typo'd password is still a password
+        shown = not (secret or isinstance(err.get("input"), dict | list))
+        value = f" (got {err['input']!r})" if shown else ""
         lines.append(f"{field}: {err['msg']}{value} [file key {field}, env {env}]")
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _describe_settings_error(exc: SettingsError) -> str:
+    """pydantic-settings says 'error parsing value for field "streams" from source "EnvSettingsSource"': name the
+    variable, say what it must hold, and why it does not (never the value: it may hold secrets)."""
+    match = re.search(r'field "([^"]+)"', str(exc))
+    field = match[1] if match else "config"
+    env = "STREAMGUARD_" + field.upper()
+    why = f": {exc.__cause__}" if isinstance(exc.__cause__, ValueError) else ""
+    return (f"invalid config:\n  {field}: {env} must be JSON (a list or an object, e.g. "
+            f"{env}='[{{\"id\": \"cam\", \"url\": \"rtsp://cam/stream\"}}]' for streams){why} "
+            f"[file key {field}, env {env}]")

@@ -9,13 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class ConfigSection(BaseModel):
-    """A block of the config file: unknown keys are refused."""
-
-    model_config = ConfigDict(extra="forbid")  # a typo in the config file is an error, not a default
+from streamguard.config.base import ConfigSection
+from streamguard.config.policy import SourcePolicy
 
 
 class SamplingSettings(ConfigSection):
@@ -33,18 +30,26 @@ class BatcherSettings(ConfigSection):
 
 
 class SourceSettings(ConfigSection):
-    """Pull sources (PyAV). Frigate restarts a stream after 20 s without frames; so do we by default."""
+    """Pull sources (PyAV). Frigate restarts a stream after 20 s without frames; so do we by default.
+
+    Reconnects wait 1, 2, 4 s (equal jitter: half to all of it), then at most `backoff_max_s` = 5 s: a camera that
+    comes back is live again within that wait plus its connect time and first keyframe (measured over 10 RTSP
+    kill/restart cycles: README), while a dead one gets one attempt every 2.5-5 s, a refused connection or one
+    connect_timeout_s, never a tight loop. (A 30 s cap left a returned camera unwatched for up to 30 s.)"""
 
     connect_timeout_s: float = Field(10.0, gt=0.0, le=120.0)
     read_timeout_s: float = Field(10.0, gt=0.0, le=120.0)
     watchdog_s: float = Field(20.0, gt=0.0, le=600.0, description="no frame for this long: the stream is restarted")
     backoff_initial_s: float = Field(1.0, gt=0.0, le=60.0)
-    backoff_max_s: float = Field(30.0, gt=0.0, le=600.0)
+    backoff_max_s: float = Field(5.0, gt=0.0, le=600.0, description="the longest wait between reconnect attempts: "
+                                 "a source that returns is live within about this long")
     max_attempts: int = Field(0, ge=0, description="reconnects before `failed`; 0: never give up")
     skip_nonref: bool = Field(True, description="skip decoding non-reference frames between samples")
     hwdecode: Literal["auto", "nvdec", "off"] = Field(
         "auto", description="decode on NVDEC: auto = when it works here; nvdec = required (degraded without it)"
     )
+    policy: SourcePolicy = Field(default_factory=SourcePolicy, description="what streams added over the API may "
+                                 "reach (streamguard/config/policy.py)")
 
 
 class FaceSettings(ConfigSection):

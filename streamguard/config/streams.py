@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import Field, field_validator
 
 from streamguard.config.stages import ConfigSection
 
 PULL_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "file")
+# An RFC 3986 scheme of 2+ characters (one letter before a colon is a Windows drive).
+_SCHEME_RE = re.compile(r"[a-z][a-z0-9+.-]+")
 
 
 class StreamSpec(ConfigSection):
@@ -14,6 +18,14 @@ class StreamSpec(ConfigSection):
     url: str = Field(min_length=1, max_length=2048, description="rtsp(s)://, rtmp(s)://, http(s):// (HLS) URL, or a "
                      "file: a path or a file:///path URL")
     name: str | None = Field(None, max_length=256, description="display name")
+
+    @field_validator("id")
+    @classmethod
+    def _addressable(cls, stream_id: str) -> str:
+        # Clients normalise "." and ".." out of URL paths (RFC 3986 §5.2.4): /v1/streams/.. could never be deleted.
+        if stream_id in (".", ".."):
+            raise ValueError(f"{stream_id!r} is not a usable id (it vanishes from URL paths)")
+        return stream_id
 
     @field_validator("url")
     @classmethod
@@ -33,6 +45,10 @@ class StreamSpec(ConfigSection):
             prefix = url.split(":", 1)[0].lower()
             if prefix in PULL_SCHEMES and prefix != "file":  # "rtsp:/cam": a URL missing a slash, not a file name
                 raise ValueError(f"{prefix}: URLs start with {prefix}://host")
+            if ":" in url and prefix != "file" and _SCHEME_RE.fullmatch(prefix):
+                # pipe:0, concat:a|b, subfile:, crypto:, data:, javascript:... FFmpeg would read them as protocols.
+                raise ValueError(f"unsupported scheme {prefix[:20]!r}; use one of {', '.join(PULL_SCHEMES)}, "
+                                 "or ./ before a file name with a colon")
             if prefix == "file" and not url[5:]:
                 raise ValueError("file: URL without a path; use file:///path/to/video or the path itself")
             return url

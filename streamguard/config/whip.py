@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from streamguard.config.stages import ConfigSection
+from streamguard.config.base import ConfigSection, numeric_secret
 
 # What aiortc can use (RFC 7064/7065 URIs): STUN over UDP, TURN over UDP or TCP, TURN over TLS (TCP). No stuns:,
 # no IPv6 literals: aiortc's parser would refuse those at every WHIP request, so they are refused here, at start.
@@ -45,6 +45,11 @@ class IceServerSettings(ConfigSection):
                 raise ValueError(f"{url!r} is not a stun:host[:port], turn:host[:port][?transport=udp|tcp] or "
                                  "turns:host[:port] URL")
         return urls
+
+    @field_validator("credential", mode="before")
+    @classmethod
+    def _credential_digits(cls, credential: Any) -> Any:
+        return numeric_secret(credential)
 
     @field_validator("username")
     @classmethod

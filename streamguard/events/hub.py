@@ -83,6 +83,9 @@ CLOSE_CURSOR_AHEAD = 4409
 CLOSE_GOING_AWAY = 1001  # standard: the server is shutting down
 DAY_S = 86400.0
 PRUNE_CHUNK = 2000  # events deleted per transaction: milliseconds, so a publish waits at most that long
+# How long close() lets subscribers hand out their last events: a WebSocket sends a few hundred in milliseconds;
+# a client that has stopped reading must not hold the shutdown for long (it resumes with since=).
+DRAIN_TIMEOUT_S = 3.0
 
 
 class SubscriptionEnded(Exception):
@@ -191,6 +194,7 @@ class Subscription:
         self._checked_cursor = since is None  # only a client's own `since` can be ahead of the store
         self._wake = asyncio.Event()
         self._ended: SubscriptionEnded | None = None
+        self._closing = False  # the hub is closing: end once everything offered so far is handed out
         # The resume point: the last seq handed out; before the first one, `since`, or for a live-only
         # subscription the last seq delivered before it subscribed (so resuming neither misses nor re-sends).
         self.last_seq: int = since if since is not None else hub._last_delivered
@@ -221,6 +225,9 @@ class Subscription:
                 continue
             if self._buffer:
                 return self._hand_out(self._buffer.popleft())
+            if self._closing:  # all handed out: now the hub's close reaches this subscriber
+                self._end(HubClosed(f"server shutting down; resume with since={self.last_seq}", self.last_seq))
+                continue
             self._wake.clear()
             try:
                 async with asyncio.timeout(timeout):
@@ -348,6 +355,15 @@ class Subscription:
         self._hub.dropped_subscribers += 1
         why = f"behind for over {self._grace:g} s" if self._grace > 0 else f"over {self._maxsize} events behind"
         self._end(SlowConsumer(f"slow consumer: {why}; resume with since={self.last_seq}", self.last_seq))
+
+    def _close_when_drained(self) -> None:
+        """The hub is closing: hand out what is buffered (and what a catch-up still reads), then end with HubClosed;
+        with nothing left to hand out, end now."""
+        if not (self._buffer or self._replayed or self._replaying):
+            self._end(HubClosed(f"server shutting down; resume with since={self.last_seq}", self.last_seq))
+            return
+        self._closing = True
+        self._wake.set()
 
     def _end(self, reason: SubscriptionEnded) -> None:
         self._ended = reason
@@ -500,8 +516,10 @@ class EventHub:
         self._subscribers.add(sub)
         return sub
 
-    async def close(self) -> None:
-        """Flush: every queued event is written and delivered; then end all subscriptions (HubClosed). Idempotent."""
+    async def close(self, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        """Flush: every queued event is written and delivered; then every subscription ends (HubClosed) once its
+        reader has taken what it was offered, so a client hears the last events before the close; a reader that
+        does not take them within `drain_timeout_s` is ended anyway (it resumes with `since`). Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -509,6 +527,11 @@ class EventHub:
         await asyncio.to_thread(self._writer.join)
         if self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
+        for sub in list(self._subscribers):
+            sub._close_when_drained()
+        deadline = time.monotonic() + drain_timeout_s
+        while self._subscribers and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         for sub in list(self._subscribers):
             sub._end(HubClosed(f"server shutting down; resume with since={sub.last_seq}", sub.last_seq))
 

@@ -34,9 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from ..ingest.source import StreamState
 from ..types import QualityVerdict
 
-SCHEMA_VERSION = "1.1"  # 1.1: feed.gap
+SCHEMA_VERSION = "1.2"  # 1.1: feed.gap; 1.2: alert.raised label
 SCHEMA_ID = f"urn:streamguard:schema:event:{SCHEMA_VERSION}"  # a URN: no fake domain that could later resolve
 SCHEMA_FILE = Path(__file__).with_name("event.schema.json")
+MAX_SEQ = 2**63 - 1  # the largest seq: SQLite's INTEGER (a cursor past it cannot be bound as a parameter)
 
 
 class EventType(str, Enum):
@@ -106,6 +107,8 @@ class AlertRaisedData(_Data):
     evidence: dict[EvidenceKind, str] = Field(
         default_factory=dict, description="evidence kind -> URL path of its image, relative to the API root"
     )
+    label: str | None = Field(None, description="the participant's display name, when the source knows one (kept "
+                              "with the alert: the participant may be long gone when someone reads it)")
 
 
 class AlertClearedData(_Data):

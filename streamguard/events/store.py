@@ -45,7 +45,9 @@ from pydantic import BaseModel, ConfigDict
 
 from .schema import Event, EventDraft, EventType, EvidenceKind, validate_draft
 
-DB_SCHEMA_VERSION = 2  # PRAGMA user_version: the layout of this file, not the event schema (2: evidence.stored_ts)
+# PRAGMA user_version: the layout of this file, not the event schema (2: evidence.stored_ts, 3: presence and
+# alerts.label)
+DB_SCHEMA_VERSION = 3
 # Evidence is stored before its alert is published; evidence with no alert row this long after it was stored belongs
 # to an alert that was never published (the process died in between): retention deletes it.
 ORPHAN_EVIDENCE_S = 3600.0
@@ -73,9 +75,19 @@ CREATE TABLE IF NOT EXISTS alerts (
     score          REAL NOT NULL,
     smoothed       REAL NOT NULL,
     threshold      REAL NOT NULL,
-    clear_reason   TEXT
+    clear_reason   TEXT,
+    label          TEXT
 );
 CREATE INDEX IF NOT EXISTS alerts_stream ON alerts (stream_id, raised_seq);
+-- Who is present: a row per participant.joined without its participant.left yet, kept in the event's transaction
+-- like the alerts. What a process killed mid-call leaves here is tidied at the next start.
+CREATE TABLE IF NOT EXISTS presence (
+    stream_id      TEXT NOT NULL,
+    participant_id TEXT NOT NULL,
+    joined_seq     INTEGER NOT NULL,
+    joined_ts      REAL NOT NULL,
+    PRIMARY KEY (stream_id, participant_id)
+);
 -- No foreign key to alerts: the producer stores evidence *before* it publishes the alert, so a client that fetches
 -- the evidence URL on receiving alert.raised always finds it.
 CREATE TABLE IF NOT EXISTS evidence (
@@ -87,6 +99,26 @@ CREATE TABLE IF NOT EXISTS evidence (
     PRIMARY KEY (alert_id, kind)
 );
 """
+
+
+_PRESENCE_FROM_EVENTS = """
+INSERT OR REPLACE INTO presence (stream_id, participant_id, joined_seq, joined_ts)
+SELECT e.stream_id, e.participant_id, e.seq, e.ts FROM events e JOIN (
+    SELECT max(seq) AS seq FROM events WHERE type IN ('participant.joined', 'participant.left')
+    GROUP BY stream_id, participant_id
+) last ON e.seq = last.seq
+WHERE e.type = 'participant.joined'
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """A participant the log says joined and has not left."""
+
+    stream_id: str
+    participant_id: str
+    joined_seq: int
+    joined_ts: float
 
 
 class AlertRecord(BaseModel):
@@ -105,6 +137,7 @@ class AlertRecord(BaseModel):
     smoothed: float
     threshold: float
     clear_reason: str | None
+    label: str | None = None  # the participant's display name when the alert was raised
     evidence: list[EvidenceKind]
 
 
@@ -156,6 +189,11 @@ class EventStore:
             self._w.execute("BEGIN IMMEDIATE")
             if version == 1:  # v1 evidence rows have no stored_ts: 0 makes an orphan among them prunable at once
                 self._w.execute("ALTER TABLE evidence ADD COLUMN stored_ts REAL NOT NULL DEFAULT 0")
+            if version < 3:  # presence from the log: whoever's last joined/left event is a join
+                self._w.execute(_PRESENCE_FROM_EVENTS)
+            columns = {row[1] for row in self._w.execute("PRAGMA table_info(alerts)")}
+            if "label" not in columns:  # an alerts table from before layout 3: add the display name
+                self._w.execute("ALTER TABLE alerts ADD COLUMN label TEXT")
             self._w.execute(f"PRAGMA user_version={DB_SCHEMA_VERSION}")
             self._w.execute("COMMIT")
         self._r = self._connect(synchronous)
@@ -305,9 +343,9 @@ class EventStore:
             try:
                 c.execute(
                     "INSERT INTO alerts (alert_id, stream_id, participant_id, raised_seq, raised_ts, score, smoothed,"
-                    " threshold) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " threshold, label) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (data["alert_id"], stream_id, participant_id, seq, ts, data["score"], data["smoothed"],
-                     data["threshold"]),
+                     data["threshold"], data.get("label")),
                 )
             except sqlite3.IntegrityError as exc:
                 raise AlertConflict(f"alert {data['alert_id']!r} was already raised") from exc
@@ -319,6 +357,11 @@ class EventStore:
             )
             if cur.rowcount != 1:
                 raise AlertConflict(f"alert {data['alert_id']!r} is unknown or already cleared")
+        elif etype is EventType.PARTICIPANT_JOINED:
+            c.execute("INSERT OR REPLACE INTO presence (stream_id, participant_id, joined_seq, joined_ts)"
+                      " VALUES (?, ?, ?, ?)", (stream_id, participant_id, seq, ts))
+        elif etype is EventType.PARTICIPANT_LEFT:
+            c.execute("DELETE FROM presence WHERE stream_id = ? AND participant_id = ?", (stream_id, participant_id))
         return seq
 
     def since(
@@ -460,17 +503,17 @@ class EventStore:
 
     _ALERT_COLUMNS = (
         "a.alert_id, a.stream_id, a.participant_id, a.raised_seq, a.raised_ts, a.cleared_seq, a.cleared_ts, a.score,"
-        " a.smoothed, a.threshold, a.clear_reason,"
+        " a.smoothed, a.threshold, a.clear_reason, a.label,"
         " (SELECT group_concat(e.kind) FROM evidence e WHERE e.alert_id = a.alert_id)"
     )
 
     @staticmethod
     def _alert(row: tuple[Any, ...]) -> AlertRecord:
-        kinds = sorted(row[11].split(",")) if row[11] else []
+        kinds = sorted(row[12].split(",")) if row[12] else []
         return AlertRecord(
             alert_id=row[0], stream_id=row[1], participant_id=row[2], raised_seq=row[3], raised_ts=row[4],
             cleared_seq=row[5], cleared_ts=row[6], score=row[7], smoothed=row[8], threshold=row[9],
-            clear_reason=row[10], evidence=[EvidenceKind(k) for k in kinds],
+            clear_reason=row[10], label=row[11], evidence=[EvidenceKind(k) for k in kinds],
         )
 
     def get_alert(self, alert_id: str) -> AlertRecord | None:
@@ -512,6 +555,13 @@ class EventStore:
         )
         items = [self._alert(r) for r in rows[:limit]]
         return AlertPage(items=items, next_before=items[-1].raised_seq if len(rows) > limit else None)
+
+    def present(self) -> list[Presence]:
+        """Participants that joined and have not left, by join order. At a start, before any source runs, these are
+        the presence a process that died (kill -9, power loss) never closed."""
+        rows = self._read("SELECT stream_id, participant_id, joined_seq, joined_ts FROM presence ORDER BY joined_seq",
+                          ())
+        return [Presence(*row) for row in rows]
 
     def put_evidence(self, alert_id: str, kind: EvidenceKind | str, mime: str, data: bytes) -> None:
         """Store (or replace) one evidence image of an alert; may come before the alert is published."""

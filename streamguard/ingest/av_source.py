@@ -9,6 +9,7 @@ convert, ~1.4 ms CPU to decode). On that clip skip_frame cut decoded frames from
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,17 @@ log = logging.getLogger(__name__)
 
 # A run of demux errors this long without a good packet means the source is gone, not a damaged patch.
 _MAX_CONSECUTIVE_DEMUX_ERRORS = 32
+# FFmpeg protocols each kind of source may use (its protocol_whitelist). HLS: segments over http(s), AES-128
+# encrypted ones through crypto; RTSP: interleaved over TCP or RTP over UDP, TLS for rtsps.
+PROTOCOLS = {
+    "file": "file",
+    "http": "http,https,tls,tcp,crypto,httpproxy",
+    "https": "http,https,tls,tcp,crypto,httpproxy",
+    "rtsp": "rtsp,rtsps,rtp,srtp,tcp,udp,tls",
+    "rtsps": "rtsp,rtsps,rtp,srtp,tcp,udp,tls",
+    "rtmp": "rtmp,rtmps,tcp,tls",
+    "rtmps": "rtmp,rtmps,tcp,tls",
+}
 
 
 class SourceError(Exception):
@@ -61,19 +73,22 @@ def _is_url(source: str) -> bool:
 
 
 def open_container(
-    url_or_path: str, *, timeout_s: float = 10.0, rtsp_transport: str = "tcp", hwaccel: Any | None = None
+    url_or_path: str, *, timeout_s: float = 10.0, rtsp_transport: str = "tcp", hwaccel: Any | None = None,
+    extra_options: dict[str, str] | None = None,
 ) -> av.container.InputContainer:
     """Open a file or a network source (RTSP, RTMP, HLS, HTTP…) for reading, or raise SourceError saying why.
 
     timeout_s bounds opening and each later read (PyAV's interrupt callback, all protocols). For RTSP the transport
     defaults to TCP (no UDP packet loss or NAT trouble) and `timeout` (FFmpeg ≥ 5: socket I/O timeout in
-    microseconds; it was `stimeout` before) makes a dead server fail instead of hang.
+    microseconds; it was `stimeout` before) makes a dead server fail instead of hang. `extra_options` go to FFmpeg
+    too (the source policy's `http_proxy`).
 
     hwaccel: a PyAV `HWAccel` (see `streamguard.ingest.nvdec`) to decode on the GPU. PyAV creates the hardware
     device after the input is open, so a device that fails there (GPU gone, out of decode memory) would fail a
     source that opens fine: the source is then opened again without it, and a warning says so.
     """
     is_url = _is_url(url_or_path)
+    target = url_or_path
     if not is_url:
         path = Path(url_or_path.removeprefix("file:"))
         if not path.exists():
@@ -82,27 +97,34 @@ def open_container(
             raise SourceError(f"{url_or_path}: is a directory, not a video file")
         if path.stat().st_size == 0:
             raise SourceError(f"{url_or_path}: empty file")
+        # Always through FFmpeg's file protocol: a name like "concat:a|b" or "pipe:0" is then a file name, never a
+        # protocol.
+        target = "file:" + os.path.abspath(path)
     else:
         try:
             urlsplit(url_or_path).port  # noqa: B018 - parses the authority: a malformed one raises here
         except ValueError as exc:
             raise SourceError(f"{url_or_path}: not a valid URL ({exc})") from None
-    options: dict[str, str] = {}
-    if url_or_path.partition(":")[0].lower() in ("rtsp", "rtsps"):
-        options = {"rtsp_transport": rtsp_transport, "timeout": str(int(timeout_s * 1_000_000))}
+    scheme = url_or_path.partition(":")[0].lower() if is_url else "file"
+    # Only the protocols this kind of source needs, nested ones included (an HLS playlist naming file: or data:
+    # URLs, an RTSP server redirecting to another protocol): FFmpeg refuses the others.
+    options: dict[str, str] = {"protocol_whitelist": PROTOCOLS[scheme]} if scheme in PROTOCOLS else {}
+    if scheme in ("rtsp", "rtsps"):
+        options |= {"rtsp_transport": rtsp_transport, "timeout": str(int(timeout_s * 1_000_000))}
+    options |= extra_options or {}
     started = time.monotonic()
     try:
         if hwaccel is not None:
             try:
                 return av.open(
-                    url_or_path, mode="r", container_options=options, timeout=(timeout_s, timeout_s), hwaccel=hwaccel
+                    target, mode="r", container_options=options, timeout=(timeout_s, timeout_s), hwaccel=hwaccel
                 )
             except (av.FFmpegError, OSError) as exc:
                 if not _raised_by_hwaccel(exc):
                     raise  # the source itself failed: no second try
                 log.warning("%s: cannot decode on the GPU (%s); decoding on the CPU", redact_url(url_or_path), exc)
                 started = time.monotonic()
-        container = av.open(url_or_path, mode="r", container_options=options, timeout=(timeout_s, timeout_s))
+        container = av.open(target, mode="r", container_options=options, timeout=(timeout_s, timeout_s))
     except (av.FFmpegError, OSError) as exc:
         elapsed = time.monotonic() - started
         reason = getattr(exc, "strerror", None) or str(exc)

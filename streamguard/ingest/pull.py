@@ -14,7 +14,8 @@ States (emitted on change only, except `reconnecting`, which is emitted once per
     close() ──► closed (from any state)
 
 The attempt counter resets once a stream has stayed live for backoff_max_s (it recovered); a stream that flaps
-faster than that keeps escalating its backoff and counts towards max_attempts. The watchdog, the read timeout and
+faster than that keeps escalating its backoff (up to backoff_max_s: the cap is what bounds how long a source that
+returns waits to be noticed) and counts towards max_attempts. The watchdog, the read timeout and
 stalled apply to network sources only. A file (a path or a file: URL) is not retried: its end gives closed
 ("end of file"), any error failed; it is played at its own pace (`realtime`) unless told otherwise.
 
@@ -67,6 +68,7 @@ from streamguard.ingest.av_source import (
     open_container,
     redact_url,
 )
+from streamguard.ingest.policy import OPAQUE_OPEN_FAILURE, SourceGuard, SourceRefused
 from streamguard.ingest.sampler import TimestampSampler
 from streamguard.ingest.source import TERMINAL_STATES, OnFrame, OnState, SourceCounters, StateInfo, StreamState
 from streamguard.types import SampledFrame
@@ -107,10 +109,12 @@ def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Rand
 
 @dataclass(slots=True)
 class _Outcome:
-    """How a session ended. eof: the source ended normally (end of file, or the server closed the stream)."""
+    """How a session ended. eof: the source ended normally (end of file, or the server closed the stream);
+    refused: the source policy does not allow it (final: retrying cannot help)."""
 
     reason: str
     eof: bool = False
+    refused: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -149,6 +153,8 @@ class PullSource:
         realtime: bool = True,
         hwaccel: Any | None = None,
         phase: float = 0.0,
+        guard: SourceGuard | None = None,
+        proxy_url: str | None = None,
     ) -> None:
         if not (math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps must be a positive finite number, got {fps!r}")
@@ -159,6 +165,10 @@ class PullSource:
         self.realtime = realtime
         self.hwaccel = hwaccel  # a PyAV HWAccel to decode on the GPU (streamguard.ingest.nvdec), or None
         self.phase = phase  # the sampling phase (TimestampSampler), the same for every connection
+        # A stream added over the API: checked against the source policy at every connection (RTSP/RTMP here, HTTP
+        # through the policy's proxy at `proxy_url`), and told nothing about why it could not be opened.
+        self.guard = guard
+        self.proxy_url = proxy_url
         self._on_frame = on_frame
         self._on_state = on_state
         self.is_file = not _is_url(url)
@@ -255,13 +265,14 @@ class PullSource:
         while True:
             self._set_state(StreamState.CONNECTING, attempt=self._attempt)
             session = self._start_session()
-            outcome = await self._supervise(session)
+            outcome = self._public(await self._supervise(session), session)
             if self._closing:
                 self._set_state(StreamState.CLOSED, reason="closed")
                 await self._let_go(session)
                 return
-            if self.is_file:
-                # A file does not come back by retrying: its end, or any error reading it, is final.
+            if self.is_file or outcome.refused:
+                # A file does not come back by retrying, nor does a source the policy refuses: its end, or any
+                # error reading it, is final.
                 if outcome.eof:
                     self._set_state(StreamState.CLOSED, reason="end of file")
                 else:
@@ -290,6 +301,14 @@ class PullSource:
             if self._closing:
                 self._set_state(StreamState.CLOSED, reason="closed")
                 return
+
+    def _public(self, outcome: _Outcome, session: _Session) -> _Outcome:
+        """What a stream added over the API is told: a failure to open reads the same whatever its cause (closed
+        port, filtered port, something else listening, no such file), so the API maps no network; the log says."""
+        if self.guard is None or outcome.refused or outcome.eof or session.live_since_mono is not None:
+            return outcome
+        log.info("stream %s: cannot open: %s", self.stream_id, outcome.reason)
+        return _Outcome(OPAQUE_OPEN_FAILURE)
 
     def _start_session(self) -> _Session:
         assert self._loop is not None
@@ -358,7 +377,7 @@ class PullSource:
         if delay_s is not None:
             info["delay_s"] = delay_s
         self._state, self._state_reason = state, reason
-        log.info("stream %s: %s %s", self.stream_id, state.value, info or "")
+        log.info("stream %s: %s%s", self.stream_id, state.value, f" {dict(info)}" if info else "")
         try:
             self._on_state(state, info)
         except Exception:  # a consumer's bug must not end this stream, let alone others
@@ -390,6 +409,8 @@ class PullSource:
     def _read_thread(self, session: _Session) -> None:
         try:
             outcome = self._read(session)
+        except SourceRefused as exc:
+            outcome = _Outcome(f"refused by sources.policy: {exc}", refused=True)
         except SourceError as exc:
             outcome = _Outcome(self._reason(exc))
         except Exception as exc:  # an unexpected PyAV error ends this session (and is retried), never silently
@@ -403,7 +424,8 @@ class PullSource:
         self._post(resolve)
 
     def _read(self, session: _Session) -> _Outcome:
-        container = open_container(self._target, timeout_s=self._hard_timeout_s, hwaccel=self.hwaccel)
+        container = open_container(self._target, timeout_s=self._hard_timeout_s, hwaccel=self.hwaccel,
+                                   extra_options=self._policy_options())
         try:
             if session.stop.is_set():
                 return _Outcome("stopped")
@@ -416,6 +438,19 @@ class PullSource:
             return self._decode(session, container, stream)
         finally:
             container.close()
+
+    def _policy_options(self) -> dict[str, str]:
+        """For a stream added over the API, before each connection: RTSP/RTMP hosts are resolved and checked here
+        (SourceRefused), HTTP(S) goes through the policy's proxy, one request per connection (it checks each)."""
+        if self.guard is None or self.is_file:
+            return {}
+        if self.kind == "hls" and self.proxy_url is not None:
+            return {"http_proxy": self.proxy_url, "http_persistent": "0", "multiple_requests": "0"}
+        try:
+            self.guard.check_connect(self.url)
+        except OSError as exc:  # does not resolve: a network failure like any other, retried
+            raise SourceError(f"{self.url}: cannot resolve the host ({exc.strerror or exc})") from exc
+        return {}
 
     def _decode(self, session: _Session, container: av.container.InputContainer, stream: av.VideoStream) -> _Outcome:
         stats = self._stats

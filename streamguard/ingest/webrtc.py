@@ -438,8 +438,12 @@ def validate_offer(body: str | bytes, content_type: str | None, max_bytes: int) 
     for number, line in enumerate(lines, 1):
         if not _SDP_LINE_RE.match(line):
             raise WhipError(400, "malformed_sdp", f"SDP line {number} is not <type>=<value>: {line[:40]!r}")
-    if not any(line.startswith("m=video ") for line in lines):
+    videos = [line.split() for line in lines if line.startswith("m=video ")]
+    if not videos:
         raise WhipError(400, "no_video", "the offer has no m=video section")
+    # Port 0 declines a section (RFC 3264 §5.1); aiortc would still answer it, and no frame would ever come.
+    if all(len(m) < 2 or m[1] == "0" for m in videos):
+        raise WhipError(400, "no_video", "the offer declines its only video section (m=video 0)")
     if not any(line.startswith("a=fingerprint:") for line in lines):
         raise WhipError(400, "malformed_sdp", "the offer has no DTLS fingerprint (a=fingerprint)")
     return "\r\n".join(lines) + "\r\n"

@@ -13,7 +13,8 @@ How a verdict forms (defaults, at the sampler's 1 FPS):
   the real frames' scores while k < n / 2, so with `min_window_samples` = 5 one or two bad frames never count.
 - `alert.raised` needs the median >= `raise_threshold` on `raise_after` = 3 consecutive scored samples;
   `alert.cleared` needs it < `clear_threshold` on `clear_after` = 5 consecutive scored samples. Between the two
-  thresholds nothing changes (hysteresis), so a score hovering near one threshold does not flap.
+  thresholds nothing changes (hysteresis), so a score hovering near one threshold does not flap. Without an alert,
+  a smoothed score at or over the model's own (card) threshold reads `suspicious`, below it `ok`.
 
 Numbers behind the defaults (simulated 10-minute calls at 1 FPS, 2,000 per row; the first two are replayed by
 `tests/test_live_scoring.py`):
@@ -45,7 +46,9 @@ from streamguard.config import CardThresholds, ScoringSettings
 class ParticipantState(str, Enum):
     WARMING_UP = "warming_up"  # fewer than min_window_samples scored samples in the window
     OK = "ok"  # scored, not over the raise threshold
-    SUSPICIOUS = "suspicious"  # smoothed score over the raise threshold, not yet for raise_after samples
+    # Smoothed score at or over the model's own threshold (the card's) but no alert: between the thresholds, or over
+    # the raise threshold for fewer than raise_after samples. Not "ok": the model calls this face fake.
+    SUSPICIOUS = "suspicious"
     ALERT = "alert"  # alert raised and not cleared
     LOW_QUALITY = "low_quality"  # faces seen, but none scorable for stale_after_s
     NO_FACE = "no_face"  # no face for stale_after_s
@@ -92,6 +95,8 @@ class ParticipantScorer:
     def __init__(self, settings: ScoringSettings | None = None, *, card_threshold: CardThresholds | float = 0.5):
         self.settings = settings or ScoringSettings()
         self.raise_threshold, self.clear_threshold = self.settings.thresholds(card_threshold)
+        card = card_threshold.threshold if isinstance(card_threshold, CardThresholds) else float(card_threshold)
+        self.suspicious_threshold = min(card, self.raise_threshold)  # where "ok" ends
         self._window: deque[tuple[float, float]] = deque()
         self._over = 0  # consecutive scored samples with smoothed >= raise threshold
         self._under = 0  # consecutive scored samples with smoothed < clear threshold (while raised)
@@ -224,4 +229,6 @@ class ParticipantScorer:
             return ParticipantState.ALERT
         if len(self._window) < self.settings.min_window_samples:
             return ParticipantState.WARMING_UP
-        return ParticipantState.SUSPICIOUS if self._over > 0 else ParticipantState.OK
+        smoothed = self.smoothed
+        over_model = smoothed is not None and smoothed >= self.suspicious_threshold
+        return ParticipantState.SUSPICIOUS if self._over > 0 or over_model else ParticipantState.OK

@@ -6,10 +6,13 @@
 //   1. open the console; if --token is given the server wants one: answer the token dialog
 //   2. click "Monitor my camera" (WHIP publish of the fake camera)
 //   3. wait until our participant shows scores (samples >= 1, a smoothed score, a sparkline)
+//   3b. take the camera's track off its sender (the connection stays up): the stream and its participant must read
+//      "no frames" (not "no face"); put it back and see frames again
 //   4. drop the event WebSocket for a few seconds (the route refuses reconnects meanwhile) and check the console
 //      reconnects with since=<last seq>, and that the seqs it received have no gap across the outage
 //   5. wait until an alert is in the feed with both evidence images loaded
 //   6. screenshot; click "Stop monitoring" and check the WHIP session was DELETEd
+//   7. our alert, now cleared (we left), still names us by our display name
 // Prints one JSON line of results on stdout.
 import { chromium } from "playwright-core";
 
@@ -108,6 +111,36 @@ try {
   }, null, { timeout: timeoutMs, polling: 250 });
   mark("participant_scored");
 
+  step = "no frames";
+  // The camera stops sending while the peer connection stays up (a frozen publisher): after scoring.stale_after_s
+  // the console must say the stream delivers no frames, and the participant "no frames", not "no face".
+  await page.evaluate(() => {
+    window.camCard = () => {  // our stream's card and our participant in it
+      const cam = window.streamguard.camera;
+      const card = document.querySelector(`.stream[data-stream="${cam.streamId}"]`);
+      return { card, part: card?.querySelector(`.part[data-participant="${cam.participantId}"]`) };
+    };
+    return window.streamguard.camera.pc.getSenders()[0].replaceTrack(null);
+  });
+  await page.waitForFunction(() => {
+    const { card, part } = window.camCard();
+    return card?.querySelector('.badge[data-receiving="false"]') && part?.dataset.state === "no_frames";
+  }, null, { timeout: 30000, polling: 250 });
+  result.noFrames = await page.evaluate(() => {
+    const { card, part } = window.camCard();
+    return { stream: card.querySelector('.badge[data-receiving]').textContent, participant: part.querySelector(".badge").textContent };
+  });
+  mark("no_frames_shown");
+  await page.evaluate(() => {
+    const cam = window.streamguard.camera;
+    return cam.pc.getSenders()[0].replaceTrack(cam.media.getVideoTracks()[0]);
+  });
+  await page.waitForFunction(() => {
+    const { card, part } = window.camCard();
+    return card?.querySelector('.badge[data-receiving="true"]') && part && part.dataset.state !== "no_frames";
+  }, null, { timeout: 30000, polling: 250 });
+  mark("frames_again");
+
   step = "feed outage";
   const seqBefore = await page.evaluate(() => window.streamguard.lastSeq);
   holdUntil = Date.now() + dropMs;
@@ -154,11 +187,25 @@ try {
   mark("screenshot");
 
   step = "stop";
+  const myId = await page.evaluate(() => window.streamguard.camera.participantId);
   await page.click("#monitor");
   await page.waitForFunction(() => !window.streamguard.camera && document.querySelector("#camState").textContent === "stopped", null, { timeout: 10000 });
   await page.waitForTimeout(300);
   if (!result.whip.some((w) => w.startsWith("DELETE /v1/whip/"))) throw new Error("no DELETE of the WHIP session");
   mark("stopped");
+
+  step = "cleared alert names the participant";
+  // We left, so our alert is cleared and we are gone from the participant list: the card keeps our display name.
+  await page.waitForFunction((pid) => [...document.querySelectorAll("#alerts .alert-card")].some((el) => {
+    const a = window.streamguard.alerts.get(el.dataset.alertId);
+    return a && a.participant_id === pid && a.cleared_ts && !window.streamguard.participants.some((p) => p.id === pid)
+      && el.querySelector(".who").textContent.includes("Console test");
+  }), myId, { timeout: 20000, polling: 250 });
+  result.clearedWho = await page.evaluate((pid) => {
+    const el = [...document.querySelectorAll("#alerts .alert-card")].find((e) => window.streamguard.alerts.get(e.dataset.alertId)?.participant_id === pid);
+    return el.querySelector(".who").textContent;
+  }, myId);
+  mark("cleared_named");
   result.ok = true;
 } catch (e) {
   result.ok = false;
