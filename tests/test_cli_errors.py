@@ -54,14 +54,15 @@ def messages(stderr: str) -> list[str]:
 
 @pytest.fixture
 def model_090(tmp_path: Path) -> Path:
-    """A copy of the shipped model whose card says threshold 0.9."""
+    """A copy of the shipped model whose card says threshold 0.9 and no live thresholds (derived from 0.9)."""
     if not SHIPPED.is_file():
         pytest.skip(f"needs {SHIPPED}")
     onnx = tmp_path / "models" / "m.onnx"
     onnx.parent.mkdir()
     shutil.copy(SHIPPED, onnx)
     card = json.loads(SHIPPED.with_suffix(".json").read_text())
-    onnx.with_suffix(".json").write_text(json.dumps({**card, "threshold": 0.9}))
+    onnx.with_suffix(".json").write_text(json.dumps({**card, "threshold": 0.9, "raise_threshold": None,
+                                                       "clear_threshold": None}))
     return onnx
 
 

@@ -481,14 +481,15 @@ def test_an_unreachable_server_never_leaks_the_credentials(models, caplog, tmp_p
 def test_remote_model_config_without_a_card_or_with_other_dims_is_explained() -> None:
     from streamguard.inference.triton import remote_model
 
+    card = resolve_model(MODEL)[1]
+    size, other = card.preprocess.input_size, card.preprocess.input_size + 32
     base = {"name": "m", "max_batch_size": 8,
-            "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": ["3", "160", "160"]}],
+            "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": ["3", str(size), str(size)]}],
             "output": [{"name": "p_fake", "data_type": "TYPE_FP32", "dims": ["1"]}]}
     with pytest.raises(ValueError, match="no 'streamguard_card' parameter"):
         remote_model(base)
-    card = resolve_model(MODEL)[1]
-    wrong = card.model_copy(update={"preprocess": card.preprocess.model_copy(update={"input_size": 192})})
-    with pytest.raises(ValueError, match=r"its card says FP32 \[3, 192, 192\]"):
+    wrong = card.model_copy(update={"preprocess": card.preprocess.model_copy(update={"input_size": other})})
+    with pytest.raises(ValueError, match=rf"its card says FP32 \[3, {other}, {other}\]"):
         remote_model({**base, "parameters": {"streamguard_card": {"string_value": wrong.model_dump_json()}}})
     ok = remote_model({**base, "parameters": {"streamguard_card": {"string_value": card.model_dump_json()}}})
     assert (ok.input_name, ok.output_name, ok.max_batch_size, ok.card) == ("input", "p_fake", 8, card)
