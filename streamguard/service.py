@@ -69,6 +69,12 @@ class StreamInfo(BaseModel):
     last_frame_ts: float | None = Field(description="when the last sampled frame came in, Unix seconds")
     receiving: bool = Field(description="live and a frame came within scoring.stale_after_s: false reads 'no "
                                         "frames', which is not 'no face'")
+    decode_mode: str | None = Field(None, description="what is decoded: keyframes (a pull stream whose keyframes "
+                                    "come at least every sources.keyframe_max_gop_s), nonref (non-reference frames "
+                                    "skipped), all (every frame: WHIP, or skipping off); null until it is known")
+    keyframe_interval_s: float | None = Field(None, description="the keyframe interval last measured on a pull "
+                                              "stream, seconds: keyframes-only streams are sampled at "
+                                              "min(sampling.fps, 1/keyframe_interval_s)")
 
 
 # A participant's state while their stream delivers no frames (stalled, reconnecting, a silent WHIP peer).
@@ -147,6 +153,7 @@ class _Stream:
             frames_sampled=self.worker.slot.put_count, frames_dropped=self.worker.slot.dropped,
             participants=len(scorers), verdict=verdict, alerts_active=alerts, max_smoothed=max(smoothed, default=None),
             last_frame_ts=self.worker.last_frame_ts, receiving=self.receiving(stale_after_s),
+            decode_mode=self.source.decoding.mode, keyframe_interval_s=self.source.decoding.gop_s,
         )
 
 
