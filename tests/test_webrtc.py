@@ -262,6 +262,7 @@ def test_publish_face_video_sampled_frames_then_delete(loopback_ice, face_video,
                 codec=codec,
                 audio=AudioStreamTrack(),
                 http=http,
+                max_fps=None,  # every frame: the pictures are compared with the source's, frame by frame
             )
             assert pub.connection_state == "connected" and pub.video_codec == codec
             (session,) = manager.sessions.values()
@@ -300,6 +301,36 @@ def test_publish_face_video_sampled_frames_then_delete(loopback_ice, face_video,
             assert len(await rec.ends()) == 1  # exactly once
 
     run(main())
+
+
+@pytest.mark.parametrize("codec", ["H264", "VP8"])
+def test_publish_sends_at_most_max_fps_and_the_service_still_samples_1_fps(loopback_ice, face_video, codec):
+    """The client's default (5 fps) from a 25 fps file: a fifth of the frames reach the server (and its decoder),
+    the 1 FPS samples still come one a second, each close to its tick."""
+
+    async def main():
+        rec = Recorder()
+        manager = make_manager(rec, fps=1.0)
+        async with http_client(manager) as http:
+            pub = await publish(f"{BASE}/v1/whip", str(face_video), participant_id="fay", codec=codec, http=http)
+            (session,) = manager.sessions.values()
+            await rec.wait_frames(2, 20)
+            frames0, t0 = session.video_frames, time.monotonic()
+            await rec.wait_frames(6, 20)
+            rate = (session.video_frames - frames0) / (time.monotonic() - t0)
+            await pub.close()
+            await manager.close_all()
+        assert 3.5 <= rate <= 5.5, rate  # 5 fps sent; a frame or two lost or late on a busy host
+        pts = [f.pts_s for f in rec.frames]
+        assert np.allclose(np.diff(pts), 1.0, atol=0.21), pts  # one a second, at most a 5 fps frame off its tick
+
+    run(main())
+
+
+def test_publish_refuses_a_bad_max_fps():
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_fps"):
+            asyncio.run(publish(f"{BASE}/v1/whip", VideoStreamTrack(), participant_id="x", max_fps=bad))
 
 
 def test_peer_closed_without_delete_ends_session(loopback_ice, face_video):
