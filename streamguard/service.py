@@ -219,6 +219,7 @@ class Service:
             fps=cfg.sampling.fps, max_sessions=cfg.whip.max_sessions, max_sdp_bytes=cfg.whip.max_sdp_bytes,
             no_frame_timeout_s=cfg.whip.no_frame_timeout_s, phase_of=self.sampling_phase,
             ice_servers=rtc_ice_servers(cfg.whip.ice_servers), ice_transport_policy=cfg.whip.ice_transport_policy,
+            sender_max_fps=cfg.whip.sender_max_fps, sender_max_height=cfg.whip.sender_max_height,
         )
         self.metrics.watch(self._snapshot)
         self.guard = SourceGuard(cfg.sources.policy)
