@@ -58,6 +58,7 @@ from streamguard.ingest.webrtc import (
     ice_server_links,
     participant_from_request,
     rtc_ice_servers,
+    with_codec_hints,
 )
 from streamguard.ingest.whip_source import WhipSource
 from streamguard.types import SampledFrame
@@ -325,6 +326,25 @@ def test_publish_sends_at_most_max_fps_and_the_service_still_samples_1_fps(loopb
         assert np.allclose(np.diff(pts), 1.0, atol=0.21), pts  # one a second, at most a 5 fps frame off its tick
 
     run(main())
+
+
+def test_answer_codec_hints_in_fmtp():
+    offer = asyncio.run(offer_sdp())  # aiortc's: VP8 without fmtp, two H.264 profiles with one each
+    hinted = with_codec_hints(offer, 5.0, 720)
+    lines = hinted.split("\r\n")
+    fmtp = {line.split()[0].removeprefix("a=fmtp:"): line for line in lines if line.startswith("a=fmtp:")}
+    rtpmap = {line.split()[0].removeprefix("a=rtpmap:"): line.split()[1] for line in lines if "a=rtpmap:" in line}
+    for pt, codec in rtpmap.items():
+        if codec.startswith("VP8"):
+            assert fmtp[pt].endswith(f"a=fmtp:{pt} max-fr=5;max-fs=3600"), fmtp  # 1280x720 = 80x45 macroblocks
+        elif codec.startswith("H264"):
+            assert fmtp[pt].endswith(";max-fs=3600;max-mbps=18000") and "profile-level-id=" in fmtp[pt], fmtp
+        else:
+            assert "max-" not in fmtp.get(pt, ""), fmtp  # rtx: untouched
+    assert len(lines) == len(offer.split("\r\n")) + 1 and hinted.endswith("\r\n")  # one fmtp added, for VP8
+    assert with_codec_hints(hinted, 5.0, 720) == hinted  # hints already there are not repeated
+    assert with_codec_hints(offer, None, None) == offer
+    assert "max-mbps" not in with_codec_hints(offer, None, 1080) and "max-fs=8160" in with_codec_hints(offer, None, 1080)
 
 
 def test_publish_refuses_a_bad_max_fps():
