@@ -13,6 +13,12 @@ the participant's id and display name both as query parameters (`participant_id`
 values when a proxy strips one. A display name that is not printable ASCII is sent only as the (UTF-8,
 percent-encoded) query parameter, since HTTP header values are ASCII.
 
+Frame rate: the video is sent at most at `max_fps` (default `DEFAULT_MAX_FPS` = 5), frames dropped before the
+encoder (`FrameRateCap`), so the bot encodes and the server decodes a sixth of a 30 fps source. Why 5: the service
+samples 1 FPS by timestamp, taking the first frame at or after each tick; at 5 fps a sample is at most 200 ms off
+its tick and a lost frame costs 200 ms, not the sample, while the encoder's and the server's decoder's work (aiortc
+decodes every frame received) falls with the rate. `max_fps=None` sends every frame.
+
 STUN/TURN: unless `ice_servers` is given, the publisher first asks the endpoint with OPTIONS and gathers with the
 servers it advertises (RFC 9725 §4.6 `Link: <turn:...>; rel="ice-server"; username=...; credential=...`).
 RFC 9725 prefers the Link headers of the 201, but those come after the offer, and aiortc can neither change its
@@ -32,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -39,17 +46,24 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+import av
 import httpx
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription
+from av.frame import Frame
+from av.packet import Packet
 
 from streamguard.file_track import LoopingFileTrack
+from streamguard.ingest.sampler import TimestampSampler
 
 log = logging.getLogger(__name__)
 
 REASON_TRACK_ENDED = "video track ended"
+
+# Frames per second sent by default: well above the service's 1 FPS sampling, far below a camera's 30 (module doc).
+DEFAULT_MAX_FPS = 5.0
 
 Codec = Literal["H264", "VP8"]
 _CODECS: dict[str, str] = {"h264": "video/H264", "vp8": "video/VP8"}
@@ -171,6 +185,7 @@ async def publish(
     ice_servers: Iterable[RTCIceServer] | None = None,
     connect_timeout_s: float | None = 10.0,
     http: httpx.AsyncClient | None = None,
+    max_fps: float | None = DEFAULT_MAX_FPS,
 ) -> Publication:
     """Publish a video source as one participant over WHIP; returns once the connection is up.
 
@@ -181,13 +196,19 @@ async def publish(
     ice_servers: None asks the endpoint (OPTIONS) for its STUN/TURN servers; [] means host candidates only.
     connect_timeout_s: wait this long for ICE+DTLS to connect (None: return right after the answer is applied).
     http: an httpx client to use (its timeouts, TLS and proxies); by default one is made and owned.
+    max_fps: send at most this many frames a second (see the module doc); None: every frame of the source.
     """
+    if max_fps is not None and not (math.isfinite(max_fps) and max_fps > 0):
+        raise ValueError(f"max_fps must be a positive number or None, got {max_fps!r}")
     mime = None
     if codec is not None:
         mime = _CODECS.get(str(codec).lower())
         if mime is None:
             raise ValueError(f"codec must be H264 or VP8, got {codec!r}")
     video, audio_track, owned = _tracks(source, audio, loop, player_format, player_options)
+    if max_fps is not None:
+        video = FrameRateCap(video, max_fps)
+        owned.append(video)  # stopping it leaves the source running: a caller's track stays the caller's
     client = http if http is not None else httpx.AsyncClient(timeout=15.0, follow_redirects=True)
     auth = {"Authorization": f"Bearer {token}"} if token else {}
     pc: RTCPeerConnection | None = None
@@ -259,6 +280,31 @@ def _tracks(source: str | MediaStreamTrack, audio: bool | MediaStreamTrack, loop
         raise ValueError(f"{source}: no video stream")
     audio_track = audio if isinstance(audio, MediaStreamTrack) else (player.audio if audio else None)
     return player.video, audio_track, owned
+
+
+class FrameRateCap(MediaStreamTrack):
+    """`source`'s frames, at most `max_fps` a second by presentation time: the others are dropped before they
+    reach the encoder. The same rule as the service's sampler (`TimestampSampler`): the first frame at or after each
+    tick of 1/max_fps, so a 30 fps source at 5 sends every 6th frame with its own timestamp; frames without one
+    are timed by the wall clock. It ends when the source ends."""
+
+    kind = "video"
+
+    def __init__(self, source: MediaStreamTrack, max_fps: float) -> None:
+        super().__init__()
+        self.source = source
+        self.max_fps = max_fps
+        self.dropped = 0
+        self._sampler = TimestampSampler(max_fps)
+        source.on("ended", self.stop)
+
+    async def recv(self) -> Frame | Packet:
+        while True:
+            frame = await self.source.recv()
+            t = frame.time if isinstance(frame, av.VideoFrame) else None  # a Packet (pre-encoded): wall clock
+            if self._sampler.keep(t):
+                return frame
+            self.dropped += 1
 
 
 async def _offer(pc: RTCPeerConnection, video: MediaStreamTrack, audio: MediaStreamTrack | None,

@@ -69,6 +69,12 @@ class StreamInfo(BaseModel):
     last_frame_ts: float | None = Field(description="when the last sampled frame came in, Unix seconds")
     receiving: bool = Field(description="live and a frame came within scoring.stale_after_s: false reads 'no "
                                         "frames', which is not 'no face'")
+    decode_mode: str | None = Field(None, description="what is decoded: keyframes (a pull stream whose keyframes "
+                                    "come at least every sources.keyframe_max_gop_s), nonref (non-reference frames "
+                                    "skipped), all (every frame: WHIP, or skipping off); null until it is known")
+    keyframe_interval_s: float | None = Field(None, description="the keyframe interval last measured on a pull "
+                                              "stream, seconds: keyframes-only streams are sampled at "
+                                              "min(sampling.fps, 1/keyframe_interval_s)")
 
 
 # A participant's state while their stream delivers no frames (stalled, reconnecting, a silent WHIP peer).
@@ -147,6 +153,7 @@ class _Stream:
             frames_sampled=self.worker.slot.put_count, frames_dropped=self.worker.slot.dropped,
             participants=len(scorers), verdict=verdict, alerts_active=alerts, max_smoothed=max(smoothed, default=None),
             last_frame_ts=self.worker.last_frame_ts, receiving=self.receiving(stale_after_s),
+            decode_mode=self.source.decoding.mode, keyframe_interval_s=self.source.decoding.gop_s,
         )
 
 
@@ -212,6 +219,7 @@ class Service:
             fps=cfg.sampling.fps, max_sessions=cfg.whip.max_sessions, max_sdp_bytes=cfg.whip.max_sdp_bytes,
             no_frame_timeout_s=cfg.whip.no_frame_timeout_s, phase_of=self.sampling_phase,
             ice_servers=rtc_ice_servers(cfg.whip.ice_servers), ice_transport_policy=cfg.whip.ice_transport_policy,
+            sender_max_fps=cfg.whip.sender_max_fps, sender_max_height=cfg.whip.sender_max_height,
         )
         self.metrics.watch(self._snapshot)
         self.guard = SourceGuard(cfg.sources.policy)

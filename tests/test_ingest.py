@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from streamguard.ingest.av_source import DecodeStats, SourceError, iter_sampled_frames, open_container, probe
+from streamguard.ingest.gop import DecodeMode, GopWatch
 from streamguard.ingest.image import is_image, is_video, read_image
 from streamguard.ingest.sampler import TimestampSampler, spread_phase
 
@@ -327,6 +328,89 @@ def test_probe(cfr_video):
     assert info["codec"] == "h264" and info["width"] == SIZE[0] and info["height"] == SIZE[1]
     assert info["fps"] == pytest.approx(FPS)
     assert info["duration_s"] == pytest.approx(8.0, abs=0.05)
+
+
+# --- keyframes-only decoding ---------------------------------------------------------------------------------------
+
+
+def watch(times: list[float], max_gop_s: float | None = 1.0) -> tuple[GopWatch, list[DecodeMode]]:
+    gop = GopWatch(DecodeMode.NONREF, max_gop_s)
+    return gop, [gop.keyframe(t) for t in times]
+
+
+def test_gop_watch_switches_after_two_short_intervals_and_back_at_a_long_one():
+    K, N = DecodeMode.KEYFRAMES, DecodeMode.NONREF
+    gop, modes = watch([0.0, 1.0, 2.0, 3.0, 5.0, 6.0, 7.0])
+    assert modes == [N, N, K, K, N, N, K]
+    assert gop.gop_s == 1.0 and gop.switches == 3
+    # 29.97 fps with "GOP = 30 frames": 1.001 s intervals still count as 1 s (timestamps are rounded to a clock)
+    assert watch([k * 1.001 for k in range(4)])[1][-1] is K
+    assert watch([0.0, 1.2, 2.4, 3.6])[1][-1] is N  # a 1.2 s GOP gets fewer than 1 sample/s keyframes-only
+    assert watch([0.0, 1.2, 2.4, 3.6], max_gop_s=1.5)[1][-1] is K  # unless the operator allows it
+    assert watch([0.0, 1.0, 2.0], max_gop_s=None)[1] == [N, N, N]  # offline scans never switch
+
+
+def test_gop_watch_measures_afresh_after_a_restart_and_ignores_untimed_keyframes():
+    gop, modes = watch([10.0, 11.0, 12.0, 0.0, 1.0, None, 2.0])  # a new session: timestamps start over
+    assert modes[2] is DecodeMode.KEYFRAMES
+    assert modes[3:] == [DecodeMode.KEYFRAMES] * 4  # the same GOP after the restart: no reason to leave
+    gop, modes = watch([0.0, 1.0, 0.5, 3.5])  # back, then a 3 s interval: fallback at once
+    assert modes[-1] is DecodeMode.NONREF
+    with pytest.raises(ValueError, match="fallback"):
+        GopWatch(DecodeMode.KEYFRAMES, 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        GopWatch(DecodeMode.NONREF, 0.0)
+
+
+@pytest.fixture(scope="session")
+def camera_video(media, photos, tmp_path_factory) -> Path:
+    """8 s at 25 fps as an IP camera sends it: a keyframe every second, no B-frames."""
+    out = tmp_path_factory.mktemp("media") / "camera.mp4"
+    return media.make_slideshow(photos, out, fps=FPS, seconds_per_image=2.0, size=SIZE, gop=FPS,
+                                options={"bf": "0"})
+
+
+def test_short_gop_decodes_keyframes_only_with_the_same_samples(camera_video, media):
+    full, full_stats = samples(camera_video)
+    fast, fast_stats = samples(camera_video, keyframes_max_gop_s=1.0)
+    assert full_stats.decoded == 8 * FPS and full_stats.skipped_nonref == 0  # no B-frames: nothing to skip
+    # Every frame until two 1 s intervals are measured (keyframes at 0, 1, 2 s), then the 5 keyframes after
+    assert fast_stats.decoded == 2 * FPS + 1 + 5
+    assert fast_stats.skipped_nonkey == fast_stats.packets - fast_stats.decoded
+    assert [f.pts_s for f in fast] == [f.pts_s for f in full] == pytest.approx([float(k) for k in range(8)])
+    assert [media.read_stamp(f.rgb) for f in fast] == [k * FPS for k in range(8)]
+    for a, b in zip(full, fast, strict=True):
+        assert np.array_equal(a.rgb, b.rgb)  # a keyframe decodes alone: the same picture as a full decode
+
+
+def test_short_gop_with_b_frames_lets_out_each_keyframe_held_for_reordering(media, photos, tmp_path):
+    path = media.make_slideshow(photos, tmp_path / "b.mp4", fps=FPS, seconds_per_image=2.0, size=SIZE, gop=FPS)
+    fast, stats = samples(path, keyframes_max_gop_s=1.0)
+    assert stats.skipped_nonkey > 4 * FPS
+    assert [f.pts_s for f in fast] == pytest.approx([float(k) for k in range(8)])
+    assert [media.read_stamp(f.rgb) for f in fast] == [k * FPS for k in range(8)]
+
+
+def test_long_gop_falls_back_to_skipping_nonref(cfr_video):
+    default, _ = samples(cfr_video)
+    fast, stats = samples(cfr_video, keyframes_max_gop_s=1.0)  # keyframes every 2 s: 1 sample per 2 s at most
+    assert stats.skipped_nonkey == 0 and stats.skipped_nonref > 0
+    assert [f.pts_s for f in fast] == [f.pts_s for f in default]
+
+
+def test_gop_growing_mid_stream_switches_back_then_keyframes_again(media, photos, tmp_path):
+    # Keyframes every second for 0-4 s, one 2 s GOP (4-6 s), every second again from 6 s (12 s in all)
+    keys = {k * FPS for k in (0, 1, 2, 3, 4, 6, 8, 9, 10, 11)}
+    path = media.make_slideshow(photos, tmp_path / "mixed.mp4", fps=FPS, seconds_per_image=3.0, size=SIZE,
+                                gop=10 * FPS, options={"bf": "0"}, keyframes=keys)
+    frames, stats = samples(path, keyframes_max_gop_s=1.0)
+    pts = [f.pts_s for f in frames]
+    # Keyframes-only from 2 s; the long GOP's 5 s sample is lost (its frames were not decoded, and the keyframe at
+    # 6 s is where that shows); decoding falls back for 6-8 s and goes keyframes-only again from 10 s.
+    assert pts == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0])
+    assert [media.read_stamp(f.rgb) for f in frames] == [round(t * FPS) for t in pts]
+    assert stats.decoded == 2 * FPS + 1 + 2 + 4 * FPS + 2
+    assert stats.concealed == 0 and stats.corrupt == 0
 
 
 # --- errors --------------------------------------------------------------------------------------------------------

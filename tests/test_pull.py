@@ -123,6 +123,14 @@ def rtsp(gst_ok, faces_mp4) -> Iterator[Callable[[], RtspServer]]:
         server.kill()
 
 
+@pytest.fixture(scope="session")
+def camera_mp4(media, tmp_path_factory) -> Path:
+    """8 s at 25 fps as IP cameras send it: a keyframe every second, no B-frames (synthetic pictures will do)."""
+    out = tmp_path_factory.mktemp("pull") / "camera.mp4"
+    images = media.synthetic_images(4, SIZE)
+    return media.make_slideshow(images, out, fps=FPS, seconds_per_image=2.0, size=SIZE, gop=FPS, options={"bf": "0"})
+
+
 @pytest.fixture
 def http_dir(tmp_path) -> Iterator[tuple[str, Path]]:
     """A local HTTP server (http.server in a thread) over a temporary folder: (base URL, folder)."""
@@ -257,6 +265,37 @@ async def test_rtsp_goes_live_and_samples_one_frame_per_second(rtsp, media):
     stats = source.stats
     assert stats.sampled == len(rec.frames) and stats.decoded > 4 * 10 and stats.reconnects == 0
     assert stats.last_frame_wall_ts is not None and time.time() - stats.last_frame_wall_ts < 2.0
+    # Keyframes every 2 s: keyframes-only would sample every 2 s, so non-reference frames are skipped instead
+    assert source.decoding.mode == "nonref" and source.decoding.gop_s == pytest.approx(2.0, abs=0.01)
+    assert rec.wrong_thread == 0
+
+
+@pytest.mark.asyncio
+async def test_rtsp_camera_with_a_1s_gop_decodes_keyframes_only(gst_ok, camera_mp4, media):
+    server = RtspServer(camera_mp4, free_port())
+    server.start()
+    try:
+        rec = Recorder()
+        source, task = start(server.url, rec)
+        assert source.decoding.mode is None  # not connected yet
+        await rec.until(lambda: S.LIVE in rec.names, 10, "live")
+        await rec.until(lambda: source.decoding.mode == "keyframes", 6, "keyframes-only decoding")
+        decoded, t0 = source.stats.decoded, time.monotonic()
+        n0 = len(rec.frames)
+        await asyncio.sleep(4.0)
+        decoded = source.stats.decoded - decoded
+        elapsed = time.monotonic() - t0
+        await source.close()
+        await asyncio.wait_for(task, 2)
+    finally:
+        server.kill()
+    assert source.decoding.gop_s == pytest.approx(1.0, abs=0.01)
+    assert decoded <= elapsed + 1  # one frame a second decoded, of 25
+    frames = [f for _, f in rec.frames[n0:]]
+    assert len(frames) >= 3, [f.pts_s for f in frames]
+    assert np.allclose(np.diff([f.pts_s for f in frames]), 1.0, atol=0.05)  # still sampled at 1 FPS
+    for f in frames:
+        assert media.read_stamp(f.rgb) % FPS == 0  # each sample is a keyframe (the stamps count from the file's start)
     assert rec.wrong_thread == 0
 
 

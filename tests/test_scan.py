@@ -172,3 +172,47 @@ def test_heatmaps_say_so_when_nobody_is_flagged(meso4, shared_data, tmp_path):
                                  "--heatmaps", str(tmp_path / "heat"), "-q"])
     assert result.exit_code == 0, result.output
     assert "no participant was flagged (P(fake) >= 0.5), so no heatmap was written" in result.output
+
+
+def camera_copy(src: Path, dst: Path) -> Path:
+    """src re-encoded as an IP camera sends it: H.264, a keyframe every second, no B-frames (crf 18: near-lossless,
+    so the copy's scores measure the encoding little and the decoding mode not at all)."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        vin = inp.streams.video[0]
+        rate = vin.average_rate
+        stream = out.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = vin.width, vin.height, "yuv420p"
+        gop = str(round(float(rate)))
+        stream.options = {"crf": "18", "preset": "veryfast", "g": gop, "keyint_min": gop, "bf": "0"}
+        for frame in inp.decode(vin):
+            frame.pict_type = av.video.frame.PictureType.NONE  # the source's frame types are not the camera's
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return dst
+
+
+@pytest.mark.slow
+def test_ffpp_scores_keyframes_only_equal_full_decoding(scanner, shared_data, tmp_path):
+    """Live pull streams with a 1 s GOP decode keyframes only (sources.keyframes_only): on the FF++ pair as a camera
+    sends it, that samples the same frames as decoding everything, so every score is the same; and the scores stay
+    within noise of the original files' (the camera encoding itself changes them a little)."""
+    from streamguard.ingest.av_source import DecodeStats, iter_sampled_frames
+
+    for name in ("real_519.mp4", "fake_deepfakes_519_515.mp4"):
+        src = shared_data / "ffpp_smoke" / name
+        camera = camera_copy(src, tmp_path / name)
+        reports = {}
+        for label, max_gop_s in (("full", None), ("keyframes", 1.0)):
+            stats = DecodeStats()
+            frames = iter_sampled_frames(str(camera), stream_id=name, stats=stats, keyframes_max_gop_s=max_gop_s)
+            reports[label] = scanner._scan_frames(camera, "video", frames, 3, stats).report
+            if label == "keyframes":
+                assert stats.decoded <= 2 * 25 + 1 + 30 and stats.skipped_nonkey > 600, stats
+        full, fast = reports["full"], reports["keyframes"]
+        assert fast.sampled_frames == full.sampled_frames >= 29
+        assert fast.participants[0].sample_scores == pytest.approx(full.participants[0].sample_scores, abs=1e-6)
+        original = scanner.scan(src).report
+        print(name, "original", original.score, "camera copy, keyframes only", fast.score)
+        assert fast.score == pytest.approx(original.score, abs=0.05)

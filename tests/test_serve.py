@@ -60,6 +60,14 @@ def slides_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def camera_mp4(slides_mp4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 s of the same photos as IP cameras send them: a keyframe every second, no B-frames."""
+    out = tmp_path_factory.mktemp("serve") / "camera.mp4"
+    return media_tool().make_slideshow(face_photos(4), out, fps=25, seconds_per_image=2.0, size=(640, 480), gop=25,
+                                       options={"bf": "0"})
+
+
+@pytest.fixture(scope="session")
 def ffpp() -> dict[str, Path]:
     if not (FAKE.is_file() and REAL.is_file()):
         pytest.skip(f"needs the FF++ smoke pair in {FFPP} (../shared is absent in a user's clone)")
@@ -124,8 +132,9 @@ def check_order(events: list[dict[str, Any]]) -> list[int]:
 
 
 @pytest.mark.asyncio
-async def test_rtsp_streams_go_live_with_participants_and_scores(tmp_path, gst, slides_mp4, servers, rtsp_servers):
-    mounts = {"slides": slides_mp4}
+async def test_rtsp_streams_go_live_with_participants_and_scores(tmp_path, gst, slides_mp4, camera_mp4, servers,
+                                                                rtsp_servers):
+    mounts = {"slides": slides_mp4, "camera": camera_mp4}
     if FAKE.is_file() and REAL.is_file():
         mounts |= {"real": REAL, "fake": FAKE}
     rtsp = rtsp_servers(mounts)
@@ -161,6 +170,14 @@ async def test_rtsp_streams_go_live_with_participants_and_scores(tmp_path, gst, 
         for n in mounts:  # the default model does not alert on real faces: each camera is clear or still warming up
             assert streams[n]["verdict"] in ("clear", "pending") and streams[n]["alerts_active"] == 0, streams[n]
         assert (await http.get("/v1/streams/slides")).json()["frames_sampled"] >= 3
+        # Keyframes every second: decoded keyframes-only; every 2 s (slides) or 10 s (FF++): non-reference skipping
+        async def camera_mode() -> bool:
+            return (await http.get("/v1/streams/camera")).json()["decode_mode"] == "keyframes"
+
+        await until(camera_mode, 5, "the camera decoded keyframes-only")
+        streams = {s["id"]: s for s in (await http.get("/v1/streams")).json()}
+        assert streams["camera"]["keyframe_interval_s"] == pytest.approx(1.0, abs=0.01)
+        assert all(streams[n]["decode_mode"] == "nonref" for n in mounts if n != "camera"), streams
         metrics = (await http.get("/metrics")).text
         assert 'streamguard_frames_sampled_total{kind="rtsp"}' in metrics
         assert f'streamguard_streams{{kind="rtsp",state="live"}} {len(mounts)}.0' in metrics

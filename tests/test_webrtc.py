@@ -58,6 +58,7 @@ from streamguard.ingest.webrtc import (
     ice_server_links,
     participant_from_request,
     rtc_ice_servers,
+    with_codec_hints,
 )
 from streamguard.ingest.whip_source import WhipSource
 from streamguard.types import SampledFrame
@@ -262,6 +263,7 @@ def test_publish_face_video_sampled_frames_then_delete(loopback_ice, face_video,
                 codec=codec,
                 audio=AudioStreamTrack(),
                 http=http,
+                max_fps=None,  # every frame: the pictures are compared with the source's, frame by frame
             )
             assert pub.connection_state == "connected" and pub.video_codec == codec
             (session,) = manager.sessions.values()
@@ -300,6 +302,56 @@ def test_publish_face_video_sampled_frames_then_delete(loopback_ice, face_video,
             assert len(await rec.ends()) == 1  # exactly once
 
     run(main())
+
+
+@pytest.mark.parametrize("codec", ["H264", "VP8"])
+def test_publish_sends_at_most_max_fps_and_the_service_still_samples_1_fps(loopback_ice, face_video, codec):
+    """The client's default (5 fps) from a 25 fps file: a fifth of the frames reach the server (and its decoder),
+    the 1 FPS samples still come one a second, each close to its tick."""
+
+    async def main():
+        rec = Recorder()
+        manager = make_manager(rec, fps=1.0)
+        async with http_client(manager) as http:
+            pub = await publish(f"{BASE}/v1/whip", str(face_video), participant_id="fay", codec=codec, http=http)
+            (session,) = manager.sessions.values()
+            await rec.wait_frames(2, 20)
+            frames0, t0 = session.video_frames, time.monotonic()
+            await rec.wait_frames(6, 20)
+            rate = (session.video_frames - frames0) / (time.monotonic() - t0)
+            await pub.close()
+            await manager.close_all()
+        assert 3.5 <= rate <= 5.5, rate  # 5 fps sent; a frame or two lost or late on a busy host
+        pts = [f.pts_s for f in rec.frames]
+        assert np.allclose(np.diff(pts), 1.0, atol=0.21), pts  # one a second, at most a 5 fps frame off its tick
+
+    run(main())
+
+
+def test_answer_codec_hints_in_fmtp():
+    offer = asyncio.run(offer_sdp())  # aiortc's: VP8 without fmtp, two H.264 profiles with one each
+    hinted = with_codec_hints(offer, 5.0, 720)
+    lines = hinted.split("\r\n")
+    fmtp = {line.split()[0].removeprefix("a=fmtp:"): line for line in lines if line.startswith("a=fmtp:")}
+    rtpmap = {line.split()[0].removeprefix("a=rtpmap:"): line.split()[1] for line in lines if "a=rtpmap:" in line}
+    for pt, codec in rtpmap.items():
+        if codec.startswith("VP8"):
+            assert fmtp[pt].endswith(f"a=fmtp:{pt} max-fr=5;max-fs=3600"), fmtp  # 1280x720 = 80x45 macroblocks
+        elif codec.startswith("H264"):
+            assert fmtp[pt].endswith(";max-fs=3600;max-mbps=18000") and "profile-level-id=" in fmtp[pt], fmtp
+        else:
+            assert "max-" not in fmtp.get(pt, ""), fmtp  # rtx: untouched
+    assert len(lines) == len(offer.split("\r\n")) + 1 and hinted.endswith("\r\n")  # one fmtp added, for VP8
+    assert with_codec_hints(hinted, 5.0, 720) == hinted  # hints already there are not repeated
+    assert with_codec_hints(offer, None, None) == offer
+    size_only = with_codec_hints(offer, None, 1080)  # 1920x1080: 120 x 68 macroblocks
+    assert "max-mbps" not in size_only and "max-fr" not in size_only and "max-fs=8160" in size_only
+
+
+def test_publish_refuses_a_bad_max_fps():
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_fps"):
+            asyncio.run(publish(f"{BASE}/v1/whip", VideoStreamTrack(), participant_id="x", max_fps=bad))
 
 
 def test_peer_closed_without_delete_ends_session(loopback_ice, face_video):

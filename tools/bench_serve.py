@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,9 +59,11 @@ log = logging.getLogger("bench_serve")
 # --- media and the RTSP server -------------------------------------------------------------------------------------
 
 
-def make_clip(out_dir: Path, seconds: float, size: tuple[int, int], fps: int, photos_dir: Path) -> Path:
+def make_clip(out_dir: Path, seconds: float, size: tuple[int, int], fps: int, photos_dir: Path,
+              gop_s: float = 2.0, bframes: bool = True) -> Path:
     """A 720p (by default) H.264 slideshow of real faces, long enough that no run reaches its end (the RTSP server
-    ends the session at EOF); cached by its parameters."""
+    ends the session at EOF); cached by its parameters. `gop_s`, `bframes`: a keyframe every gop_s, B-frames or none
+    (IP cameras: a 1-2 s GOP, no B-frames)."""
     import make_test_media
 
     photos = sorted(photos_dir.glob("img*.jpg"))
@@ -69,12 +71,15 @@ def make_clip(out_dir: Path, seconds: float, size: tuple[int, int], fps: int, ph
         sys.exit(f"no photos in {photos_dir} (../shared/data/real_faces; pass --photos)")
     per_image = 5.0
     n = max(1, int(seconds / per_image) + 1)
-    out = out_dir / f"faces_{size[0]}x{size[1]}_{fps}fps_{n * per_image:.0f}s.mp4"
+    gop = max(1, round(gop_s * fps))
+    shape = ("" if gop_s == 2.0 and bframes else f"_gop{gop_s:g}s") + ("" if bframes else "_nob")
+    out = out_dir / f"faces_{size[0]}x{size[1]}_{fps}fps_{n * per_image:.0f}s{shape}.mp4"
     if not out.exists():
         log.info("making %s", out.name)
         tmp = out.with_suffix(".part.mp4")
         make_test_media.make_slideshow([photos[i % len(photos)] for i in range(n)], tmp, fps=fps,
-                                       seconds_per_image=per_image, size=size)
+                                       seconds_per_image=per_image, size=size, gop=gop,
+                                       options=None if bframes else {"bf": "0"})
         tmp.rename(out)
     return out
 
@@ -172,6 +177,8 @@ class Row:
     floor_cpu_per_stream: float | None = None
     floor_missing: int | None = None
     floor_rss_per_stream_mb: float | None = None
+    decode_modes: str = ""  # what the streams decoded (/v1/streams decode_mode), e.g. "keyframes x10"
+    label: str = ""  # "before" (--before overrides) or "after"; empty without --before
     load: tuple[float, float, float] = field(default_factory=os.getloadavg)
 
     @property
@@ -272,6 +279,7 @@ async def run_service(url: str, n: int, seconds: float, warmup: float, model: st
             t1, cpu1 = time.monotonic(), time.process_time()
             d1, window_lat, faces1 = dropped(), latencies[lat0:], service.batcher.stats.crops
             rss = rss_bytes()
+            modes = Counter(s.decode_mode or "unknown" for s in service.streams())
             not_live = [(s.id, s.state, s.reason) for s in service.streams() if s.state != "live"]
             if not_live:
                 log.warning("%d streams not live at the end: %s", len(not_live), not_live[:3])
@@ -288,10 +296,11 @@ async def run_service(url: str, n: int, seconds: float, warmup: float, model: st
                p50_ms=ms(0.5), p95_ms=ms(0.95), p99_ms=ms(0.99),
                rss_per_stream_mb=round((rss - base_rss) / n / 2**20, 1), dropped=int(d1 - d0), missing=missing,
                decode_lag_s=round(lag, 2), samples=got, expected=int(round((t1 - t0) * fps * n)),
-               faces_scored=faces1 - faces0)
+               faces_scored=faces1 - faces0, decode_modes=", ".join(f"{m} x{k}" for m, k in sorted(modes.items())))
 
 
-async def run_floor(url: str, n: int, seconds: float, warmup: float, fps: float) -> tuple[float, int, float]:
+async def run_floor(url: str, n: int, seconds: float, warmup: float, fps: float,
+                    sources: dict[str, Any]) -> tuple[float, int, float]:
     """(CPU per stream, missing samples, RSS per stream in MB) of N PullSources whose samples go nowhere."""
     from streamguard.config import SourceSettings
     from streamguard.ingest.pull import PullSource
@@ -299,19 +308,20 @@ async def run_floor(url: str, n: int, seconds: float, warmup: float, fps: float)
     samples = Samples({f"f{i:03d}" for i in range(n)})
     gc.collect()
     base_rss = rss_bytes()
-    sources = [PullSource(f"f{i:03d}", url, settings=SourceSettings(), fps=fps,
+    settings = SourceSettings(**sources)  # the service run's `sources` overrides: the same decoding
+    pulls = [PullSource(f"f{i:03d}", url, settings=settings, fps=fps,
                           on_frame=lambda f: samples.add(f.stream_id, f.pts_s), on_state=lambda s, i: None)
-               for i in range(n)]
-    tasks = [asyncio.create_task(source.run()) for source in sources]  # all clients at once
+             for i in range(n)]
+    tasks = [asyncio.create_task(source.run()) for source in pulls]  # all clients at once
     try:
-        await wait_for(lambda: all(s.state is not None and s.state.value == "live" for s in sources), 30)
+        await wait_for(lambda: all(s.state is not None and s.state.value == "live" for s in pulls), 30)
         await asyncio.sleep(warmup)
         t0, cpu0 = time.monotonic(), time.process_time()
         await asyncio.sleep(seconds)
         t1, cpu1 = time.monotonic(), time.process_time()
         rss = rss_bytes()
     finally:
-        await asyncio.gather(*(s.close() for s in sources))
+        await asyncio.gather(*(s.close() for s in pulls))
         await asyncio.gather(*tasks, return_exceptions=True)
     _, missing, _ = samples.window(t0, t1, fps)
     return round((cpu1 - cpu0) / (t1 - t0) / n, 4), missing, round((rss - base_rss) / n / 2**20, 1)
@@ -319,16 +329,17 @@ async def run_floor(url: str, n: int, seconds: float, warmup: float, fps: float)
 
 # --- output --------------------------------------------------------------------------------------------------------
 
-HEADER = ("| streams | CPU/stream (cores) | decode floor CPU/stream | p50 ms | p95 ms | p99 ms | RSS/stream MB "
-          "| floor RSS/stream MB | dropped | sampler gaps | floor gaps | decode lag s | samples/expected "
-          "| faces scored | load avg |")
+HEADER = ("| run | streams | decoded | CPU/stream (cores) | decode floor CPU/stream | p50 ms | p95 ms | p99 ms "
+          "| RSS/stream MB | floor RSS/stream MB | dropped | sampler gaps | floor gaps | decode lag s "
+          "| samples/expected | faces scored | load avg |")
 
 
 def row_line(r: Row) -> str:
     def f(v: float | None, fmt: str = "{:.0f}") -> str:
         return "-" if v is None else fmt.format(v)
 
-    return (f"| {r.streams} | {r.cpu_per_stream:.3f} | {f(r.floor_cpu_per_stream, '{:.3f}')} | {f(r.p50_ms)} "
+    return (f"| {r.label or '-'} | {r.streams} | {r.decode_modes} | {r.cpu_per_stream:.3f} "
+            f"| {f(r.floor_cpu_per_stream, '{:.3f}')} | {f(r.p50_ms)} "
             f"| {f(r.p95_ms)} | {f(r.p99_ms)} | {r.rss_per_stream_mb:.1f} | {f(r.floor_rss_per_stream_mb, '{:.1f}')} "
             f"| {r.dropped} | {r.missing} "
             f"| {f(r.floor_missing)} | {r.decode_lag_s:.2f} | {r.samples}/{r.expected} | {r.faces_scored} "
@@ -345,6 +356,22 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """--set SECTION.KEY=VALUE items as nested settings (values parsed as JSON where they are)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not (section and name and _):
+            sys.exit(f"bad override {item!r}: SECTION.KEY=VALUE")
+        try:
+            parsed: Any = json.loads(value)  # numbers, true/false, null, lists
+        except ValueError:
+            parsed = value
+        overrides.setdefault(section, {})[name] = parsed
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", default="1,5,10,20", help="N, or a comma-separated list to sweep")
@@ -354,6 +381,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fps", type=float, default=1.0, help="samples per second per stream")
     ap.add_argument("--size", default="1280x720")
     ap.add_argument("--video-fps", type=int, default=30)
+    ap.add_argument("--gop", type=float, default=2.0, help="seconds between the clip's keyframes")
+    ap.add_argument("--no-bframes", action="store_true", help="a clip without B-frames (as IP cameras send)")
+    ap.add_argument("--before", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="also run each N with these overrides first, rows labelled before/after, e.g. --before "
+                         "sources.keyframes_only=false (the decoding before keyframes-only)")
     ap.add_argument("--photos", type=Path, default=SHARED / "real_faces")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "streamguard-bench")
     ap.add_argument("--no-floor", action="store_true", help="skip the decode-floor runs")
@@ -375,39 +407,38 @@ def main(argv: list[str] | None = None) -> None:
     apply_experiments(experiments)
     counts = [int(x) for x in args.streams.split(",") if x.strip()]
     w, h = (int(x) for x in args.size.lower().split("x"))
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        try:
-            parsed: Any = json.loads(value)  # numbers, true/false, null, lists
-        except ValueError:
-            parsed = value
-        overrides.setdefault(section, {})[name] = parsed
+    overrides = parse_overrides(args.set)
+    variants = [("", overrides)]
+    if args.before:
+        before = parse_overrides(args.set + args.before)
+        variants = [("before", before), ("after", overrides)]
     args.cache.mkdir(parents=True, exist_ok=True)
-    clip = make_clip(args.cache, args.warmup + args.seconds + 15, (w, h), args.video_fps, args.photos)
+    clip = make_clip(args.cache, args.warmup + args.seconds + 15, (w, h), args.video_fps, args.photos,
+                     gop_s=args.gop, bframes=not args.no_bframes)
 
     print(f"machine: {machine()}; load average before: {os.getloadavg()[0]:.1f}")
     print(f"clip: {clip.name} over RTSP (one shared mount); sampling {args.fps:g} FPS; model "
           f"{args.model or 'default'}; window {args.seconds:g} s after {args.warmup:g} s warm-up; "
-          f"overrides {overrides}; experiments {experiments or 'none'}")
+          f"overrides {dict(variants)}; experiments {experiments or 'none'}")
     rows: list[Row] = []
     print(HEADER)
     print("|" + "---|" * (HEADER.count("|") - 1))
-    for n in counts:
+    for n, (label, settings) in itertools.product(counts, variants):
         # A fresh server per run: its shared pipeline starts with the first client, and ends at the clip's end.
         with RtspServer(clip) as rtsp:
-            row = asyncio.run(run_service(rtsp.url, n, args.seconds, args.warmup, args.model, args.fps, overrides))
+            row = asyncio.run(run_service(rtsp.url, n, args.seconds, args.warmup, args.model, args.fps, settings))
+        row.label = label
         if not args.no_floor:
             with RtspServer(clip) as rtsp:
                 row.floor_cpu_per_stream, row.floor_missing, row.floor_rss_per_stream_mb = asyncio.run(
-                    run_floor(rtsp.url, n, args.seconds, args.warmup, args.fps))
+                    run_floor(rtsp.url, n, args.seconds, args.warmup, args.fps, settings.get("sources", {})))
         rows.append(row)
         print(row_line(row), flush=True)
-    good = [r.streams for r in rows if r.ok]
-    fast = [r.streams for r in rows if r.ok and r.p95_ms is not None and r.p95_ms <= 250]
-    print(f"largest N with no dropped samples: {max(good) if good else 'none'}; "
-          f"with p95 <= 250 ms too: {max(fast) if fast else 'none'}")
+    for label, _ in variants:
+        good = [r.streams for r in rows if r.ok and r.label == label]
+        fast = [r.streams for r in rows if r.ok and r.label == label and r.p95_ms is not None and r.p95_ms <= 250]
+        print(f"{label or 'all runs'}: largest N with no dropped samples: {max(good) if good else 'none'}; "
+              f"with p95 <= 250 ms too: {max(fast) if fast else 'none'}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "clip": clip.name, "overrides": overrides,
                                          "experiments": experiments,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -141,11 +141,14 @@ def make_slideshow(
     gop: int | None = None,
     crf: int = 28,
     options: dict[str, str] | None = None,
+    keyframes: Collection[int] = (),
 ) -> Path:
     """A constant-frame-rate video: each image for seconds_per_image; frame i is stamped with i, at pts i/fps.
 
     The container follows the suffix (.mp4, .mkv, .webm, .ts, .h264 raw Annex-B); gop defaults to 2 s; options go
-    to the encoder last (e.g. ``{"x264-params": "intra-refresh=1"}`` for a stream without periodic keyframes).
+    to the encoder last (e.g. ``{"x264-params": "intra-refresh=1"}`` for a stream without periodic keyframes, or
+    ``{"bf": "0"}`` for one without B-frames, as IP cameras send). `keyframes`: frame indices forced to be keyframes
+    besides the GOP's (a GOP that changes mid-stream: a long `gop` plus the keyframes wanted).
     """
     if not images:
         raise ValueError("no images")
@@ -153,8 +156,11 @@ def make_slideshow(
     n_frames = max(1, round(len(images) * seconds_per_image * fps))
     with av.open(str(out_path), "w") as container:
         stream = _add_stream(container, codec, fps, size, gop or 2 * fps, crf, options)
-        for rgb in _frames(images, n_frames, size, seconds_per_image * fps):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+        for i, rgb in enumerate(_frames(images, n_frames, size, seconds_per_image * fps)):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            if i in keyframes:
+                frame.pict_type = av.video.frame.PictureType.I  # libx264 makes a forced I-frame a keyframe
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -45,6 +45,15 @@ class SourceSettings(ConfigSection):
                                  "a source that returns is live within about this long")
     max_attempts: int = Field(0, ge=0, description="reconnects before `failed`; 0: never give up")
     skip_nonref: bool = Field(True, description="skip decoding non-reference frames between samples")
+    keyframes_only: bool = Field(
+        True, description="decode only the keyframes of streams whose keyframes (measured) come at least every "
+                          "keyframe_max_gop_s; streams with a longer GOP decode as skip_nonref says",
+    )
+    keyframe_max_gop_s: float | None = Field(
+        None, gt=0.0, le=60.0, description="the longest keyframe interval decoded keyframes-only; None: the sampling "
+        "period (1/sampling.fps), so such a stream is still sampled at sampling.fps. Longer trades samples for CPU: "
+        "a stream with a GOP of g s is then sampled at min(sampling.fps, 1/g) samples per second",
+    )
     hwdecode: Literal["auto", "nvdec", "off"] = Field(
         "auto", description="decode on NVDEC: auto = when it works here; nvdec = required (degraded without it)"
     )

@@ -81,6 +81,14 @@ class WhipSettings(ConfigSection):
     ice_transport_policy: Literal["all", "relay"] = Field(
         "all", description="relay: TURN relay candidates only, so no local address is gathered or revealed"
     )
+    sender_max_fps: float | None = Field(
+        5.0, gt=0.0, le=60.0, description="asked of publishers in the SDP answer (VP8 max-fr; H.264 max-mbps with "
+        "max-fs): frames a second worth sending when 1 FPS is sampled; null: no hint",
+    )
+    sender_max_height: int | None = Field(
+        720, ge=144, le=4320, description="asked of publishers in the SDP answer as max-fs (VP8, H.264): the frame "
+        "size of a 16:9 picture this tall, in macroblocks; null: no hint",
+    )
 
     @field_validator("ice_transport_policy")
     @classmethod

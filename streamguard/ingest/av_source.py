@@ -4,6 +4,9 @@ Cost model: at 1 FPS almost every decoded frame is thrown away, so the decoder i
 (``skip_frame = "NONREF"``: nothing else depends on them, so the frames that remain decode correctly and keep their
 own timestamps), and only kept frames are converted to RGB (measured on a 640×480 H.264 clip: ~1.1 ms per frame to
 convert, ~1.4 ms CPU to decode). On that clip skip_frame cut decoded frames from 751 to 485 and CPU time by ~20 %.
+Streams whose keyframes come at least every sampling period decode keyframes only (`streamguard.ingest.gop`): on a
+720p30 RTSP stream with a 1 s GOP and no B-frames, 1 frame of 30 decoded, and the pull source's CPU (demuxing
+included) 0.008-0.011 core instead of 0.049-0.054 (tools/bench_serve.py --gop 1 --no-bframes, README).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import av
 import av.container
 
+from streamguard.ingest.gop import DecodeMode, GopWatch
 from streamguard.ingest.sampler import TimestampSampler
 from streamguard.types import SampledFrame
 
@@ -53,8 +57,9 @@ class DecodeStats:
     sampled: int = 0  # frames the sampler kept (and converted to RGB)
     corrupt: int = 0  # packets the demuxer or the decoder rejected; skipped, decoding went on
     # Packets that gave no frame and no error: with skip_nonref, the non-reference frames the decoder skipped
-    # (derived as packets - decoded - corrupt, so it can be off by a packet that carried no picture).
+    # (derived as packets - skipped_nonkey - decoded - corrupt, so it can be off by a packet that carried no picture).
     skipped_nonref: int = 0
+    skipped_nonkey: int = 0  # packets never decoded because the stream was decoded keyframes-only
     # Frames decoded after a damaged packet and before the next keyframe (or max_resync_s): not sampled, since error
     # concealment smears them and smears look like manipulation to a deepfake classifier.
     concealed: int = 0
@@ -276,7 +281,7 @@ def decode_video(
     sampler: TimestampSampler,
     stats: DecodeStats,
     *,
-    skip_nonref: bool,
+    gop: GopWatch,
     max_resync_s: float = 5.0,
     untimed_frames_counted: bool = True,
     on_packet: Callable[[], bool] | None = None,
@@ -286,6 +291,7 @@ def decode_video(
     Damaged packets are counted in ``stats.corrupt`` and skipped; decoding goes on with the next packet, and the
     frames after a failure come out `concealed` until a keyframe (see DecodedFrame). The caller decides which
     unconcealed frames to keep (``sampler.keep``). Raises SourceError when the source stops answering.
+    `gop` sees every keyframe and says what to decode (`DecodeMode`); the decoder's skip_frame follows it.
     `untimed_frames_counted`: frames without timestamps get times by counting nominal frame durations (files; live
     sources stamp them with the wall clock instead), so when the packets carry none, no frame may be skipped.
     `on_packet` is called for every packet read (liveness for live sources); decoding stops when it returns False.
@@ -295,16 +301,12 @@ def decode_video(
     for packet in _packets(container, stream, source, stats):
         if on_packet is not None and not on_packet():
             return
-        if packet.size:
-            stats.packets += 1
-            untimed = packet.pts is None and packet.dts is None
-            if skip_nonref and untimed_frames_counted and stats.packets == 1 and untimed:
-                # No timestamps (raw Annex-B .h264): frame times can only be counted, one nominal frame
-                # duration per decoded frame, and a skipped frame would go uncounted. Decode everything.
-                skip_nonref = False
-                stream.codec_context.skip_frame = "DEFAULT"
+        if packet.size and not _admit(packet, stream, gop, stats, time_base, untimed_frames_counted):
+            continue
         try:
             frames = packet.decode()  # the final empty packet flushes the decoder's delayed frames
+            if packet.size and gop.mode is DecodeMode.KEYFRAMES:
+                frames += _drain(stream)
         except av.FFmpegError as exc:  # InvalidDataError mostly; any decode failure is one bad packet
             stats.corrupt += 1
             log.debug("%s: packet at dts %s failed to decode: %s", source, packet.dts, exc)
@@ -319,16 +321,45 @@ def decode_video(
                 stats.concealed += 1
                 sampler.observe(pts_s)
             yield DecodedFrame(frame, pts_s, concealed)
-        if skip_nonref:
-            stats.skipped_nonref = max(0, stats.packets - stats.decoded - stats.corrupt)
+        if gop.mode is not DecodeMode.ALL or gop.switches:
+            stats.skipped_nonref = max(0, stats.packets - stats.skipped_nonkey - stats.decoded - stats.corrupt)
         stats.restarts = sampler.restarts
 
 
-def configure_decoder(stream: av.VideoStream, *, skip_nonref: bool, thread_type: str = "SLICE") -> None:
-    """Decoder settings for sampling: skip non-reference frames (nothing depends on them) unless told not to."""
+def _admit(packet: av.Packet, stream: av.VideoStream, gop: GopWatch, stats: DecodeStats, time_base: float | None,
+           untimed_frames_counted: bool) -> bool:
+    """Count a non-empty packet, let `gop` see it if it is a keyframe, and say whether it goes to the decoder."""
+    stats.packets += 1
+    if untimed_frames_counted and stats.packets == 1 and packet.pts is None and packet.dts is None:
+        # No timestamps (raw Annex-B .h264): frame times can only be counted, one nominal frame duration per
+        # decoded frame, and a skipped frame would go uncounted. Decode everything.
+        gop.disable()
+        stream.codec_context.skip_frame = DecodeMode.ALL.skip_frame
+    if packet.is_keyframe:
+        mode = gop.mode
+        ts = packet.pts if packet.pts is not None else packet.dts
+        if gop.keyframe(ts * time_base if ts is not None and time_base else None) is not mode:
+            stream.codec_context.skip_frame = gop.mode.skip_frame  # from this keyframe on: it decodes on its own
+        return True
+    if gop.mode is DecodeMode.KEYFRAMES:
+        stats.skipped_nonkey += 1  # never decoded: cheaper than handing it to a decoder that would skip it
+        return False
+    return True
+
+
+def _drain(stream: av.VideoStream) -> list[av.VideoFrame]:
+    """The frames a decoder holds back for reordering (B-frame streams keep a keyframe for up to two more), let out
+    now, and the decoder made ready for the next packet: decoding keyframes alone, nothing is left to reorder."""
+    codec = stream.codec_context
+    frames = [f for f in codec.decode(None) if isinstance(f, av.VideoFrame)]
+    codec.flush_buffers()
+    return frames
+
+
+def configure_decoder(stream: av.VideoStream, gop: GopWatch, *, thread_type: str = "SLICE") -> None:
+    """Decoder settings for sampling: the mode `gop` starts in (non-reference frames skipped, unless told not to)."""
     stream.thread_type = thread_type
-    if skip_nonref:
-        stream.codec_context.skip_frame = "NONREF"
+    stream.codec_context.skip_frame = gop.mode.skip_frame
 
 
 def iter_sampled_frames(
@@ -343,6 +374,7 @@ def iter_sampled_frames(
     thread_type: str = "SLICE",
     max_resync_s: float = 5.0,
     hwaccel: Any | None = None,
+    keyframes_max_gop_s: float | None = None,
 ) -> Iterator[SampledFrame]:
     """Decode the best video stream of a file or URL and yield the frames sampled at `fps` by presentation time.
 
@@ -351,7 +383,9 @@ def iter_sampled_frames(
     keyframe comes or `max_resync_s` of media time has passed (streams with intra refresh have no keyframes).
     Frames without a timestamp get the previous frame's time + the nominal frame duration (see TimestampSampler).
     `wall_ts` is time.time() when the frame came out of the decoder. Raises SourceError when the source cannot be
-    opened, has no video stream, or stops answering. `hwaccel`: see `open_container`.
+    opened, has no video stream, or stops answering. `hwaccel`: see `open_container`. `keyframes_max_gop_s`: decode
+    keyframes only once the file's keyframes prove to come at least this often (`GopWatch`); None (scans, training)
+    keeps sample times on the sampling grid whatever the GOP.
 
     thread_type stays PyAV's "SLICE" by default: on a 2-core host, frame threading ("AUTO") cost ~8 % more CPU for
     an uncertain wall-time gain, and it delays every frame by the thread count, which live sources feel; pass "AUTO"
@@ -361,14 +395,13 @@ def iter_sampled_frames(
     stream_id = stream_id or (Path(source).name if not _is_url(source) else source)
     container = open_container(source, timeout_s=timeout_s, hwaccel=hwaccel)
     first_t: float | None = None
+    gop = GopWatch(DecodeMode.NONREF if skip_nonref else DecodeMode.ALL, keyframes_max_gop_s)
     try:
         stream = _video_stream(container, source)
-        configure_decoder(stream, skip_nonref=skip_nonref, thread_type=thread_type)
+        configure_decoder(stream, gop, thread_type=thread_type)
         rate = stream.average_rate or stream.guessed_rate
         sampler = TimestampSampler(fps, frame_duration_s=1.0 / float(rate) if rate else None)
-        decoded = decode_video(
-            container, stream, source, sampler, stats, skip_nonref=skip_nonref, max_resync_s=max_resync_s
-        )
+        decoded = decode_video(container, stream, source, sampler, stats, gop=gop, max_resync_s=max_resync_s)
         for item in decoded:
             kept = not item.concealed and sampler.keep(item.pts_s)
             t = sampler.last_pts_s or 0.0  # the given time, or the estimate for a frame without one

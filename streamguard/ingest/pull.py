@@ -68,9 +68,18 @@ from streamguard.ingest.av_source import (
     open_container,
     redact_url,
 )
+from streamguard.ingest.gop import DecodeMode, GopWatch
 from streamguard.ingest.policy import OPAQUE_OPEN_FAILURE, SourceGuard, SourceRefused
 from streamguard.ingest.sampler import TimestampSampler
-from streamguard.ingest.source import TERMINAL_STATES, OnFrame, OnState, SourceCounters, StateInfo, StreamState
+from streamguard.ingest.source import (
+    TERMINAL_STATES,
+    DecodeInfo,
+    OnFrame,
+    OnState,
+    SourceCounters,
+    StateInfo,
+    StreamState,
+)
 from streamguard.types import SampledFrame
 
 log = logging.getLogger(__name__)
@@ -185,6 +194,7 @@ class PullSource:
         self._state_reason: str | None = None
         self._stats = PullStats()
         self._session: _Session | None = None
+        self._gop: GopWatch | None = None  # the current connection's, written by its decode thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._close_requested: asyncio.Future[None] | None = None
         self._finished: asyncio.Future[None] | None = None
@@ -213,6 +223,12 @@ class PullSource:
     @property
     def counters(self) -> SourceCounters:
         return SourceCounters(decoded=self._stats.decoded, sampled=self._stats.sampled)
+
+    @property
+    def decoding(self) -> DecodeInfo:
+        """What the current connection decodes (None before one opened) and the keyframe interval it measured."""
+        gop = self._gop
+        return DecodeInfo(mode=gop.mode.value if gop is not None else None, gop_s=gop.gop_s if gop else None)
 
     # An operator added the stream: it stays listed with its final state (failed, end of file) until removed.
     listed_after_end = True
@@ -433,9 +449,10 @@ class PullSource:
             stream = _video_stream(container, self.url)
             if container.format.name in _TEXT_FORMATS:
                 raise SourceError(f"{self.url}: not a video (a text document)")
+            gop = self._gop = self._gop_watch()  # measured afresh per connection: a camera may be reconfigured
             # SLICE: frame threading would delay every live frame by the thread count.
-            configure_decoder(stream, skip_nonref=self.settings.skip_nonref)
-            return self._decode(session, container, stream)
+            configure_decoder(stream, gop)
+            return self._decode(session, container, stream, gop)
         finally:
             container.close()
 
@@ -452,7 +469,15 @@ class PullSource:
             raise SourceError(f"{self.url}: cannot resolve the host ({exc.strerror or exc})") from exc
         return {}
 
-    def _decode(self, session: _Session, container: av.container.InputContainer, stream: av.VideoStream) -> _Outcome:
+    def _gop_watch(self) -> GopWatch:
+        """Keyframes only once the stream's GOP proves to be at most keyframe_max_gop_s (default: the sampling
+        period, so the stream still gets `fps` samples per second); non-reference skipping (or none) before that."""
+        s = self.settings
+        max_gop_s = (s.keyframe_max_gop_s or 1.0 / self.fps) if s.keyframes_only else None
+        return GopWatch(DecodeMode.NONREF if s.skip_nonref else DecodeMode.ALL, max_gop_s)
+
+    def _decode(self, session: _Session, container: av.container.InputContainer, stream: av.VideoStream,
+                gop: GopWatch) -> _Outcome:
         stats = self._stats
         rate = stream.average_rate or stream.guessed_rate
         # Files: a frame without a timestamp is one nominal frame after the last (decoding runs ahead of real time).
@@ -464,8 +489,8 @@ class PullSource:
         pace_anchor: tuple[float, float] | None = None  # (media time, monotonic time) of the pacing origin
         went_live = False
         decoded = decode_video(
-            container, stream, self.url, sampler, session_stats, skip_nonref=self.settings.skip_nonref,
-            max_resync_s=_MAX_RESYNC_S, untimed_frames_counted=self.is_file, on_packet=lambda: _packet_read(session),
+            container, stream, self.url, sampler, session_stats, gop=gop, max_resync_s=_MAX_RESYNC_S,
+            untimed_frames_counted=self.is_file, on_packet=lambda: _packet_read(session),
         )
         for item in decoded:
             if session.stop.is_set():

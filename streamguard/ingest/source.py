@@ -52,6 +52,16 @@ class SourceCounters:
     sampled: int  # frames handed to on_frame
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeInfo:
+    """What a source decodes of its video: `mode` is keyframes (a short-GOP pull stream), nonref (non-reference
+    frames skipped), all (every frame: WHIP, whose decoder aiortc runs on every frame received), or None before it
+    knows; `gop_s` the keyframe interval last measured (pull streams)."""
+
+    mode: str | None
+    gop_s: float | None = None
+
+
 class Source(Protocol):
     @property
     def id(self) -> str: ...
@@ -73,6 +83,9 @@ class Source(Protocol):
 
     @property
     def counters(self) -> SourceCounters: ...
+
+    @property
+    def decoding(self) -> DecodeInfo: ...
 
     @property
     def listed_after_end(self) -> bool:

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import secrets
 import time
@@ -90,6 +91,8 @@ PARTICIPANT_ID_RE = re.compile(r"^[A-Za-z0-9_.:@+=~-]{1,128}$")
 MAX_DISPLAY_NAME = 256
 _SDP_LINE_RE = re.compile(r"^[a-z]=")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_RTPMAP_RE = re.compile(r"^a=rtpmap:(\d+) ([^/\s]+)/")
+_FMTP_RE = re.compile(r"^a=fmtp:(\d+) (.*)$")
 
 PC_CLOSE_TIMEOUT_S = 5.0
 RETRY_AFTER_S = 5
@@ -172,6 +175,8 @@ class WhipManager:
         ice_servers: Iterable[RTCIceServer] | None = None,
         ice_transport_policy: Literal["all", "relay"] = "all",
         phase_of: Callable[[str], float] | None = None,
+        sender_max_fps: float | None = None,
+        sender_max_height: int | None = None,
     ) -> None:
         if max_sessions < 1 or max_sdp_bytes < 1 or no_frame_timeout_s <= 0:
             raise ValueError("max_sessions, max_sdp_bytes and no_frame_timeout_s must be positive")
@@ -183,6 +188,8 @@ class WhipManager:
         self.no_frame_timeout_s = no_frame_timeout_s
         self.ice_servers: tuple[RTCIceServer, ...] = tuple(ice_servers or ())
         self._ice_policy = RTCIceTransportPolicy(ice_transport_policy)
+        self.sender_max_fps = sender_max_fps  # codec hints in the answer (with_codec_hints)
+        self.sender_max_height = sender_max_height
         self._sessions: dict[str, WhipSession] = {}
         self._pending = 0  # offers being negotiated: they count against max_sessions
         self._finishing: set[asyncio.Task[None]] = set()
@@ -296,7 +303,7 @@ class WhipManager:
                 raise WhipError(400, "sdp_rejected", f"offer rejected: {exc or type(exc).__name__}{hint}") from exc
             # setLocalDescription gathers every local candidate before it returns, so the answer is complete.
             await pc.setLocalDescription(await pc.createAnswer())
-            session.answer_sdp = pc.localDescription.sdp
+            session.answer_sdp = with_codec_hints(pc.localDescription.sdp, self.sender_max_fps, self.sender_max_height)
             session.video_codec = _receiving_video_codec(session.answer_sdp)
             if session.video_codec is None:
                 raise WhipError(400, "no_video", "the offer sends no video we can receive")
@@ -505,6 +512,56 @@ def _check_display_name(name: str | None) -> str | None:
     if len(name) > MAX_DISPLAY_NAME or _CONTROL_RE.search(name):
         raise WhipError(400, "invalid_name", f"display name: at most {MAX_DISPLAY_NAME} characters, no control codes")
     return name or None
+
+
+def with_codec_hints(sdp: str, max_fps: float | None, max_height: int | None) -> str:
+    """The answer with the receiver's codec limits a standard publisher may follow, in each video codec's fmtp:
+    VP8 (RFC 7741) `max-fr` (frames a second) and `max-fs` (frame size in 16x16 macroblocks); H.264 (RFC 6184)
+    `max-fs` and `max-mbps` (macroblocks a second). aiortc's own description is left as it is: these only describe
+    what we ask to receive. What Chromium does with them is measured in the README (WHIP: what publishers should
+    set)."""
+    hints = _codec_hints(max_fps, max_height)
+    if not hints:
+        return sdp
+    out: list[str] = []
+    section: list[str] = []
+    for line in [*sdp.split("\r\n"), "m=end"]:
+        if line.startswith("m="):  # a media section starts: the one before is complete
+            out += _hint_section(section, hints) if section and section[0].startswith("m=video") else section
+            section = []
+        section.append(line)
+    return "\r\n".join(out)
+
+
+def _codec_hints(max_fps: float | None, max_height: int | None) -> dict[str, dict[str, int]]:
+    """fmtp parameters by lower-case codec name; a 16:9 frame `max_height` tall gives max-fs (720: 80x45 = 3600)."""
+    hints: dict[str, dict[str, int]] = {}
+    max_fs = math.ceil(max_height * 16 / 9 / 16) * math.ceil(max_height / 16) if max_height else None
+    vp8 = {"max-fr": max(1, math.ceil(max_fps))} if max_fps else {}
+    h264 = {}
+    if max_fs:
+        vp8["max-fs"] = h264["max-fs"] = max_fs
+        if max_fps:
+            h264["max-mbps"] = math.ceil(max_fs * max_fps)
+    for name, params in (("vp8", vp8), ("h264", h264)):
+        if params:
+            hints[name] = params
+    return hints
+
+
+def _hint_section(lines: list[str], hints: dict[str, dict[str, int]]) -> list[str]:
+    codecs = {m[1]: m[2].lower() for line in lines if (m := _RTPMAP_RE.match(line))}
+    with_fmtp = {m[1] for line in lines if (m := _FMTP_RE.match(line))}
+    out = []
+    for line in lines:
+        fmtp = _FMTP_RE.match(line)
+        if fmtp and (extra := hints.get(codecs.get(fmtp[1], ""))):
+            line += "".join(f";{k}={v}" for k, v in extra.items() if f"{k}=" not in fmtp[2])
+        out.append(line)
+        rtpmap = _RTPMAP_RE.match(line)
+        if rtpmap and rtpmap[1] not in with_fmtp and (extra := hints.get(rtpmap[2].lower())):
+            out.append(f"a=fmtp:{rtpmap[1]} " + ";".join(f"{k}={v}" for k, v in extra.items()))  # VP8: aiortc has none
+    return out
 
 
 def _receiving_video_codec(answer_sdp: str) -> str | None:

@@ -7,7 +7,7 @@ only waits for its end, then reports `closed` with the session's reason ("delete
 
 from __future__ import annotations
 
-from streamguard.ingest.source import OnFrame, OnState, SourceCounters, StateInfo, StreamState
+from streamguard.ingest.source import DecodeInfo, OnFrame, OnState, SourceCounters, StateInfo, StreamState
 from streamguard.ingest.webrtc import WhipManager, WhipSession
 
 REASON_REMOVED = "stream removed"  # through the streams API, not by the publisher
@@ -39,6 +39,10 @@ class WhipSource:
     @property
     def counters(self) -> SourceCounters:
         return SourceCounters(decoded=self.session.video_frames, sampled=self.session.kept_frames)
+
+    # aiortc decodes every frame it receives (inter frames need the ones before): a publisher saves us decoding only
+    # by sending fewer (the SDP answer's hints, streamguard.client's max_fps).
+    decoding = DecodeInfo(mode="all")
 
     @property
     def leave_reason(self) -> str:
