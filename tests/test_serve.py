@@ -167,8 +167,11 @@ async def test_rtsp_streams_go_live_with_participants_and_scores(tmp_path, gst, 
         assert only and {p["stream_id"] for p in only} == {"slides"}
         streams = {s["id"]: s for s in (await http.get("/v1/streams")).json()}
         assert all(streams[n]["state"] == "live" and streams[n]["participants"] >= 1 for n in mounts), streams
-        for n in mounts:  # the default model does not alert on real faces: each camera is clear or still warming up
+        for n in set(mounts) - {"fake"}:  # no alert on real faces: each real camera is clear or still warming up
             assert streams[n]["verdict"] in ("clear", "pending") and streams[n]["alerts_active"] == 0, streams[n]
+        # The FF++ deepfake reads suspicious within its first scores (its alert needs 3 samples over the raise
+        # threshold: test_alert_on_the_ffpp_fake_and_none_on_its_real follows it that far).
+        assert "fake" not in mounts or streams["fake"]["verdict"] in ("pending", "suspicious", "alert"), streams
         assert (await http.get("/v1/streams/slides")).json()["frames_sampled"] >= 3
         # Keyframes every second: decoded keyframes-only; every 2 s (slides) or 10 s (FF++): non-reference skipping
         async def camera_mode() -> bool:
