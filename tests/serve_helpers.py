@@ -19,6 +19,7 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,9 +32,12 @@ from types import ModuleType
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+BROWSER_DIR = REPO / "tests" / "browser"  # the Playwright driver scripts and their node_modules (npm ci)
+CHROMIUM = os.environ.get("STREAMGUARD_CHROMIUM", "/usr/bin/chromium")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SYSTEM_PYTHON = "/usr/bin/python3"
 DEFAULT_ENGINE = REPO / "engines" / "streamguard-sbi.onnx"
@@ -506,3 +510,13 @@ class RawWebSocket:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def need_browser() -> None:
+    """Skip (with how to get it) unless headless Chromium, node and playwright-core are here."""
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"needs Chromium at {CHROMIUM}: apt-get install -y chromium")
+    if shutil.which("node") is None:
+        pytest.skip("needs node (>= 18) to run the Playwright driver")
+    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        pytest.skip("needs playwright-core: (cd tests/browser && npm ci)")

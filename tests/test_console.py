@@ -34,11 +34,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from serve_helpers import BROWSER_DIR, CHROMIUM, need_browser
 
 REPO = Path(__file__).resolve().parents[1]
-BROWSER_DIR = REPO / "tests" / "browser"
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = os.environ.get("STREAMGUARD_CHROMIUM", "/usr/bin/chromium")
 TOKEN = "console-test-token"
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow, pytest.mark.shared]
@@ -65,14 +64,6 @@ sys.argv[0] = "streamguard"
 app()
 """
 
-
-def _need_browser() -> None:
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"needs Chromium at {CHROMIUM}: apt-get install -y chromium")
-    if shutil.which("node") is None:
-        pytest.skip("needs node (>= 18) to run the Playwright driver")
-    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
-        pytest.skip("needs playwright-core: (cd tests/browser && npm ci)")
 
 
 def free_port() -> int:
@@ -143,7 +134,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def test_console_monitor_my_camera(tmp_path: Path, shared_data: Path) -> None:
-    _need_browser()
+    need_browser()
     video = shared_data / "ffpp_smoke" / "real_519.mp4"
     fake = shared_data / "ffpp_smoke" / "fake_deepfakes_519_515.mp4"
     if not video.is_file():

@@ -15,18 +15,14 @@ changes it fails here and says what changed.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_helpers import LiveServer, fast_settings
+from serve_helpers import BROWSER_DIR, CHROMIUM, LiveServer, fast_settings, need_browser
 
 REPO = Path(__file__).resolve().parents[1]
-BROWSER_DIR = REPO / "tests" / "browser"
-CHROMIUM = os.environ.get("STREAMGUARD_CHROMIUM", "/usr/bin/chromium")
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -38,14 +34,6 @@ def loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
 
-
-def need_browser() -> None:
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"needs Chromium at {CHROMIUM}: apt-get install -y chromium")
-    if shutil.which("node") is None:
-        pytest.skip("needs node (>= 18) to run the Playwright driver")
-    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
-        pytest.skip("needs playwright-core: (cd tests/browser && npm ci)")
 
 
 def measure(tmp_path: Path, cases: list[dict[str, Any]], **whip: Any) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import itertools
 import json
@@ -44,6 +45,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,61 +233,71 @@ async def wait_for(cond: Any, timeout_s: float) -> None:
         await asyncio.sleep(0.1)
 
 
+@contextlib.contextmanager
+def recorded(samples: Samples, metrics: Any) -> Iterator[list[float]]:
+    """Every sample a source delivers goes into `samples` (StreamWorker.put, before the slot's latest-wins), and every
+    sample-to-score latency `metrics` observes into the yielded list, raw for exact percentiles."""
+    from streamguard.worker import StreamWorker
+
+    latencies: list[float] = []
+    original_put, histogram = StreamWorker.put, metrics.sample_to_score
+
+    def put(self: StreamWorker, frame: Any) -> None:
+        samples.add(frame.stream_id, frame.pts_s)
+        original_put(self, frame)
+
+    class Recording:
+        def observe(self, value: float) -> None:
+            latencies.append(value)
+            histogram.observe(value)
+
+    StreamWorker.put = put  # type: ignore[method-assign]
+    metrics.sample_to_score = Recording()
+    try:
+        yield latencies
+    finally:
+        StreamWorker.put = original_put  # type: ignore[method-assign]
+        metrics.sample_to_score = histogram
+
+
 async def run_service(url: str, n: int, seconds: float, warmup: float, model: str | None, fps: float,
                       overrides: dict[str, Any]) -> Row:
     from streamguard.config import ServiceConfig, StreamSpec
     from streamguard.service import Service
-    from streamguard.worker import StreamWorker
 
     samples = Samples({f"s{i:03d}" for i in range(n)})
-    latencies: list[float] = []
-    original_put = StreamWorker.put
-
-    def put(self: StreamWorker, frame: Any) -> None:  # every sample a source delivers, before latest-wins
-        samples.add(frame.stream_id, frame.pts_s)
-        original_put(self, frame)
-
-    StreamWorker.put = put  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as data_dir:
         settings = {**overrides, "sampling": {"fps": fps, **overrides.get("sampling", {})}}  # --set sampling.stagger
         cfg = ServiceConfig(model=model, data_dir=Path(data_dir), log_level="warning", **settings)
         service = Service(cfg)
-        histogram = service.metrics.sample_to_score
+        with recorded(samples, service.metrics) as latencies:
+            try:
+                await service.start()
+                gc.collect()
+                await asyncio.sleep(0.5)
+                base_rss = rss_bytes()
+                # All clients at once (tools/rtsp_server.py lets them join its shared mount together), then all live.
+                for i in range(n):
+                    await service.add_stream(StreamSpec(id=f"s{i:03d}", url=url))
+                await wait_for(lambda: all(s.state == "live" for s in service.streams()), 30)
+                await asyncio.sleep(warmup)
 
-        class Recording:  # the histogram's observations, kept raw for exact percentiles
-            def observe(self, value: float) -> None:
-                latencies.append(value)
-                histogram.observe(value)
+                def dropped() -> float:
+                    return sum(s.value for m in service.metrics.frames_dropped.collect() for s in m.samples
+                               if s.name.endswith("_total"))
 
-        service.metrics.sample_to_score = Recording()  # type: ignore[assignment]
-        try:
-            await service.start()
-            gc.collect()
-            await asyncio.sleep(0.5)
-            base_rss = rss_bytes()
-            # All clients at once (tools/rtsp_server.py lets them join its shared mount together), then all live.
-            for i in range(n):
-                await service.add_stream(StreamSpec(id=f"s{i:03d}", url=url))
-            await wait_for(lambda: all(s.state == "live" for s in service.streams()), 30)
-            await asyncio.sleep(warmup)
-
-            def dropped() -> float:
-                return sum(s.value for m in service.metrics.frames_dropped.collect() for s in m.samples
-                           if s.name.endswith("_total"))
-
-            d0, lat0, faces0 = dropped(), len(latencies), service.batcher.stats.crops
-            t0, cpu0 = time.monotonic(), time.process_time()
-            await asyncio.sleep(seconds)
-            t1, cpu1 = time.monotonic(), time.process_time()
-            d1, window_lat, faces1 = dropped(), latencies[lat0:], service.batcher.stats.crops
-            rss = rss_bytes()
-            modes = Counter(s.decode_mode or "unknown" for s in service.streams())
-            not_live = [(s.id, s.state, s.reason) for s in service.streams() if s.state != "live"]
-            if not_live:
-                log.warning("%d streams not live at the end: %s", len(not_live), not_live[:3])
-        finally:
-            await service.stop()
-            StreamWorker.put = original_put  # type: ignore[method-assign]
+                d0, lat0, faces0 = dropped(), len(latencies), service.batcher.stats.crops
+                t0, cpu0 = time.monotonic(), time.process_time()
+                await asyncio.sleep(seconds)
+                t1, cpu1 = time.monotonic(), time.process_time()
+                d1, window_lat, faces1 = dropped(), latencies[lat0:], service.batcher.stats.crops
+                rss = rss_bytes()
+                modes = Counter(s.decode_mode or "unknown" for s in service.streams())
+                not_live = [(s.id, s.state, s.reason) for s in service.streams() if s.state != "live"]
+                if not_live:
+                    log.warning("%d streams not live at the end: %s", len(not_live), not_live[:3])
+            finally:
+                await service.stop()
     got, missing, lag = samples.window(t0, t1, fps)
 
     def ms(q: float) -> float | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,34 +164,26 @@ def decoded_total(url: str) -> float:
     return float(m[1]) if m else 0.0
 
 
+@contextlib.contextmanager
+def recorded_run(samples: bench_serve.Samples, server: Any) -> Iterator[list[float]]:
+    """The live server started with its samples and latencies recorded (bench_serve.recorded), stopped at the end."""
+    with bench_serve.recorded(samples, server.service.metrics) as latencies:
+        server.start()
+        try:
+            yield latencies
+        finally:
+            server.stop()
+
+
 def run_case(codec: str, height: int, send_fps: int, n: int, args: argparse.Namespace, clip: Path) -> Row:
     from serve_helpers import LiveServer, free_port
 
-    from streamguard.worker import StreamWorker
-
     samples = bench_serve.Samples(set())
-    latencies: list[float] = []
-    original_put = StreamWorker.put
-
-    def put(self: StreamWorker, frame: Any) -> None:  # every sample a source delivers, before latest-wins
-        samples.add(frame.stream_id, frame.pts_s)
-        original_put(self, frame)
-
-    StreamWorker.put = put  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory(prefix="bench-whip-") as data_dir:
         settings = {"host": "127.0.0.1", "port": free_port(), "data_dir": data_dir, "model": args.model,
                     "log_level": "warning", "whip": {"max_sessions": max(64, n)}}
         server = LiveServer(settings)
-        histogram = server.service.metrics.sample_to_score
-
-        class Recording:  # the histogram's observations, kept raw for exact percentiles
-            def observe(self, value: float) -> None:
-                latencies.append(value)
-                histogram.observe(value)
-
-        server.service.metrics.sample_to_score = Recording()
-        server.start()
-        try:
+        with recorded_run(samples, server) as latencies:
             base_rss = bench_serve.rss_bytes()
             max_fps = None if send_fps >= CLIP_FPS else float(send_fps)
             with Publishers(f"{server.url}/v1/whip", clip, n, codec, max_fps) as pubs:
@@ -204,9 +198,6 @@ def run_case(codec: str, height: int, send_fps: int, n: int, args: argparse.Name
                 live = server.call(lambda: sum(s.state == "live" for s in server.service.streams()))
                 if live != n:
                     log.warning("%d of %d WHIP streams live at the end", live, n)
-        finally:
-            server.stop()
-            StreamWorker.put = original_put  # type: ignore[method-assign]
     samples.expected_streams = set(samples.by_stream) | {f"missing-{i}" for i in range(n - len(samples.by_stream))}
     got, missing, _ = samples.window(t0, t1, 1.0)
 
