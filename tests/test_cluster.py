@@ -276,7 +276,12 @@ async def comes_back(cluster: Cluster, client: ResumingClient) -> None:
     cam6 = {"id": "cam-6", "url": cluster.rtsp.url("m6")}
     r = await cluster.http.post(cluster.url("sg-b") + "/v1/streams", json=cam6)
     assert r.status_code == 201 and r.json()["instance"] == "sg-c", r.text  # the least loaded: the one that is back
-    await client.wait_for(state("cam-6", "live"), 30, "cam-6 live on sg-c")
+    try:
+        await client.wait_for(state("cam-6", "live"), 30, "cam-6 live on sg-c")
+    except AssertionError as exc:  # what each side saw, for a failure on a loaded CI machine
+        seen = [(e["seq"], e["type"], e["data"]) for e in client.events if e.get("stream_id") == "cam-6"]
+        listed = [s for s in await cluster.streams("sg-c") if s["id"] == "cam-6"]
+        raise AssertionError(f"{exc}; cam-6 events {seen}; sg-c lists {listed}") from None
     await asyncio.sleep(2 * CLUSTER["heartbeat_s"] + 1)
     after = {s["id"]: s["instance"] for s in await cluster.streams("sg-a")}
     assert after == before | {"cam-6": "sg-c"}, "a running stream moved when sg-c came back"
