@@ -86,6 +86,17 @@ def make_clip(out_dir: Path, seconds: float, size: tuple[int, int], fps: int, ph
     return out
 
 
+def first_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    """The first line a child process prints ("" if none within timeout_s): how the helpers say they are ready."""
+    out = proc.stdout
+    assert out is not None
+    ready: list[str] = []
+    reader = threading.Thread(target=lambda: ready.append(out.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    return ready[0] if ready else ""
+
+
 class RtspServer:
     def __init__(self, video: Path) -> None:
         self.video = video
@@ -95,16 +106,11 @@ class RtspServer:
     def __enter__(self) -> RtspServer:
         self.proc = subprocess.Popen([SYSTEM_PYTHON, str(REPO / "tools" / "rtsp_server.py"), "--port", "0",
                                       f"faces={self.video}"], stdout=subprocess.PIPE, text=True)
-        out = self.proc.stdout
-        assert out is not None
-        ready: list[str] = []
-        reader = threading.Thread(target=lambda: ready.append(out.readline()), daemon=True)
-        reader.start()
-        reader.join(30)
-        if not ready or not ready[0].startswith("READY"):
+        ready = first_line(self.proc, 30)
+        if not ready.startswith("READY"):
             self.__exit__()
             sys.exit(f"the RTSP server did not start ({SYSTEM_PYTHON} needs python3-gi and gst-rtsp-server)")
-        self.url = f"rtsp://127.0.0.1:{ready[0].split()[1]}/faces"
+        self.url = f"rtsp://127.0.0.1:{ready.split()[1]}/faces"
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -32,7 +32,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -86,13 +85,8 @@ class Publishers:
     def __enter__(self) -> Publishers:
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        out = self.proc.stdout
-        assert out is not None
-        ready: list[str] = []
-        reader = threading.Thread(target=lambda: ready.append(out.readline()), daemon=True)
-        reader.start()
-        reader.join(120)
-        if not ready or not ready[0].startswith("READY"):
+        ready = bench_serve.first_line(self.proc, 120)
+        if not ready.startswith("READY"):
             self.__exit__()
             raise RuntimeError(f"the publishers did not connect: {ready}")
         return self

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from nats.js import api
@@ -125,8 +125,12 @@ class ClusterNode:
             await self.views.register(spec, exists_ok=True)
         self._settle_until = time.monotonic() + 2 * s.heartbeat_s
         self._scheduling = True
-        self._loops += [asyncio.create_task(self._heartbeat_loop(), name="cluster-heartbeat"),
-                        asyncio.create_task(self._schedule_loop(), name="cluster-schedule")]
+        self._loops += [
+            asyncio.create_task(self._every_heartbeat(self._heartbeat, self._beat, "heartbeat"),
+                                name="cluster-heartbeat"),
+            asyncio.create_task(self._every_heartbeat(self._schedule, self._wake, "scheduling"),
+                                name="cluster-schedule"),
+        ]
 
     def wake(self) -> None:
         """Schedule now (a stream was registered or removed here)."""
@@ -168,20 +172,21 @@ class ClusterNode:
             self._wake.set()
             self._beat.set()
 
-    # --- heartbeat -----------------------------------------------------------------------------------------------
-
-    async def _heartbeat_loop(self) -> None:
+    async def _every_heartbeat(self, step: Callable[[], Awaitable[None]], wake: asyncio.Event, what: str) -> None:
+        """Run `step` every heartbeat_s, and at once when `wake` is set; a failed step is logged, the loop goes on."""
         while True:
             try:
                 async with asyncio.timeout(self.settings.heartbeat_s):
-                    await self._beat.wait()
+                    await wake.wait()
             except TimeoutError:
                 pass
-            self._beat.clear()
+            wake.clear()
             try:
-                await self._heartbeat()
+                await step()
             except Exception:
-                log.exception("cluster: heartbeat failed")
+                log.exception("cluster: %s failed", what)
+
+    # --- heartbeat -----------------------------------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
         for sid in await self.leases.renew(self.link.connected):
@@ -202,19 +207,6 @@ class ClusterNode:
             log.debug("cluster: state not published: %s", type(exc).__name__)
 
     # --- scheduling ----------------------------------------------------------------------------------------------
-
-    async def _schedule_loop(self) -> None:
-        while True:
-            try:
-                async with asyncio.timeout(self.settings.heartbeat_s):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await self._schedule()
-            except Exception:
-                log.exception("cluster: scheduling failed")
 
     async def _schedule(self) -> None:
         for sid in list(self.leases.held):

@@ -31,11 +31,12 @@ the file does not shrink (that would need a VACUUM, which rewrites the whole fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -204,6 +205,22 @@ class EventStore:
         conn.execute(f"PRAGMA synchronous={synchronous}")
         return conn
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """The writer connection inside BEGIN IMMEDIATE ... COMMIT, under the write lock; rolled back on any error
+        (an I/O error or a cancelled caller leaves nothing half-written)."""
+        with self._wlock:
+            self._check_open()
+            c = self._w
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+
     # -- events -----------------------------------------------------------------------------------------------
 
     def append(self, draft: EventDraft) -> Event:
@@ -238,29 +255,20 @@ class EventStore:
         checked: list[tuple[int, EventType, dict[str, Any], float, EventDraft]],
         results: list[Event | Exception | None],
     ) -> None:
-        with self._wlock:
-            self._check_open()
-            c = self._w
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                for i, etype, data, ts, d in checked:
-                    c.execute("SAVEPOINT item")
-                    try:
-                        seq = self._insert(c, etype, d.stream_id, d.participant_id, data, ts)
-                    except (AlertConflict, sqlite3.IntegrityError) as exc:
-                        c.execute("ROLLBACK TO item")
-                        c.execute("RELEASE item")
-                        results[i] = exc if isinstance(exc, AlertConflict) else AlertConflict(str(exc))
-                        continue
+        with self._transaction() as c:
+            for i, etype, data, ts, d in checked:
+                c.execute("SAVEPOINT item")
+                try:
+                    seq = self._insert(c, etype, d.stream_id, d.participant_id, data, ts)
+                except (AlertConflict, sqlite3.IntegrityError) as exc:
+                    c.execute("ROLLBACK TO item")
                     c.execute("RELEASE item")
-                    results[i] = Event(
-                        seq=seq, ts=ts, type=etype, stream_id=d.stream_id, participant_id=d.participant_id, data=data
-                    )
-                c.execute("COMMIT")
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
+                    results[i] = exc if isinstance(exc, AlertConflict) else AlertConflict(str(exc))
+                    continue
+                c.execute("RELEASE item")
+                results[i] = Event(
+                    seq=seq, ts=ts, type=etype, stream_id=d.stream_id, participant_id=d.participant_id, data=data
+                )
 
     def append_sequenced(self, events: Sequence[Event]) -> list[Event]:
         """Commit events that already have their seq (from a log kept elsewhere: cluster mode's JetStream stream)
@@ -268,52 +276,34 @@ class EventStore:
         that delivers one twice after a reconnect changes nothing. The log has accepted them, so each is written:
         an alert row that conflicts (a second clear of one alert) is left as it is, and the event kept."""
         written: list[Event] = []
-        with self._wlock:
-            self._check_open()
-            c = self._w
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                last = self._last_seq(c)
-                for event in events:
-                    if event.seq <= last:
-                        continue
-                    c.execute("SAVEPOINT item")
-                    try:
-                        self._insert(c, EventType(event.type), event.stream_id, event.participant_id, event.data,
-                                     event.ts, seq=event.seq)
-                    except AlertConflict:  # the row insert or update failed: keep the event without it
-                        c.execute("ROLLBACK TO item")
-                        self._insert_event(c, EventType(event.type), event.stream_id, event.participant_id,
-                                           event.data, event.ts, event.seq)
-                    c.execute("RELEASE item")
-                    written.append(event)
-                    last = event.seq
-                c.execute("COMMIT")
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
+        with self._transaction() as c:
+            last = self._last_seq(c)
+            for event in events:
+                if event.seq <= last:
+                    continue
+                c.execute("SAVEPOINT item")
+                try:
+                    self._insert(c, EventType(event.type), event.stream_id, event.participant_id, event.data,
+                                 event.ts, seq=event.seq)
+                except AlertConflict:  # the row insert or update failed: keep the event without it
+                    c.execute("ROLLBACK TO item")
+                    self._insert_event(c, EventType(event.type), event.stream_id, event.participant_id,
+                                       event.data, event.ts, event.seq)
+                c.execute("RELEASE item")
+                written.append(event)
+                last = event.seq
         return written
 
     def truncate_after(self, seq: int) -> int:
         """Delete every event after `seq`, with the alerts they raised and the clearings they recorded, so later
         events take those seqs: the log kept elsewhere lost them (cluster mode: a single NATS server that crashed
         loses its last writes). Returns the number of events deleted."""
-        with self._wlock:
-            self._check_open()
-            c = self._w
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                n = c.execute("DELETE FROM events WHERE seq > ?", (seq,)).rowcount
-                c.execute("DELETE FROM alerts WHERE raised_seq > ?", (seq,))
-                c.execute("UPDATE alerts SET cleared_seq = NULL, cleared_ts = NULL, clear_reason = NULL"
-                          " WHERE cleared_seq > ?", (seq,))
-                c.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'events' AND seq > ?", (seq, seq))
-                c.execute("COMMIT")
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
+        with self._transaction() as c:
+            n = c.execute("DELETE FROM events WHERE seq > ?", (seq,)).rowcount
+            c.execute("DELETE FROM alerts WHERE raised_seq > ?", (seq,))
+            c.execute("UPDATE alerts SET cleared_seq = NULL, cleared_ts = NULL, clear_reason = NULL"
+                      " WHERE cleared_seq > ?", (seq,))
+            c.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'events' AND seq > ?", (seq, seq))
         return n
 
     @staticmethod
@@ -471,32 +461,23 @@ class EventStore:
             raise ValueError("limit must be >= 1")
         if keep_last is not None and keep_last < 0:
             raise ValueError("keep_last must be >= 0")
-        with self._wlock:
-            self._check_open()
-            c = self._w
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                # By seq, not by count(*): O(1), and seqs have no holes.
-                cap = max(self._last_seq(c) - keep_last if keep_last is not None else 0, through_seq)
-                oldest = c.execute("SELECT seq, ts FROM events ORDER BY seq LIMIT ?", (limit,)).fetchall()
-                through, n = 0, 0
-                for seq, ts in oldest:
-                    if seq > cap and (before_ts is None or ts >= before_ts):
-                        break
-                    through, n = seq, n + 1
-                if n:
-                    c.execute("DELETE FROM events WHERE seq <= ?", (through,))
-                    # cleared_seq > raised_seq, so the raised_seq bound lets SQLite use its index.
-                    gone = "SELECT alert_id FROM alerts WHERE raised_seq < ? AND cleared_seq <= ?"
-                    c.execute(f"DELETE FROM evidence WHERE alert_id IN ({gone})", (through, through))
-                    c.execute("DELETE FROM alerts WHERE raised_seq < ? AND cleared_seq <= ?", (through, through))
-                c.execute("DELETE FROM evidence WHERE stored_ts < ? AND alert_id NOT IN (SELECT alert_id FROM alerts)",
-                          (time.time() - ORPHAN_EVIDENCE_S,))
-                c.execute("COMMIT")
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
+        with self._transaction() as c:
+            # By seq, not by count(*): O(1), and seqs have no holes.
+            cap = max(self._last_seq(c) - keep_last if keep_last is not None else 0, through_seq)
+            oldest = c.execute("SELECT seq, ts FROM events ORDER BY seq LIMIT ?", (limit,)).fetchall()
+            through, n = 0, 0
+            for seq, ts in oldest:
+                if seq > cap and (before_ts is None or ts >= before_ts):
+                    break
+                through, n = seq, n + 1
+            if n:
+                c.execute("DELETE FROM events WHERE seq <= ?", (through,))
+                # cleared_seq > raised_seq, so the raised_seq bound lets SQLite use its index.
+                gone = "SELECT alert_id FROM alerts WHERE raised_seq < ? AND cleared_seq <= ?"
+                c.execute(f"DELETE FROM evidence WHERE alert_id IN ({gone})", (through, through))
+                c.execute("DELETE FROM alerts WHERE raised_seq < ? AND cleared_seq <= ?", (through, through))
+            c.execute("DELETE FROM evidence WHERE stored_ts < ? AND alert_id NOT IN (SELECT alert_id FROM alerts)",
+                      (time.time() - ORPHAN_EVIDENCE_S,))
         return n
 
     # -- alerts and evidence ----------------------------------------------------------------------------------
