@@ -70,8 +70,9 @@ class StreamInfo(BaseModel):
     receiving: bool = Field(description="live and a frame came within scoring.stale_after_s: false reads 'no "
                                         "frames', which is not 'no face'")
     decode_mode: str | None = Field(None, description="what is decoded: keyframes (a pull stream whose keyframes "
-                                    "come at least every sources.keyframe_max_gop_s), nonref (non-reference frames "
-                                    "skipped), all (every frame: WHIP, or skipping off); null until it is known")
+                                    "come at least every sources.keyframe_max_gop_s; a WHIP publisher that sends "
+                                    "the keyframes asked for each sample), nonref (non-reference frames skipped), "
+                                    "all (every frame); null until it is known")
     keyframe_interval_s: float | None = Field(None, description="the keyframe interval last measured on a pull "
                                               "stream, seconds: keyframes-only streams are sampled at "
                                               "min(sampling.fps, 1/keyframe_interval_s)")
@@ -220,6 +221,7 @@ class Service:
             no_frame_timeout_s=cfg.whip.no_frame_timeout_s, phase_of=self.sampling_phase,
             ice_servers=rtc_ice_servers(cfg.whip.ice_servers), ice_transport_policy=cfg.whip.ice_transport_policy,
             sender_max_fps=cfg.whip.sender_max_fps, sender_max_height=cfg.whip.sender_max_height,
+            keyframes_only=cfg.whip.keyframes_only,
         )
         self.metrics.watch(self._snapshot)
         self.guard = SourceGuard(cfg.sources.policy)

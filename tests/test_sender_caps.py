@@ -6,7 +6,11 @@ tests/browser/sender_caps.mjs. Three ways to ask a browser for fewer frames are 
 
 - the SDP answer's codec hints alone (whip.sender_max_fps / sender_max_height: VP8 max-fr/max-fs, H.264
   max-mbps/max-fs), against a server that gives none;
-- RTCRtpSender.setParameters (maxFramerate 5, scaleResolutionDownBy for a 1080p camera), as the console does.
+- RTCRtpSender.setParameters (maxFramerate 5, scaleResolutionDownBy for a 1080p camera), as the console does;
+- keyframes on request (whip.keyframes_only, the default): whatever Chromium sends, it answers the server's PLIs
+  with keyframes and the server decodes one frame a second.
+
+The first test turns keyframes_only off, so that what the server decodes is what the browser sent.
 
 The assertions pin what Chromium does today (README, WHIP: what publishers should set); a Chromium update that
 changes it fails here and says what changed.
@@ -59,10 +63,23 @@ def test_chromium_follows_set_parameters_and_not_the_answers_codec_hints(tmp_pat
     cases = [{"codec": codec, "height": 720, "cap": cap} for codec in ("VP8", "H264") for cap in (False, True)]
     # Held resolution (see sender_caps.mjs) from a 1080p camera: does max-fs (720p) or scaleResolutionDownBy cap it?
     cases += [{"codec": "VP8", "height": 1080, "cap": cap, "keepResolution": True} for cap in (False, True)]
-    vp8, vp8_capped, h264, h264_capped, full_hd, full_hd_capped = measure(tmp_path, cases)
+    vp8, vp8_capped, h264, h264_capped, full_hd, full_hd_capped = measure(tmp_path, cases, keyframes_only=False)
     for hinted in (vp8, h264):  # the answer asks for 5 fps (VP8 max-fr, H.264 max-mbps = 5 x max-fs): ignored
         assert hinted["answerHints"] and hinted["sentFps"] > 20 and hinted["serverFps"] > 20, hinted
     for capped in (vp8_capped, h264_capped):  # maxFramerate 5 by setParameters: followed, and decoded as sent
         assert capped["setParameters"] == "ok" and capped["sentFps"] < 6.5 and capped["serverFps"] < 6.5, capped
     assert full_hd["sentSize"] == "1920x1080", full_hd  # max-fs = 3600 macroblocks (1280x720): ignored
     assert full_hd_capped["sentSize"] == "1280x720", full_hd_capped  # scaleResolutionDownBy 1.5: followed
+    for r in (vp8, vp8_capped, h264, h264_capped):
+        assert r["serverMode"] == "all", r
+
+
+def test_chromium_answers_keyframe_requests_and_the_server_decodes_one_frame_a_second(tmp_path, loopback_ice):
+    """The default: the server asks for a keyframe when a sample is due (RTCP PLI) and decodes keyframes only."""
+    need_browser()
+    cases = [{"codec": codec, "height": 720, "cap": cap} for codec in ("VP8", "H264") for cap in (False, True)]
+    for r in measure(tmp_path, cases):
+        assert r["serverMode"] == "keyframes", r
+        assert r["sentFps"] > (20 if not r["cap"] else 3.5), r  # Chromium sends as before...
+        assert 0.6 <= r["pliPerS"] <= 1.6 and 0.6 <= r["keyFps"] <= 1.8, r  # ...a keyframe per PLI, one a second
+        assert 0.6 <= r["serverFps"] <= 1.8, r  # ...and the server decodes those only (sampling.fps = 1)

@@ -7,13 +7,18 @@ CPU not counted: it is the meeting bot's). For each codec x size x send rate, af
 
 - server CPU per participant: this process's CPU time / wall time / N, as a fraction of one core (process CPU time
   is what the server spent, whatever else runs on the machine; wall-clock figures are not);
-- frames the server decoded per participant per second (streamguard_frames_decoded_total{kind="webrtc"}): aiortc
-  decodes every frame it receives, so this is what the send rate buys;
+- frames the server decoded per participant per second (streamguard_frames_decoded_total{kind="webrtc"}) and the
+  sessions' decode mode: with whip.keyframes_only (the default) the server decodes only the keyframes it asks for
+  when a sample is due; without it aiortc decodes every frame received, so the send rate is what it costs;
+- what arrives per participant (kbit/s, the peer connections' transport bytes): asked-for keyframes cost bytes;
+- time from a session's start to its first sample (median over participants): what a first alert waits for
+  besides the scoring window;
 - sample-to-score latency p50/p95 (the streamguard_sample_to_score_seconds observations, raw);
 - dropped samples: streamguard_frames_dropped_total plus holes in each stream's 1 FPS sample grid (bench_serve);
 - the publishers' CPU per participant (the child's CPU time), for what the bot saves by sending fewer frames.
 
     python tools/bench_whip.py --participants 4 --codecs VP8,H264 --sizes 480,720 --rates 30,5 --seconds 15
+    python tools/bench_whip.py --before whip.keyframes_only=false ...   # every case before/after, in one run
 
 --rates: frames a second the publishers send; the clip's own rate (30) means every frame (`max_fps=None`), 5 is the
 client's default (`DEFAULT_MAX_FPS`). ICE runs on the machine's own address (aioice gathers no loopback candidate).
@@ -29,6 +34,7 @@ import json
 import logging
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,6 +134,10 @@ class Row:
     expected: int
     publisher_cpu_per_participant: float
     rss_per_participant_mb: float
+    kbps_in: float  # per participant
+    first_sample_s: float | None  # median over participants, from session start
+    modes: str  # the sessions' decode modes at the end
+    label: str = ""  # "before" (--before overrides) or "after"; empty without --before
     load: tuple[float, float, float] = field(default_factory=os.getloadavg)
 
     @property
@@ -169,25 +179,50 @@ def recorded_run(samples: bench_serve.Samples, server: Any) -> Iterator[list[flo
             server.stop()
 
 
-def run_case(codec: str, height: int, send_fps: int, n: int, args: argparse.Namespace, clip: Path) -> Row:
-    from serve_helpers import LiveServer, free_port
+async def bytes_received(server: Any) -> float:
+    """Transport bytes received by every live WHIP session's peer connection (aiortc's getStats)."""
+    total = 0.0
+    for session in server.service.whip.sessions.values():
+        report = await session.pc.getStats()
+        total += sum(getattr(s, "bytesReceived", 0) for s in report.values() if s.type == "transport")
+    return total
+
+
+def session_starts(server: Any) -> dict[str, float]:
+    """stream id -> session start, on this process's monotonic clock."""
+    offset = time.time() - time.monotonic()
+    return {s.stream_id: s.created_at - offset for s in server.service.whip.sessions.values()}
+
+
+def first_sample_s(samples: bench_serve.Samples, starts: dict[str, float]) -> float | None:
+    waits = [samples.by_stream[sid][0][1] - t for sid, t in starts.items() if samples.by_stream.get(sid)]
+    return round(statistics.median(waits), 2) if waits else None
+
+
+def run_case(codec: str, height: int, send_fps: int, n: int, args: argparse.Namespace, clip: Path,
+             overrides: dict[str, Any]) -> Row:
+    from serve_helpers import LiveServer, deep_merge, free_port
 
     samples = bench_serve.Samples(set())
     with tempfile.TemporaryDirectory(prefix="bench-whip-") as data_dir:
         settings = {"host": "127.0.0.1", "port": free_port(), "data_dir": data_dir, "model": args.model,
                     "log_level": "warning", "whip": {"max_sessions": max(64, n)}}
-        server = LiveServer(settings)
+        server = LiveServer(deep_merge(settings, overrides))
         with recorded_run(samples, server) as latencies:
             base_rss = bench_serve.rss_bytes()
             max_fps = None if send_fps >= CLIP_FPS else float(send_fps)
             with Publishers(f"{server.url}/v1/whip", clip, n, codec, max_fps) as pubs:
+                starts = server.call(lambda: session_starts(server))
                 time.sleep(args.warmup)
+                b0 = server.call(lambda: bytes_received(server))
                 d0, lat0, pub0 = decoded_total(server.url), len(latencies), pubs.cpu_s()
                 drop0 = dropped(server)
                 t0, cpu0 = time.monotonic(), time.process_time()
                 time.sleep(args.seconds)
                 t1, cpu1 = time.monotonic(), time.process_time()
                 d1, window, pub1, drop1 = decoded_total(server.url), latencies[lat0:], pubs.cpu_s(), dropped(server)
+                b1 = server.call(lambda: bytes_received(server))
+                modes = server.call(lambda: sorted({s.decode_mode for s in server.service.whip.sessions.values()}))
                 rss = bench_serve.rss_bytes()
                 live = server.call(lambda: sum(s.state == "live" for s in server.service.streams()))
                 if live != n:
@@ -204,7 +239,9 @@ def run_case(codec: str, height: int, send_fps: int, n: int, args: argparse.Name
                cpu_per_participant=round((cpu1 - cpu0) / wall / n, 4), decoded_fps=round((d1 - d0) / wall / n, 1),
                p50_ms=ms(0.5), p95_ms=ms(0.95), dropped=int(drop1 - drop0), missing=missing, samples=got,
                expected=int(round(wall * n)), publisher_cpu_per_participant=round((pub1 - pub0) / wall / n, 3),
-               rss_per_participant_mb=round((rss - base_rss) / n / 2**20, 1))
+               rss_per_participant_mb=round((rss - base_rss) / n / 2**20, 1),
+               kbps_in=round(8 * (b1 - b0) / wall / n / 1000, 0), first_sample_s=first_sample_s(samples, starts),
+               modes="/".join(modes))
 
 
 def dropped(server: Any) -> float:
@@ -212,16 +249,19 @@ def dropped(server: Any) -> float:
                if s.name.endswith("_total"))
 
 
-HEADER = ("| codec | size | sent fps | participants | server CPU/participant (cores) | decoded fps/participant "
-          "| p50 ms | p95 ms | dropped | sampler gaps | samples/expected | publisher CPU/participant | load avg |")
+HEADER = ("| run | codec | size | sent fps | participants | server CPU/participant (cores) | decode mode "
+          "| decoded fps/participant | kbit/s in/participant | first sample s | p50 ms | p95 ms | dropped "
+          "| sampler gaps | samples/expected | publisher CPU/participant | load avg |")
 
 
 def row_line(r: Row) -> str:
     def f(v: float | None) -> str:
         return "-" if v is None else f"{v:.0f}"
 
-    return (f"| {r.codec} | {r.height}p | {r.send_fps} | {r.participants} | {r.cpu_per_participant:.3f} "
-            f"| {r.decoded_fps:.1f} | {f(r.p50_ms)} | {f(r.p95_ms)} | {r.dropped} | {r.missing} "
+    first = "-" if r.first_sample_s is None else f"{r.first_sample_s:.2f}"
+    return (f"| {r.label} | {r.codec} | {r.height}p | {r.send_fps} | {r.participants} | {r.cpu_per_participant:.3f} "
+            f"| {r.modes} | {r.decoded_fps:.1f} | {r.kbps_in:.0f} | {first} | {f(r.p50_ms)} | {f(r.p95_ms)} "
+            f"| {r.dropped} | {r.missing} "
             f"| {r.samples}/{r.expected} | {r.publisher_cpu_per_participant:.3f} | {r.load[0]:.1f} |")
 
 
@@ -242,8 +282,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="model name or path (default: the service's default model)")
     ap.add_argument("--photos", type=Path, default=SHARED / "real_faces")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "streamguard-bench")
+    ap.add_argument("--before", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="also run each case with these overrides first, rows labelled before/after, e.g. --before "
+                         "whip.keyframes_only=false (every frame decoded, as before keyframes on request)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args(argv)
+    variants = [("before", bench_serve.parse_overrides(args.before)), ("after", {})] if args.before else [("", {})]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("GLOG_minloglevel", "2")
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -260,8 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     print(HEADER)
     print("|" + "---|" * (HEADER.count("|") - 1))
     rows = []
-    for n, codec, height, rate in itertools.product(counts, codecs, sizes, rates):
-        row = run_case(codec, height, rate, n, args, clips[height])
+    for n, codec, height, rate, (label, overrides) in itertools.product(counts, codecs, sizes, rates, variants):
+        row = run_case(codec, height, rate, n, args, clips[height], overrides)
+        row.label = label
         rows.append(row)
         print(row_line(row), flush=True)
     if args.json:

@@ -90,6 +90,11 @@ class WhipSettings(ConfigSection):
         "size of a 16:9 picture this tall, in macroblocks; null: no hint",
     )
 
+    keyframes_only: bool = Field(
+        True, description="decode only keyframes, asked of the publisher (RTCP PLI) when a sample is due: one "
+        "decode a second instead of every frame sent; a publisher that sends none within 3 s is decoded in full",
+    )
+
     @field_validator("ice_transport_policy")
     @classmethod
     def _relay_needs_turn(cls, policy: str, info: ValidationInfo) -> str:

@@ -80,6 +80,11 @@ class TimestampSampler:
         self.restarts = 0
 
     @property
+    def next_tick_s(self) -> float | None:
+        """The time from which the next frame is kept (None: the next frame is kept, as a first frame)."""
+        return self._next_tick
+
+    @property
     def last_pts_s(self) -> float | None:
         """The time (given or estimated) of the last frame passed to `keep`."""
         return self._last_pts

@@ -54,8 +54,8 @@ class SourceCounters:
 
 @dataclass(frozen=True, slots=True)
 class DecodeInfo:
-    """What a source decodes of its video: `mode` is keyframes (a short-GOP pull stream), nonref (non-reference
-    frames skipped), all (every frame: WHIP, whose decoder aiortc runs on every frame received), or None before it
+    """What a source decodes of its video: `mode` is keyframes (a short-GOP pull stream; a WHIP publisher that
+    sends the keyframes asked for), nonref (non-reference frames skipped), all (every frame), or None before it
     knows; `gop_s` the keyframe interval last measured (pull streams)."""
 
     mode: str | None

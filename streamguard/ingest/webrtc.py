@@ -66,6 +66,8 @@ from aiortc.rtcconfiguration import RTCIceTransportPolicy
 from aiortc.sdp import SessionDescription
 
 from streamguard.config import IceServerSettings
+from streamguard.ingest import keyframe_gate
+from streamguard.ingest.keyframe_gate import DecodeMode, KeyframeGate
 from streamguard.ingest.sampler import TimestampSampler
 from streamguard.types import SampledFrame
 
@@ -129,13 +131,31 @@ class WhipSession:
     audio_frames: int = 0
     other_frames: int = 0  # extra video tracks beyond the first: drained, not sampled
     kept_frames: int = 0
-    last_frame_at: float | None = None  # monotonic, last video frame
+    last_frame_at: float | None = None  # monotonic, last video frame decoded
     end_reason: str | None = None
     _started_at: float = field(default_factory=time.monotonic, repr=False)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
     _video_track: MediaStreamTrack | None = field(default=None, repr=False)
     _done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _on_frame: Callable[[SampledFrame], None] | None = field(default=None, repr=False)
+    _gate: KeyframeGate | None = field(default=None, repr=False)
+
+    @property
+    def decode_mode(self) -> DecodeMode:
+        """keyframes: only the keyframes asked for each sample are decoded (`keyframe_gate`); all: every frame."""
+        return self._gate.mode if self._gate is not None else "all"
+
+    @property
+    def last_received_at(self) -> float | None:
+        """Monotonic time of the last video frame received, decoded or skipped by the keyframe gate."""
+        if self._gate is None or self._gate.last_received is None:
+            return self.last_frame_at
+        return max(self._gate.last_received, self.last_frame_at or 0.0)
+
+    @property
+    def skipped_frames(self) -> int:
+        """Video frames received and dropped undecoded."""
+        return self._gate.skipped if self._gate is not None else 0
 
     @property
     def ended(self) -> bool:
@@ -177,6 +197,7 @@ class WhipManager:
         phase_of: Callable[[str], float] | None = None,
         sender_max_fps: float | None = None,
         sender_max_height: int | None = None,
+        keyframes_only: bool = False,
     ) -> None:
         if max_sessions < 1 or max_sdp_bytes < 1 or no_frame_timeout_s <= 0:
             raise ValueError("max_sessions, max_sdp_bytes and no_frame_timeout_s must be positive")
@@ -190,6 +211,7 @@ class WhipManager:
         self._ice_policy = RTCIceTransportPolicy(ice_transport_policy)
         self.sender_max_fps = sender_max_fps  # codec hints in the answer (with_codec_hints)
         self.sender_max_height = sender_max_height
+        self.keyframes_only = keyframes_only  # decode only the keyframes asked for each sample (keyframe_gate)
         self._sessions: dict[str, WhipSession] = {}
         self._pending = 0  # offers being negotiated: they count against max_sessions
         self._finishing: set[asyncio.Task[None]] = set()
@@ -293,7 +315,7 @@ class WhipManager:
             pc=pc,
         )
         # Both handlers must exist before setRemoteDescription, which emits "track".
-        pc.on("track", lambda track: self._spawn(session, self._drain(session, track)))
+        pc.on("track", lambda track: self._on_track(session, track))
         pc.on("connectionstatechange", lambda: self._on_connection_state(session))
         try:
             try:
@@ -330,15 +352,23 @@ class WhipManager:
         session._tasks.add(task)
         task.add_done_callback(session._tasks.discard)
 
-    async def _drain(self, session: WhipSession, track: MediaStreamTrack) -> None:
-        """Read every frame of a track until it ends; sample the first video track."""
+    def _on_track(self, session: WhipSession, track: MediaStreamTrack) -> None:
+        """A track of the offer (aiortc's "track" event, before the connection starts): the first video track is
+        sampled, behind a keyframe gate when asked; every track is drained."""
+        sampler = None
         if track.kind == "video" and session._video_track is None:
             session._video_track = track
             # no frame_duration_s: a live track without pts uses wall time
             phase = self._phase_of(session.stream_id) if self._phase_of else 0.0
-            sampler = TimestampSampler(self.fps, phase=phase)
-        else:
-            sampler = None
+            sampler = video_sampler = TimestampSampler(self.fps, phase=phase)
+            receiver = next((t.receiver for t in session.pc.getTransceivers() if t.receiver.track is track), None)
+            if self.keyframes_only and receiver is not None:
+                session._gate = keyframe_gate.install(receiver, lambda: video_sampler.next_tick_s,
+                                                      lambda coro: self._spawn(session, coro))
+        self._spawn(session, self._drain(session, track, sampler))
+
+    async def _drain(self, session: WhipSession, track: MediaStreamTrack, sampler: TimestampSampler | None) -> None:
+        """Read every frame of a track until it ends; sample the first video track (`sampler` given)."""
         try:
             while True:
                 frame = await track.recv()
@@ -371,7 +401,7 @@ class WhipManager:
         timeout = self.no_frame_timeout_s
         while not session.ended:
             await asyncio.sleep(min(1.0, timeout / 4))
-            last = session.last_frame_at or session._started_at
+            last = session.last_received_at or session._started_at
             if time.monotonic() - last > timeout:
                 self._end(session, f"no frames for {timeout:g} s")
                 return

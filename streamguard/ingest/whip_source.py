@@ -40,9 +40,11 @@ class WhipSource:
     def counters(self) -> SourceCounters:
         return SourceCounters(decoded=self.session.video_frames, sampled=self.session.kept_frames)
 
-    # aiortc decodes every frame it receives (inter frames need the ones before): a publisher saves us decoding only
-    # by sending fewer (the SDP answer's hints, streamguard.client's max_fps).
-    decoding = DecodeInfo(mode="all")
+    @property
+    def decoding(self) -> DecodeInfo:
+        # keyframes: the gate passes the keyframes asked for each sample; all: aiortc decodes every frame received
+        # (a publisher that ignores keyframe requests, or whip.keyframes_only off).
+        return DecodeInfo(mode=self.session.decode_mode)
 
     @property
     def leave_reason(self) -> str:

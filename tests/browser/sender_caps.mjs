@@ -8,8 +8,10 @@
 // RTCRtpSender.setParameters, exactly as the console's "monitor my camera" does (capFps, capHeight); with
 // "keepResolution": true, degradationPreference "maintain-resolution" (see below). After a warm-up
 // it measures, over --seconds, what the browser sent (outbound-rtp framesSent, frameWidth/Height) and what the
-// server decoded (streamguard_frames_decoded_total{kind="webrtc"} from /metrics: only this session publishes), then
-// DELETEs the session. Prints one JSON line: {"ok": true, "results": [...]}.
+// server decoded (streamguard_frames_decoded_total{kind="webrtc"} from /metrics: only this session publishes), the
+// keyframes it sent and the PLIs it was sent (outbound-rtp keyFramesEncoded, pliCount), its bitrate, and the
+// server's decode_mode for the stream (/v1/streams), then DELETEs the session.
+// Prints one JSON line: {"ok": true, "results": [...]}.
 import { chromium } from "playwright-core";
 
 function arg(name, fallback) {
@@ -80,6 +82,8 @@ try {
       const s0 = await sent(), d0 = await decoded(), t0 = performance.now();
       await sleep(seconds * 1000);
       const s1 = await sent(), d1 = await decoded(), dt = (performance.now() - t0) / 1000;
+      const streams = await (await fetch("/v1/streams")).json();
+      const serverMode = streams.find((s) => s.kind === "webrtc")?.decode_mode ?? null;
       const fmtp = answer.split("\r\n").filter((l) => l.startsWith("a=fmtp:") && /max-/.test(l));
       pc.close();
       track.stop();
@@ -89,7 +93,9 @@ try {
         ...c, connection: "connected", setParameters, answerHints: fmtp,
         sentFps: (s1.framesSent - s0.framesSent) / dt, encoderFps: s1.framesPerSecond ?? null,
         sentSize: `${s1.frameWidth}x${s1.frameHeight}`, limitation: s1.qualityLimitationReason ?? null,
-        encoder: s1.encoderImplementation ?? null, serverFps: (d1 - d0) / dt,
+        encoder: s1.encoderImplementation ?? null, serverFps: (d1 - d0) / dt, serverMode,
+        keyFps: (s1.keyFramesEncoded - s0.keyFramesEncoded) / dt, pliPerS: (s1.pliCount - s0.pliCount) / dt,
+        sentKbps: (8 * (s1.bytesSent - s0.bytesSent)) / dt / 1000,
       };
     }, { c, seconds, warmup });
     out.results.push(r);
