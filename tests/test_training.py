@@ -18,6 +18,7 @@ from streamguard.training.data import (  # noqa: E402
     SBI,
     XRAY,
     CropConfig,
+    ExtractConfig,
     FaceDataset,
     FaceExtractor,
     FaceSet,
@@ -91,6 +92,22 @@ class TestSelfBlend:
         out = self_blend(face_crops.crops[0], None, np.random.default_rng(0), "source")
         assert (out.mask > 0).any()
         assert ellipse_landmarks(256).shape == (36, 2)
+
+    def test_mask_variants_full_face_no_forehead_and_lower_face(self, face_crops: FaceSet):
+        from streamguard.training.sbi import NOSE_TIP, hull_mask
+
+        lm = face_crops.landmarks[0]
+        if not np.isfinite(lm).all():
+            pytest.skip("synthetic faces carry no landmarks")
+        tops = []
+        for seed in range(60):
+            m = hull_mask(lm, face_crops.crops[0].shape[:2], np.random.default_rng(seed))
+            tops.append(int(np.flatnonzero(m.any(axis=1))[0]))
+        nose_y, face_top = float(lm[NOSE_TIP, 1]), float(lm[:, 1].min())
+        lower = [t for t in tops if t >= nose_y - 1]
+        full = [t for t in tops if t <= face_top + 1]
+        assert 0.05 < len(lower) / len(tops) < 0.3  # p = 0.15: only the mouth and jaw
+        assert len(full) / len(tops) > 0.45  # p = 0.6: the whole face; the rest is cut at the eyebrows
 
     def test_rejects_non_uint8(self):
         with pytest.raises(ValueError):
@@ -172,6 +189,16 @@ class TestAugment:
         with pytest.raises(ValueError):
             aug.video_codec(img, "mjpeg", 10)
 
+    def test_dim_light_darkens_and_adds_sensor_noise(self, face_crops: FaceSet):
+        img = face_crops.crops[2]
+        out = aug.dim_light(img, np.random.default_rng(1))
+        assert out.shape == img.shape and out.dtype == np.uint8
+        assert out.mean() < 0.65 * img.mean()
+        # Noise: flat areas of the original are no longer flat (the residual after a blur grows).
+        resid = lambda x: np.abs(x.astype(float) - cv2.GaussianBlur(x, (5, 5), 0)).mean()  # noqa: E731
+        scale = out.mean() / img.mean()
+        assert resid(out) > resid(img) * scale
+
     def test_beauty_filter_smooths_sharpening_sharpens_and_the_call_preset_runs(self, face_crops: FaceSet):
         img = face_crops.crops[1]
         out = aug.beauty_filter(img, np.random.default_rng(0))
@@ -197,6 +224,74 @@ class TestCropCut:
         assert mask is not None and mask.shape == (110, 110)
         shifted, _ = cut_crop(img, None, 1.4, 110, 1.1, shift=(0.1, 0.0))
         assert shifted[55, 100].sum() == 0 and shifted[55, 2].sum() > 0  # moved right: the band is on the right
+
+
+UTKFACE = SHARED / "utkface"
+
+
+class TestReflectPadding:
+    """Tight photos (UTKFace: the face fills ~0.9 of the image) are padded before detection. Black padding framed
+    nearly every training face in black, which no call or test crop shows; mirrored picture does not, and a blend
+    must not leave a seam between the picture and its mirror."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def tight_faces(cls) -> FaceSet:
+        files = sorted(UTKFACE.glob("*.jpg"))[:6] if UTKFACE.is_dir() else []
+        if not files:
+            pytest.skip(f"needs tight face photos at {UTKFACE}")
+        extractor = FaceExtractor(None, ExtractConfig(pad_mode="reflect"))
+        try:
+            faces = extractor.extract_all([MediaItem(f, 0, f.name) for f in files], progress=False)
+        finally:
+            extractor.close()
+        assert len(faces) >= 4 and faces.pad_mode == "reflect"
+        return faces
+
+    def test_tight_photos_are_padded_with_picture_not_black(self, tight_faces: FaceSet):
+        black = []
+        for i in range(len(tight_faces)):
+            crop = np.asarray(tight_faces.crops[i])
+            outside = ~tight_faces.valid_mask(i)
+            assert outside.mean() > 0.3  # the cached crop (margin 1.4) reaches far past the photo...
+            black.append((crop[outside].max(axis=1) < 8).mean())  # ...and what lies past it is picture
+            assert tight_faces.identities[i] == Path(tight_faces.sources[i].split("@")[0]).name  # one face a photo
+        # Black is left only where the crop reaches past the padding too (its corners); black padding: ~100 %.
+        assert max(black) < 0.3 and np.mean(black) < 0.15, black
+
+    @pytest.mark.parametrize("kind", [SBI, XRAY])
+    def test_a_blend_is_mirrored_into_the_padding_like_its_real(self, tight_faces: FaceSet, kind: int):
+        ds = FaceDataset(tight_faces, 160, (0.5,) * 3, (0.5,) * 3, train=False, crop=CropConfig(tight_faces.margin),
+                         donors=range(len(tight_faces)))
+        for seed in range(8):
+            real, _, _ = ds.sample((0, REAL, seed))
+            fake, _, mask = ds.sample((0, kind, seed))
+            assert mask is not None and mask.max() > 0
+            # Every pixel of the padding mirrors the picture, in the fake as in the real: no seam at the photo's edge.
+            img, _ = ds._blend(0, kind, seed)
+            redone = tight_faces.repad(0, img)
+            x0, y0, x1, y1 = tight_faces.valid[0]
+            picture = np.ascontiguousarray(redone[y0:y1, x0:x1])
+            side = redone.shape[0]
+            mirrored = cv2.copyMakeBorder(picture, y0, side - y1, x0, side - x1, cv2.BORDER_REFLECT_101)
+            assert np.array_equal(redone, mirrored)
+            # The real's padding made again is the extraction's own, up to resampling (it mirrored the photo before
+            # the crop was resized), where the crop reached only into the padding and not past it (black).
+            crop = np.asarray(tight_faces.crops[0])
+            again = tight_faces.repad(0, crop)
+            padded = ~tight_faces.valid_mask(0) & (crop.max(axis=2) > 8)
+            assert np.abs(again[padded].astype(int) - crop[padded].astype(int)).mean() < 12
+            assert real.shape == fake.shape == (160, 160, 3)
+
+    def test_black_padding_and_video_frames_are_left_alone_and_bad_modes_refused(self, face_crops: FaceSet):
+        from dataclasses import replace
+
+        img = np.asarray(face_crops.crops[0])
+        assert replace(face_crops, pad_mode="black").repad(0, img) is img
+        video = replace(face_crops, pad_mode="reflect", groups=["video"] * len(face_crops))
+        assert video.repad(0, img) is img  # beyond a frame's edge is black, as the service's crops are
+        with pytest.raises(ValueError, match="pad_mode"):
+            ExtractConfig(pad_mode="mirror")
 
 
 class TestSplitAndSampler:

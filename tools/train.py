@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--fps", type=float, default=10.0, help="video frames per second sampled for training")
     d.add_argument("--max-frames", type=int, default=300, help="sampled frames per video at most")
     d.add_argument("--val-fraction", type=float, default=0.1, help="share of --real identities held out")
+    d.add_argument("--pad-mode", choices=("reflect", "black"), default="reflect",
+                   help="how still images are padded before detection (the padding shows in tight photos' crops)")
     t = p.add_argument_group("training")
     for name in ("epochs", "samples_per_epoch", "batch_size", "input_size", "frozen_blocks", "threads"):
         t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(DEFAULTS, name))
@@ -250,7 +252,8 @@ def training_text(cfg: TrainConfig, faces: FaceSet, split: Split, argv: list[str
 def extract(args: argparse.Namespace, out: Path) -> tuple[FaceSet, set[str], int]:
     """(the faces of every training file, the identities never held out, how many files)."""
     items, train_only = gather(args)
-    extractor = FaceExtractor(args.cache or out / "faces", ExtractConfig(fps=args.fps, max_frames=args.max_frames))
+    cfg = ExtractConfig(fps=args.fps, max_frames=args.max_frames, pad_mode=args.pad_mode)
+    extractor = FaceExtractor(args.cache or out / "faces", cfg)
     try:
         faces = extractor.extract_all(items, progress=not args.quiet)
     finally:

@@ -41,6 +41,7 @@ class AugmentConfig:
     p_beauty: float = 0.0
     p_sharpen: float = 0.0
     p_codec: float = 0.0
+    p_dim: float = 0.0  # a dim room: darker, gamma, the sensor noise of a camera's gain (DFDC's night scenes)
     vp8_share: float = 0.3  # of the codec draws; the rest are H.264
     h264_crf: tuple[int, int] = (18, 40)  # x264 CRF: 23 is its default, ~35-40 a congested call
     vp8_q: tuple[int, int] = (8, 50)  # libvpx quantiser (0..63), fixed per frame
@@ -52,7 +53,7 @@ class AugmentConfig:
 # the default model: a real portrait 0.998 as it is, 0.135 blurred by sigma 1).
 CALL_AUGMENT = AugmentConfig(
     p_geometry=0.3, max_shift=0.0, max_zoom=0.0, max_rotate=10.0, p_colour=0.3, p_blur=0.2, p_noise=0.15,
-    p_downscale=0.35, min_downscale=0.35, p_jpeg=0.2, p_beauty=0.15, p_sharpen=0.25, p_codec=0.5,
+    p_downscale=0.35, min_downscale=0.35, p_jpeg=0.2, p_beauty=0.15, p_sharpen=0.25, p_codec=0.5, p_dim=0.1,
 )
 
 
@@ -145,6 +146,15 @@ def unsharp(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img.astype(np.float32) * (1 + amount) - blur.astype(np.float32) * amount, 0, 255).astype(np.uint8)
 
 
+def dim_light(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A dim room as a webcam records it: less light (gain 0.25-0.6 after a gamma that darkens the shadows
+    more), then the sensor noise the camera's gain brings up, stronger in chroma than in luma."""
+    x = (img.astype(np.float32) / 255.0) ** rng.uniform(1.0, 1.5) * rng.uniform(0.25, 0.6) * 255.0
+    luma = rng.normal(0.0, rng.uniform(1.0, 4.0), img.shape[:2]).astype(np.float32)[..., None]
+    chroma = rng.normal(0.0, rng.uniform(0.5, 3.0), img.shape).astype(np.float32)
+    return np.clip(x + luma + chroma, 0, 255).astype(np.uint8)
+
+
 def _even(img: np.ndarray) -> np.ndarray:
     """yuv420p needs even sides: pad one replicated row/column where a side is odd."""
     h, w = img.shape[:2]
@@ -230,6 +240,8 @@ def augment_with_mask(
         out = unsharp(out, rng)
     if rng.random() < cfg.p_blur:
         out = gaussian_blur(out, rng)
+    if cfg.p_dim and rng.random() < cfg.p_dim:  # drawn only when enabled: older configs keep their random stream
+        out = dim_light(out, rng)
     if rng.random() < cfg.p_noise:
         out = gaussian_noise(out, rng)
     r = rng.random()

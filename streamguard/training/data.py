@@ -46,6 +46,7 @@ from streamguard.training.sbi import self_blend
 
 if TYPE_CHECKING:
     from streamguard.faces.detector import FaceDetector
+    from streamguard.types import Box
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,7 @@ class FaceSet:
     groups: list[str] = field(default_factory=list)  # MediaItem.group of each face
     margin: float = 1.65  # crop side / face box long side the crops were cut at
     path: Path | None = None  # the folder it was loaded from, when memory-mapped
+    pad_mode: str = "black"  # how still images were padded before detection (ExtractConfig.pad_mode)
 
     def __post_init__(self) -> None:
         n = len(self.labels)
@@ -258,6 +260,20 @@ class FaceSet:
     def crop_size(self) -> int:
         return int(self.crops.shape[1])
 
+    def repad(self, index: int, img: np.ndarray) -> np.ndarray:
+        """`img` (face `index`'s crop, or a blend of it) with a still image's mirrored padding made again from its
+        picture. A blend alters the picture only (colour jitter included), so the padding cut at extraction would
+        still mirror the original: a seam around the picture in fakes only, which a classifier learns. Video frames
+        (black beyond the frame's edge) and black padding are left as they are."""
+        if self.pad_mode != "reflect" or self.groups[index] != "image":
+            return img
+        x0, y0, x1, y1 = (int(v) for v in self.valid[index])
+        side = img.shape[0]
+        if x1 - x0 < 2 or y1 - y0 < 2 or (x0, y0, x1, y1) == (0, 0, side, side):
+            return img
+        return cv2.copyMakeBorder(np.ascontiguousarray(img[y0:y1, x0:x1]), y0, side - y1, x0, side - x1,
+                                  cv2.BORDER_REFLECT_101)
+
     def valid_mask(self, index: int) -> np.ndarray:
         """(S, S) bool: True where the crop holds picture, False on its black padding."""
         x0, y0, x1, y1 = (int(v) for v in self.valid[index])
@@ -266,16 +282,16 @@ class FaceSet:
         return m
 
     @classmethod
-    def empty(cls, size: int, margin: float = 1.65) -> FaceSet:
+    def empty(cls, size: int, margin: float = 1.65, pad_mode: str = "black") -> FaceSet:
         return cls(
             np.zeros((0, size, size, 3), np.uint8), np.zeros((0, N_LANDMARKS, 2), np.float32), np.zeros((0,), np.int64),
-            valid=np.zeros((0, 4), np.int32), margin=margin,
+            valid=np.zeros((0, 4), np.int32), margin=margin, pad_mode=pad_mode,
         )
 
     @classmethod
-    def concat(cls, parts: Sequence[FaceSet], size: int, margin: float = 1.65) -> FaceSet:
+    def concat(cls, parts: Sequence[FaceSet], size: int, margin: float = 1.65, pad_mode: str = "black") -> FaceSet:
         if not parts:
-            return cls.empty(size, margin)
+            return cls.empty(size, margin, pad_mode)
         return cls(
             np.concatenate([p.crops for p in parts]),
             np.concatenate([p.landmarks for p in parts]),
@@ -285,6 +301,7 @@ class FaceSet:
             np.concatenate([p.valid for p in parts]),
             [g for p in parts for g in p.groups],
             margin,
+            pad_mode=pad_mode,
         )
 
     def save(self, folder: Path) -> None:
@@ -297,7 +314,8 @@ class FaceSet:
         np.save(tmp / "landmarks.npy", self.landmarks)
         np.save(tmp / "labels.npy", self.labels)
         np.save(tmp / "valid.npy", self.valid)
-        meta = {"identities": self.identities, "sources": self.sources, "groups": self.groups, "margin": self.margin}
+        meta = {"identities": self.identities, "sources": self.sources, "groups": self.groups, "margin": self.margin,
+                "pad_mode": self.pad_mode}
         (tmp / "meta.json").write_text(json.dumps(meta))
         tmp.replace(folder)
 
@@ -308,7 +326,7 @@ class FaceSet:
         return cls(
             np.load(folder / "crops.npy", mmap_mode="r"), np.load(folder / "landmarks.npy"),
             np.load(folder / "labels.npy"), meta["identities"], meta["sources"], np.load(folder / "valid.npy"),
-            meta["groups"], float(meta["margin"]), folder,
+            meta["groups"], float(meta["margin"]), folder, meta.get("pad_mode", "black"),
         )
 
     def __getstate__(self) -> dict:
@@ -330,13 +348,20 @@ class FaceSet:
 class ExtractConfig:
     crop_size: int = 256
     margin: float = 1.4  # wider than the model's crop, which the data set cuts out of it with jitter
-    image_pad: float = 0.2  # still images are padded (black, this share of the side) before detection: tight
+    image_pad: float = 0.2  # still images are padded (this share of the side) before detection: tight
     # portrait crops (UTKFace: the face fills ~0.9 of the image) are otherwise missed by the full-range detector
+    pad_mode: str = "reflect"  # "reflect" or "black". The pad ends up in the crops: black framed nearly every
+    # UTKFace face (the 1.15 crop is wider than the photo), a frame no call or test crop has; mirrored picture
+    # keeps the surroundings picture-like (measured: see the model card)
     fps: float = 5.0  # frames per second of video to sample for training
     max_frames: int = 300  # per video
     min_confidence: float = 0.5
     min_face_px: float = 40.0  # box long side; smaller faces are not used (the quality gate drops them too)
     max_faces: int = 8  # per frame, highest detector score first
+
+    def __post_init__(self) -> None:
+        if self.pad_mode not in ("reflect", "black"):
+            raise ValueError(f"pad_mode must be 'reflect' or 'black', got {self.pad_mode!r}")
 
 
 class FaceExtractor:
@@ -391,7 +416,9 @@ class FaceExtractor:
             if bgr is None:
                 raise ValueError(f"{path}: not a readable image")
             pad = round(self.cfg.image_pad * max(bgr.shape[:2]))
-            bgr = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0)) if pad else bgr
+            if pad:
+                border = cv2.BORDER_REFLECT_101 if self.cfg.pad_mode == "reflect" else cv2.BORDER_CONSTANT
+                bgr = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, border, value=(0, 0, 0))
             yield 0.0, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), pad
 
     def _extract(self, item: MediaItem) -> FaceSet:
@@ -402,7 +429,8 @@ class FaceExtractor:
         crops, lms, sources, valid = [], [], [], []
         for pts, rgb, pad in self._frames(item.path):
             h, w = rgb.shape[:2]
-            dets = [d for d in detector.detect(rgb) if d.box.long_side >= self.cfg.min_face_px][: self.cfg.max_faces]
+            dets = [d for d in detector.detect(rgb) if d.box.long_side >= self.cfg.min_face_px
+                    and _inside_picture(d.box, w, h, pad)][: self.cfg.max_faces]
             for k, det in enumerate(dets):
                 x0, y0, side = crop_box(det.box, self.cfg.margin, w, h)
                 scale = size / side
@@ -419,14 +447,14 @@ class FaceExtractor:
                 lms.append(lm)
                 sources.append(f"{item.path}@{pts:.3f}#{k}")
         if not crops:
-            return FaceSet.empty(size, self.cfg.margin)
+            return FaceSet.empty(size, self.cfg.margin, self.cfg.pad_mode)
         return self._faceset(item, np.stack(crops), np.stack(lms), sources, np.stack(valid))
 
     def _faceset(self, item: MediaItem, crops: np.ndarray, lms: np.ndarray, sources: list[str],
                  valid: np.ndarray) -> FaceSet:
         n = len(crops)
         return FaceSet(crops, lms, np.full(n, item.label, np.int64), [item.identity] * n, sources, valid,
-                       [item.group] * n, self.cfg.margin)
+                       [item.group] * n, self.cfg.margin, pad_mode=self.cfg.pad_mode)
 
     def faces(self, item: MediaItem) -> FaceSet:
         """The item's faces, from the cache when it has them. Label and identity come from the item, not the cache."""
@@ -457,7 +485,7 @@ class FaceExtractor:
                 parts.append(self.faces(item))
             except (SourceError, OSError, ValueError, cv2.error) as exc:  # one bad file must not end a long run
                 log.warning("%s: skipped (%s)", item.path, exc)
-        faces = FaceSet.concat(parts, self.cfg.crop_size, self.cfg.margin)
+        faces = FaceSet.concat(parts, self.cfg.crop_size, self.cfg.margin, self.cfg.pad_mode)
         if consolidated is None:
             return faces
         faces.save(consolidated)
@@ -470,6 +498,13 @@ class FaceExtractor:
         key = json.dumps([[str(i.path.resolve()), i.label, i.identity] for i in items]
                          + [CACHE_VERSION, sorted(_cfg_dict(self.cfg).items())])
         return self.cache_dir / f"set-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+
+
+def _inside_picture(box: Box, w: int, h: int, pad: int) -> bool:
+    """Whether the box's centre lies in the picture, not in the padding around it (a mirrored padding can show a
+    mirrored part of the face)."""
+    cx, cy = (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2
+    return pad <= cx < w - pad and pad <= cy < h - pad
 
 
 def _cfg_dict(cfg: ExtractConfig) -> dict:
@@ -701,6 +736,7 @@ class FaceDataset(Dataset):
             label = 1
             peak = float(blend_mask.max())
             mask = blend_mask / peak if peak > 0 else blend_mask
+        img = self.faces.repad(index, img)  # real and fake alike: a pair differs only by its blend
         margin, shift = self.crop.margin, (0.0, 0.0)
         if self.train:
             # Its own stream: a real face and its fake with the same seed get the very same augmentation and crop.

@@ -11,7 +11,8 @@ Our own numpy/cv2 implementation of the paper's recipe (no torch, no albumentati
   brightness/contrast, each p=0.3) and then either a down-up scale or a sharpen;
 - the source gets a small affine (translate x +-3 %, y +-1.5 %, scale 0.95..1/0.95), and so does the mask;
 - the mask is the convex hull of the face oval (468 mediapipe landmarks; with p=0.25 cut at the eyebrows, the paper's
-  "no forehead" variant), then elastic-deformed, and blurred twice at a random scale (the paper's get_blend_mask);
+  "no forehead" variant; with p=0.15 only the mouth and jaw below the nose tip, ours), then elastic-deformed, and
+  blurred twice at a random scale (the paper's get_blend_mask);
 - the blend ratio is drawn from {0.25, 0.5, 0.75, 1, 1, 1}.
 
 Landmarks are (468, 2) pixel coordinates (x, y) in the image being blended. Without landmarks, `ellipse_landmarks`
@@ -32,6 +33,9 @@ BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)
 FACE_OVAL = (10, 21, 54, 58, 67, 93, 103, 109, 127, 132, 136, 148, 149, 150, 152, 162, 172, 176, 234, 251, 284, 288,
              297, 323, 332, 338, 356, 361, 365, 377, 378, 379, 389, 397, 400, 454)
 EYEBROWS = (46, 52, 53, 55, 63, 65, 66, 70, 105, 107, 276, 282, 283, 285, 293, 295, 296, 300, 334, 336)
+NOSE_TIP = 1
+NO_FOREHEAD_P = 0.25
+LOWER_FACE_P = 0.15
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +56,16 @@ def ellipse_landmarks(size: int, margin: float = 1.65, n: int = 36) -> np.ndarra
 
 
 def hull_mask(landmarks: np.ndarray, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Filled convex hull (float32 0/1) of the face landmarks; with p=0.25 the part above the eyebrows is cut off."""
+    """Filled convex hull (float32 0/1) of the face landmarks. With p=`NO_FOREHEAD_P` the part above the eyebrows
+    is cut off (the paper's variant); with p=`LOWER_FACE_P` only the part below the nose tip is kept: the mouth and
+    jaw that expression re-enactment (Face2Face, NeuralTextures) re-renders, whose seam crosses the cheeks."""
     pts = np.asarray(landmarks, np.float32)
-    if len(pts) == 468 and rng.random() < 0.25:
-        brow_y = float(pts[list(EYEBROWS), 1].min())
-        pts = pts[pts[:, 1] >= brow_y]
+    if len(pts) == 468:
+        r = rng.random()
+        if r < NO_FOREHEAD_P:
+            pts = pts[pts[:, 1] >= float(pts[list(EYEBROWS), 1].min())]
+        elif r < NO_FOREHEAD_P + LOWER_FACE_P:
+            pts = pts[pts[:, 1] >= float(pts[NOSE_TIP, 1])]
     mask = np.zeros(shape, np.float32)
     hull = cv2.convexHull(np.round(pts).astype(np.int32))
     cv2.fillConvexPoly(mask, hull, (1.0,))
