@@ -234,3 +234,21 @@ def test_publisher_that_ignores_keyframe_requests_is_decoded_in_full(loopback_ic
         assert np.allclose(np.diff([f.pts_s for f in rec.frames[-4:]]), 1.0, atol=0.1)
 
     run(main())
+
+
+def test_install_leaves_a_receiver_it_does_not_know_alone(caplog):
+    from aiortc import RTCRtpReceiver
+
+    from streamguard.ingest import keyframe_gate
+
+    class Transport:  # what RTCRtpReceiver's constructor reads of its DTLS transport
+        state = "new"
+
+        def _register_rtp_receiver(self, *args: object) -> None: ...
+
+    receiver = RTCRtpReceiver("video", Transport())
+    gate = keyframe_gate.install(receiver, lambda: None, lambda coro: coro.close())
+    assert isinstance(gate, KeyframeGate) and receiver._RTCRtpReceiver__decoder_queue is gate  # type: ignore[attr-defined]
+    # Another object (aiortc's internals changed, or its decoder already started): nothing touched, every frame decoded.
+    assert keyframe_gate.install(object(), lambda: None, lambda coro: coro.close()) is None
+    assert "decoding every frame" in caplog.text

@@ -104,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e = p.add_argument_group("export and calibration")
     e.add_argument("--export", type=Path, help="ONNX path to write (its card goes beside it); default OUT/model.onnx")
     e.add_argument("--name", help="model name in the card (default: the ONNX file's stem)")
+    e.add_argument("--card-version", default="3", help="the model's version in its card")
     e.add_argument("--max-face-fpr", type=float, default=0.01,
                    help="card threshold: at most this share of held-out real photo faces score at or above it")
     e.add_argument("--calibration-fps", type=float, default=5.0, help="samples per second scored of each --calibration "
@@ -175,6 +176,7 @@ class CardInfo:
     name: str
     architecture: str
     cfg: TrainConfig
+    version: str
 
     def write(self, onnx_path: Path, threshold: float, training: str, metrics: dict,
               raise_threshold: float | None = None, clear_threshold: float | None = None) -> ModelCard:
@@ -182,7 +184,7 @@ class CardInfo:
 
         c = self.cfg
         return write_card(onnx_path, name=self.name, architecture=self.architecture, input_size=c.input_size,
-                          mean=c.mean, std=c.std, crop_margin=c.margin, license=LICENSE, version="2",
+                          mean=c.mean, std=c.std, crop_margin=c.margin, license=LICENSE, version=self.version,
                           threshold=threshold, raise_threshold=raise_threshold, clear_threshold=clear_threshold,
                           training=training, metrics=metrics)
 
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     onnx_path = Path(args.export) if args.export else out / "model.onnx"
     architecture = (f"{ARCHITECTURE} (ImageNet EfficientNet-Lite0, stem+{cfg.frozen_blocks} blocks frozen) "
                     f"input={cfg.input_size}")
-    info = CardInfo(args.name or onnx_path.stem, architecture, cfg)
+    info = CardInfo(args.name or onnx_path.stem, architecture, cfg, args.card_version)
     t = time.perf_counter()
     max_diff, calibration, clips = export_and_calibrate(result, faces, info, onnx_path, args)
     times["calibration_s"] = round(time.perf_counter() - t, 1)
