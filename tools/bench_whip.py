@@ -22,6 +22,12 @@ CPU not counted: it is the meeting bot's). For each codec x size x send rate, af
 
 --rates: frames a second the publishers send; the clip's own rate (30) means every frame (`max_fps=None`), 5 is the
 client's default (`DEFAULT_MAX_FPS`). ICE runs on the machine's own address (aioice gathers no loopback candidate).
+
+--relay: the publishers send a pre-encoded H.264 clip (MPEG-TS at the --rates frame rate, a keyframe every second,
+no B-frames: a restreamed IP camera) without decoding or encoding it (aiortc's MediaPlayer(decode=False)), so each
+costs a few per cent of a core and the largest N the server holds can be found on one machine: the encoding
+publishers need 0.1-0.2 core each. Such a publisher cannot answer keyframe requests; its own keyframes (one a second)
+are what the server decodes.
 """
 
 from __future__ import annotations
@@ -60,18 +66,29 @@ _DECODED_RE = re.compile(r'^streamguard_frames_decoded_total\{kind="webrtc"\} ([
 
 
 async def publish_all(url: str, clip: str, n: int, codec: str, max_fps: float | None) -> None:
-    """N sessions of `clip`; prints READY once all are connected, ends them all when stdin closes."""
+    """N sessions of `clip`; prints READY once all are connected, ends them all when stdin closes. A .ts clip is
+    relayed as it is encoded (see --relay)."""
+    from aiortc.contrib.media import MediaPlayer
+
     from streamguard.client import publish
 
-    pubs = []
+    pubs, players = [], []
     try:
         for i in range(n):
-            pubs.append(await publish(url, clip, participant_id=f"bench-{i:03d}", codec=codec,  # type: ignore[arg-type]
-                                      audio=False, max_fps=max_fps, connect_timeout_s=30))
+            source: Any = clip
+            if clip.endswith(".ts"):
+                players.append(MediaPlayer(clip, decode=False))
+                source, max_fps = players[-1].video, None
+            pubs.append(await publish(url, source, participant_id=f"bench-{i:03d}",
+                                      codec=codec, audio=False, max_fps=max_fps,  # type: ignore[arg-type]
+                                      connect_timeout_s=30))
         print("READY", flush=True)
         await asyncio.to_thread(sys.stdin.read)  # the parent closes our stdin when it has measured
     finally:
         await asyncio.gather(*(p.close() for p in pubs), return_exceptions=True)
+        for player in players:
+            if player.video is not None:
+                player.video.stop()
 
 
 def child_cpu_s(pid: int) -> float:
@@ -157,6 +174,25 @@ def make_clip(out_dir: Path, height: int, photos_dir: Path) -> Path:
     if not out.exists():
         tmp = out.with_suffix(".part.mp4")
         make_test_media.make_slideshow(photos, tmp, fps=CLIP_FPS, seconds_per_image=5.0, size=(width, height))
+        tmp.rename(out)
+    return out
+
+
+def make_relay_clip(out_dir: Path, height: int, fps: int, seconds: float, photos_dir: Path) -> Path:
+    """A pre-encoded 16:9 H.264 clip in MPEG-TS (Annex B, what aiortc sends as it is) at `fps`, a keyframe every
+    second, no B-frames, long enough for one run (a relay does not loop)."""
+    import make_test_media
+
+    photos = sorted(photos_dir.glob("img*.jpg"))
+    if not photos:
+        sys.exit(f"no photos in {photos_dir} (../shared/data/real_faces; pass --photos)")
+    width = round(height * 16 / 9 / 2) * 2
+    n = int(seconds / 5.0) + 1
+    out = out_dir / f"relay_faces_{width}x{height}_{fps}fps_{n * 5}s.ts"
+    if not out.exists():
+        tmp = out.with_suffix(".part.ts")
+        make_test_media.make_slideshow([photos[i % len(photos)] for i in range(n)], tmp, fps=fps,
+                                       seconds_per_image=5.0, size=(width, height), gop=fps, options={"bf": "0"})
         tmp.rename(out)
     return out
 
@@ -285,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--before", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="also run each case with these overrides first, rows labelled before/after, e.g. --before "
                          "whip.keyframes_only=false (every frame decoded, as before keyframes on request)")
+    ap.add_argument("--relay", action="store_true", help="publishers relay a pre-encoded H.264 clip (see above)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args(argv)
     variants = [("before", bench_serve.parse_overrides(args.before)), ("after", {})] if args.before else [("", {})]
@@ -297,15 +334,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--codecs: VP8 and/or H264, got {args.codecs!r}")
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     rates = [int(x) for x in args.rates.split(",") if x.strip()]
+    if args.relay and codecs != ["H264"]:
+        sys.exit("--relay sends H.264: use --codecs H264")
     clips = {h: make_clip(args.cache, h, args.photos) for h in sizes}
+    relay_clips = {(h, r): make_relay_clip(args.cache, h, r, args.warmup + args.seconds + 60, args.photos)
+                   for h in sizes for r in rates} if args.relay else {}
     print(f"machine: {bench_serve.machine()}; load average before: {os.getloadavg()[0]:.1f}")
-    print(f"publishers: streamguard.client in a child process, {CLIP_FPS} fps clips {[c.name for c in clips.values()]};"
+    kind = "relaying pre-encoded H.264" if args.relay else f"encoding {CLIP_FPS} fps clips"
+    print(f"publishers: streamguard.client in a child process, {kind} {[c.name for c in clips.values()]};"
           f" sampling 1 FPS; model {args.model or 'default'}; window {args.seconds:g} s after {args.warmup:g} s")
     print(HEADER)
     print("|" + "---|" * (HEADER.count("|") - 1))
     rows = []
     for n, codec, height, rate, (label, overrides) in itertools.product(counts, codecs, sizes, rates, variants):
-        row = run_case(codec, height, rate, n, args, clips[height], overrides)
+        source_clip = relay_clips.get((height, rate)) or clips[height]
+        row = run_case(codec, height, rate, n, args, source_clip, overrides)
         row.label = label
         rows.append(row)
         print(row_line(row), flush=True)
