@@ -19,24 +19,27 @@ import pytest
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
-from test_webrtc import BASE, Recorder, http_client, loopback_ice, make_manager, psnr, run, source_frames, until
+from test_webrtc import (
+    BASE,
+    Recorder,
+    face_video,
+    http_client,
+    loopback_ice,
+    make_manager,
+    psnr,
+    run,
+    source_frames,
+    until,
+)
 
 from streamguard.client import publish
 from streamguard.ingest.keyframe_gate import KeyframeGate, is_keyframe
 from streamguard.ingest.sampler import TimestampSampler
 
-__all__ = ["loopback_ice"]  # the fixture, imported for the tests below
+__all__ = ["face_video", "loopback_ice"]  # fixtures, imported for the tests below
 
 pytestmark = pytest.mark.timeout(120)
 CODECS = {"VP8": "libvpx", "H264": "libx264"}
-
-
-@pytest.fixture(scope="module")
-def face_video(shared_data: Path) -> Path:
-    path = shared_data / "ffpp_smoke" / "real_519.mp4"
-    if not path.is_file():
-        pytest.skip(f"needs {path} (a real 640x480 face video)")
-    return path
 
 
 def encode(path: Path, codec: str, n: int, gop: int) -> list[tuple[bytes, int, bool]]:
@@ -71,15 +74,30 @@ def test_is_keyframe_agrees_with_the_encoder(face_video, codec):
     assert is_keyframe(codec, b"") is False
 
 
-class Decoder:
-    """aiortc's decoder thread's end of the queue, on this thread: decodes what the gate passed and offers each
-    frame to the sampler, as WhipManager's drain does."""
+class Receiver:
+    """A 25 fps publisher that never answers a keyframe request, a gate with a clock that follows the frames, and
+    aiortc's decoder thread's end of the queue on this thread: what the gate passes is decoded and offered to the
+    sampler, as WhipManager's drain does."""
 
-    def __init__(self, codec: str, sampler: TimestampSampler) -> None:
+    def __init__(self, codec: str) -> None:
         self.ctx = av.CodecContext.create(codec.lower(), "r")
-        self.sampler = sampler
+        self.params = RTCRtpCodecParameters(mimeType=f"video/{codec}", clockRate=90_000, payloadType=96)
+        self.sampler = TimestampSampler(1.0)
+        self.now = 0.0
+        self.asked: list[float] = []
+        self.gate = KeyframeGate(next_tick=lambda: self.sampler.next_tick_s,
+                                 request_keyframe=lambda: self.asked.append(self.now), retry_s=0.5, give_up_s=2.5,
+                                 clock=lambda: self.now)
         self.decoded: list[float] = []
         self.kept: list[float] = []
+
+    def receive(self, frames: list[tuple[bytes, int, bool]], until_all: bool = False) -> None:
+        for data, pts, _ in frames:
+            self.now = pts / 25
+            self.gate.put((self.params, JitterFrame(data, pts * 3600)))
+            self.drain(self.gate)
+            if until_all and self.gate.mode == "all":
+                return
 
     def drain(self, gate: KeyframeGate) -> None:
         while not gate.empty():
@@ -95,38 +113,20 @@ class Decoder:
 def test_gate_passes_keyframes_asks_for_one_per_sample_and_falls_back(face_video, codec):
     """A 25 fps publisher with a 2 s GOP that never answers: the gate asks for a keyframe when each sample falls due,
     passes the natural keyframes, and gives up after give_up_s (then every frame is decoded)."""
-    frames = encode(face_video, codec, 250, gop=50)
-    params = RTCRtpCodecParameters(mimeType=f"video/{codec}", clockRate=90_000, payloadType=96)
-    sampler = TimestampSampler(1.0)
-    now = [0.0]
-    asked: list[float] = []
-    gate = KeyframeGate(next_tick=lambda: sampler.next_tick_s, request_keyframe=lambda: asked.append(now[0]),
-                        retry_s=0.5, give_up_s=2.5, clock=lambda: now[0])
-    dec = Decoder(codec, sampler)
-    for data, pts, _ in frames:
-        now[0] = pts / 25
-        gate.put((params, JitterFrame(data, pts * 3600)))
-        dec.drain(gate)
-        if gate.mode == "all":
-            break
+    rx = Receiver(codec)
+    rx.receive(encode(face_video, codec, 250, gop=50), until_all=True)
+    gate, dec, asked = rx.gate, rx, rx.asked
     # Keyframes at 0, 2, 4, ... s passed and sampled; every other frame skipped. A sample due at 1 s, 3 s, ...: a
     # request at once and again after retry_s (the first frame 0.5 s on); the 2 s GOP never leaves one due 2.5 s.
     assert gate.mode == "keyframes" and dec.decoded == dec.kept == [0.0, 2.0, 4.0, 6.0, 8.0]
     assert gate.passed == 5 and gate.skipped == 245
     assert np.allclose(asked, [1.0, 1.52, 3.0, 3.52, 5.0, 5.52, 7.0, 7.52, 9.0, 9.52]), asked
-    asked.clear()
 
     # The same publisher with a 4 s GOP: a sample due at 1 s, no keyframe by 3.5 s: every frame from the next
     # keyframe on (the ones between cannot be decoded without the frames skipped before them).
-    sampler.reset()
-    frames = encode(face_video, codec, 200, gop=100)
-    gate = KeyframeGate(next_tick=lambda: sampler.next_tick_s, request_keyframe=lambda: asked.append(now[0]),
-                        retry_s=0.5, give_up_s=2.5, clock=lambda: now[0])
-    dec = Decoder(codec, sampler)
-    for data, pts, _ in frames:
-        now[0] = pts / 25
-        gate.put((params, JitterFrame(data, pts * 3600)))
-        dec.drain(gate)
+    rx = Receiver(codec)
+    rx.receive(encode(face_video, codec, 200, gop=100))
+    gate, dec, asked = rx.gate, rx, rx.asked
     assert gate.mode == "all" and np.allclose(asked, [1.0, 1.52, 2.04, 2.56, 3.08]), asked
     assert gate.skipped == 99 and gate.passed == 101  # frames 1-99 skipped, then every frame from 4 s on
     assert dec.decoded[:3] == [0.0, 4.0, 4.04] and len(dec.decoded) == 101
