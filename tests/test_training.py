@@ -449,6 +449,27 @@ class TestTinyTraining:
         assert clf.card == card and clf.card.raise_threshold == 0.8 and clf.card.preprocess.crop_margin == 1.15
         assert clf.predict(np.zeros((3, 64, 64, 3), np.uint8)).shape == (3,)
 
+    def test_average_of_the_last_epochs_weights(self, face_crops: FaceSet, tmp_path: Path):
+        from streamguard.training.trainer import EPOCH_WEIGHTS, TrainConfig, train
+
+        cfg = TrainConfig(epochs=3, samples_per_epoch=16, batch_size=8, input_size=64, val_sbi_per_face=1,
+                          num_workers=0, seed=4)
+        idx = np.arange(len(face_crops))
+        last = train(face_crops, idx[:-1], idx[-1:], cfg, tmp_path, progress=False)
+        assert last.averaged_epochs == []
+        epochs = [torch.load(tmp_path / EPOCH_WEIGHTS.format(e), weights_only=True)["model"] for e in (2, 3)]
+        # Resumed after its last epoch with --average-last 2: epochs 2 and 3 averaged, then validated.
+        avg = train(face_crops, idx[:-1], idx[-1:], cfg, tmp_path, resume=True, progress=False, average_last=2)
+        assert avg.averaged_epochs == [2, 3] and avg.val_scores is not None and len(avg.val_scores) == 3
+        state = avg.model.state_dict()
+        trained = [k for k in state if (k.startswith("head.") or "_blocks.15." in k) and state[k].is_floating_point()]
+        assert trained and any(not torch.equal(epochs[0][k], epochs[1][k]) for k in trained)
+        for k in trained:
+            torch.testing.assert_close(state[k], (epochs[0][k] + epochs[1][k]) / 2)
+        (tmp_path / EPOCH_WEIGHTS.format(1)).unlink()
+        with pytest.raises(FileNotFoundError, match=r"epochs \[1\]"):
+            train(face_crops, idx[:-1], idx[-1:], cfg, tmp_path, resume=True, progress=False, average_last=3)
+
     def test_training_is_reproducible(self, face_crops: FaceSet, tmp_path: Path):
         from streamguard.training.trainer import TrainConfig, train
 

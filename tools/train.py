@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--out", type=Path, default=ROOT / "out" / "train-lite0", help="run folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--stop-after", type=int, help="end after this many epochs of the --epochs schedule")
+    t.add_argument("--average-last", type=int, default=1, metavar="K",
+                   help="export the average of the last K epochs' weights (SWA over the schedule's end); 1: the last")
     t.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (a fine-tuning phase, with "
                    "its own settings and schedule), not from ImageNet")
     e = p.add_argument_group("export and calibration")
@@ -232,8 +234,11 @@ def heldout_real_scores(result: TrainResult, faces: FaceSet) -> list[float]:
             if k[1] == REAL and faces.labels[k[0]] == 0]
 
 
-def training_text(cfg: TrainConfig, faces: FaceSet, split: Split, argv: list[str], times: dict[str, float]) -> str:
+def training_text(cfg: TrainConfig, faces: FaceSet, split: Split, argv: list[str], times: dict[str, float],
+                  result: TrainResult) -> str:
     seconds = round(sum(times.values()), 1)
+    epochs = result.averaged_epochs
+    averaged = f"; weights averaged over epochs {epochs[0]}-{epochs[-1]} (SWA)" if epochs else ""
     return (
         f"Fine-tuned from ImageNet ({WEIGHTS_PACKAGE}) on real faces only: self-blended images (Shiohara & "
         f"Yamasaki, CVPR 2022) and cross-identity blends (Li et al., Face X-ray, CVPR 2020; {cfg.xray_share:.0%} of "
@@ -244,7 +249,8 @@ def training_text(cfg: TrainConfig, faces: FaceSet, split: Split, argv: list[str
         f"pairs of a real face and its pseudo-fake with the same augmentation (flip, roll, colour, beauty filter, "
         f"blur, noise, downscale, H.264/VP8 via PyAV, JPEG), {cfg.epochs} epochs x {cfg.samples_per_epoch} samples, "
         f"batch {cfg.batch_size}, AdamW lr {cfg.lr} (head x{cfg.head_lr_scale}) warmup+cosine, weight decay "
-        f"{cfg.weight_decay}, BCE + {cfg.map_weight} x blend-map BCE. Thresholds from held-out real faces and real "
+        f"{cfg.weight_decay}, BCE + {cfg.map_weight} x blend-map BCE"
+        f"{averaged}. Thresholds from held-out real faces and real "
         f"calls only (see metrics.calibration). Command: {command_line(argv)}. Run time {seconds / 60:.1f} min on "
         f"{os.cpu_count()} CPU cores, {cfg.threads} torch threads (faces {times['faces_s']} s, training "
         f"{times['train_s']} s, calibration {times['calibration_s']} s)."
@@ -306,6 +312,7 @@ def report_of(argv: list[str], cfg: TrainConfig, result: TrainResult, card: Mode
         "data": {"faces": len(faces), "train_faces": len(split.train_idx), "heldout_faces": len(split.val_idx),
                  "train_identities": len(split.train_ids), "heldout_identities": split.val_ids},
         "history": [asdict(h) for h in result.history],
+        "averaged_epochs": result.averaged_epochs,
         "metrics": metrics,
         "times": times,
     }
@@ -334,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_of(args)
     t = time.perf_counter()
     result = train(faces, split.train_idx, split.val_idx, cfg, out, resume=args.resume, progress=not args.quiet,
-                   init_from=args.init_from, stop_after=args.stop_after)
+                   init_from=args.init_from, stop_after=args.stop_after, average_last=args.average_last)
     times["train_s"] = round(time.perf_counter() - t, 1)
     save_history(result.history, out / "history.json", out / "curves.png")
 
@@ -350,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                "calibration": {"what": "thresholds from held-out real faces and held-out real calls "
                                f"({', '.join(c.name for c in clips) or 'none'}); never from fakes",
                                **calibration.to_dict()}}
-    card = info.write(onnx_path, calibration.threshold, training_text(cfg, faces, split, argv, times), metrics,
+    card = info.write(onnx_path, calibration.threshold, training_text(cfg, faces, split, argv, times, result), metrics,
                       calibration.raise_threshold, calibration.clear_threshold)
     report = report_of(argv, cfg, result, card, onnx_path, max_diff, faces, split, metrics, times)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -41,6 +41,7 @@ from streamguard.training.model import FakeDetector, build_model
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+EPOCH_WEIGHTS = "epoch-{:02d}.pt"  # each epoch's weights alone, for averaging the last few (average_last)
 
 
 @dataclass(slots=True)
@@ -95,6 +96,7 @@ class TrainResult:
     val_scores: np.ndarray | None = None  # P(fake) of each val key, after the last epoch
     val_labels: np.ndarray | None = None
     seconds: float = 0.0
+    averaged_epochs: list[int] = field(default_factory=list)  # the epochs whose weights were averaged (empty: none)
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -281,12 +283,15 @@ def train(
     progress: bool = True,
     init_from: Path | None = None,
     stop_after: int | None = None,
+    average_last: int = 1,
 ) -> TrainResult:
     """Train on faces[train_idx] (+ pseudo-fakes), validate on faces[val_idx] (+ fresh ones) after each epoch.
 
     `init_from`: a checkpoint of an earlier run whose weights this one starts from (a fine-tuning phase with its own
     settings and schedule); `resume` continues this run's own checkpoint instead. `stop_after`: end after that many
-    epochs of the schedule (the checkpoint is kept; the schedule is still the one of `cfg.epochs`)."""
+    epochs of the schedule (the checkpoint is kept; the schedule is still the one of `cfg.epochs`). `average_last`:
+    the result is the average of the last that many epochs' weights (Izmailov et al., SWA: a flatter optimum that
+    generalises better than the last point of the schedule; BatchNorm statistics are averaged alike)."""
     if cfg.paired and cfg.batch_size % 2:
         raise ValueError("paired batches need an even batch_size")
     t_start = time.perf_counter()
@@ -323,15 +328,33 @@ def train(
                            val_auc_xray)
         history.append(stats)
         _log_epoch(stats, progress)
+        _save_checkpoint(out_dir / EPOCH_WEIGHTS.format(epoch + 1), {"epoch": epoch, "model": model.state_dict()})
         _save_checkpoint(ckpt_path, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "history": [asdict(h) for h in history], "config": asdict(cfg),
         })
 
-    if val_scores is None and keys:  # resumed after the last epoch: validate the loaded weights
+    averaged = average_epochs(model, out_dir, len(history), average_last) if average_last > 1 else []
+    if keys and (val_scores is None or averaged):  # validate what is returned: the loaded or averaged weights
         val_scores, val_labels = predict(model, val_ds, keys)
     model.eval()
-    return TrainResult(model, history, keys, val_scores, val_labels, time.perf_counter() - t_start)
+    return TrainResult(model, history, keys, val_scores, val_labels, time.perf_counter() - t_start, averaged)
+
+
+def average_epochs(model: FakeDetector, out_dir: Path, last_epoch: int, count: int) -> list[int]:
+    """Load into `model` the average of the weights of epochs last_epoch-count+1 .. last_epoch (EPOCH_WEIGHTS files
+    in `out_dir`); returns those epochs. Integer buffers (BatchNorm's batch counter) are the last epoch's."""
+    epochs = list(range(max(1, last_epoch - count + 1), last_epoch + 1))
+    missing = [e for e in epochs if not (out_dir / EPOCH_WEIGHTS.format(e)).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no weights of epochs {missing} in {out_dir} to average")
+    states = [torch.load(out_dir / EPOCH_WEIGHTS.format(e), map_location="cpu", weights_only=True)["model"]
+              for e in epochs]
+    averaged = {k: torch.stack([s[k] for s in states]).mean(dim=0) if v.is_floating_point() else states[-1][k]
+                for k, v in states[-1].items()}
+    model.load_state_dict(averaged)
+    log.info("weights averaged over epochs %s", epochs)
+    return epochs
 
 
 def _fmt(v: float | None) -> str:
