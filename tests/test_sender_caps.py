@@ -77,7 +77,7 @@ def test_chromium_follows_set_parameters_and_not_the_answers_codec_hints(tmp_pat
 def test_chromium_answers_keyframe_requests_and_the_server_decodes_one_frame_a_second(tmp_path, loopback_ice):
     """The default: the server asks for a keyframe when a sample is due (RTCP PLI) and decodes keyframes only."""
     need_browser()
-    cases = [{"codec": codec, "height": 720, "cap": cap} for codec in ("VP8", "H264") for cap in (False, True)]
+    cases = [{"codec": "VP8", "height": 720, "cap": False}, {"codec": "H264", "height": 720, "cap": True}]
     for r in measure(tmp_path, cases):
         assert r["serverMode"] == "keyframes", r
         assert r["sentFps"] > (20 if not r["cap"] else 3.5), r  # Chromium sends as before...
