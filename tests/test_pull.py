@@ -12,6 +12,7 @@ import random
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -74,12 +75,19 @@ class RtspServer:
         self.port = port
         self.url = f"rtsp://127.0.0.1:{port}/face"
         self.proc: subprocess.Popen[str] | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="rtsp-server-", suffix=".log", delete=False)  # noqa: SIM115
+
+    def __repr__(self) -> str:
+        """Shown with the test's locals when one fails: whether the server still runs, and the end of its stderr."""
+        state = "not started" if self.proc is None else f"pid {self.proc.pid}, exit {self.proc.poll()}"
+        tail = Path(self.log.name).read_text(errors="replace")[-1500:]
+        return f"RtspServer({self.url}, {state}, stderr tail: {tail!r})"
 
     def start(self, timeout_s: float = 15.0) -> None:
         self.proc = subprocess.Popen(
             [SYSTEM_PYTHON, str(REPO / "tools" / "rtsp_server.py"), "--port", str(self.port), f"face={self.video}"],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self.log,
             text=True,
         )
         stdout = self.proc.stdout
@@ -106,6 +114,10 @@ class RtspServer:
             self.proc.stdout.close()
         self.proc = None
 
+    def remove_log(self) -> None:
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
 
 @pytest.fixture
 def rtsp(gst_ok, faces_mp4) -> Iterator[Callable[[], RtspServer]]:
@@ -121,6 +133,7 @@ def rtsp(gst_ok, faces_mp4) -> Iterator[Callable[[], RtspServer]]:
     yield start
     for server in servers:
         server.kill()
+        server.remove_log()
 
 
 @pytest.fixture(scope="session")
@@ -289,6 +302,7 @@ async def test_rtsp_camera_with_a_1s_gop_decodes_keyframes_only(gst_ok, camera_m
         await asyncio.wait_for(task, 2)
     finally:
         server.kill()
+        server.remove_log()
     assert source.decoding.gop_s == pytest.approx(1.0, abs=0.01)
     assert decoded <= elapsed + 1  # one frame a second decoded, of 25
     frames = [f for _, f in rec.frames[n0:]]

@@ -77,7 +77,11 @@ async def test_streams_sample_at_their_own_phases(tmp_path, clip, samples, loopb
     from streamguard.client import publish
 
     streams = [{"id": "a", "url": str(clip)}, {"id": "b", "url": str(clip)}]
-    server = LiveServer(fast_settings(tmp_path / "data", streams=streams)).start()
+    # WHIP decodes every frame here: with keyframes on request (the default) a sample is the first keyframe the
+    # publisher sends after the gate's PLI at the tick, one round trip and an encode late, which a loaded 2-core CI
+    # machine stretches past LATE_S. The phases are the sampler's; tests/test_keyframe_gate.py times the gate.
+    settings = fast_settings(tmp_path / "data", streams=streams, whip={"keyframes_only": False})
+    server = LiveServer(settings).start()
     track = VideoStreamTrack()
     try:
         pub = await publish(f"{server.url}/v1/whip", track, participant_id="w", audio=False, ice_servers=[],
