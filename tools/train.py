@@ -237,6 +237,8 @@ def heldout_real_scores(result: TrainResult, faces: FaceSet) -> list[float]:
 def training_text(cfg: TrainConfig, faces: FaceSet, split: Split, argv: list[str], times: dict[str, float],
                   result: TrainResult) -> str:
     seconds = round(sum(times.values()), 1)
+    # With --resume this run trained only the last epochs: the history keeps every epoch's time.
+    epochs_min = sum(h.seconds for h in result.history) / 60
     epochs = result.averaged_epochs
     averaged = f"; weights averaged over epochs {epochs[0]}-{epochs[-1]} (SWA)" if epochs else ""
     return (
@@ -253,7 +255,8 @@ def training_text(cfg: TrainConfig, faces: FaceSet, split: Split, argv: list[str
         f"{averaged}. Thresholds from held-out real faces and real "
         f"calls only (see metrics.calibration). Command: {command_line(argv)}. Run time {seconds / 60:.1f} min on "
         f"{os.cpu_count()} CPU cores, {cfg.threads} torch threads (faces {times['faces_s']} s, training "
-        f"{times['train_s']} s, calibration {times['calibration_s']} s)."
+        f"{times['train_s']} s, calibration {times['calibration_s']} s); the {len(result.history)} epochs took "
+        f"{epochs_min:.0f} min of training and validation in all, with any run before a --resume."
     )
 
 
