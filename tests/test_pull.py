@@ -132,6 +132,7 @@ def rtsp(gst_ok, faces_mp4) -> Iterator[Callable[[], RtspServer]]:
 
     yield start
     for server in servers:
+        print(repr(server))  # shown with a failing test: did the server die, and what did it say
         server.kill()
         server.remove_log()
 

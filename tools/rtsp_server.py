@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import time
 from typing import Any
 
 import gi
@@ -68,7 +69,46 @@ class LoopingFactory(GstRtspServer.RTSPMediaFactory):
             looper = Looper(element.get_by_name("parse").get_static_pad("sink"))
             # Prerolled (data waits at the media's blocked stream pads; no client has PLAYed yet, so nobody sees a
             # restart): start the looping segment. Flushing, as the streaming thread is blocked.
-            media.connect("prepared", lambda _media: looper.seek(Gst.SeekFlags.FLUSH | Gst.SeekFlags.SEGMENT))
+            media.connect("prepared", lambda _media: _restart_looping(looper, element))
+
+
+def _restart_looping(looper: Looper, element: Gst.Element, timeout_s: float = 5.0) -> None:
+    """The flushing segment seek, then wait until the new segment has reached rtpbin's send pads again.
+
+    The flush clears the segment there, and a client's PLAY that comes before it is back finds a "complete stream
+    without rate" in gst_rtsp_media_get_rates, a g_assert that aborts the whole server (seen on loaded machines,
+    at a first client and at a media prepared again after every client left). "prepared" is emitted before the
+    media reports itself prepared to the client waiting on it, so waiting here holds that PLAY back.
+    """
+    looper.seek(Gst.SeekFlags.FLUSH | Gst.SeekFlags.SEGMENT)
+    pads = _rtp_send_pads(element)
+    deadline = time.monotonic() + timeout_s
+    while pads and time.monotonic() < deadline:
+        if all(p.get_sticky_event(Gst.EventType.SEGMENT, 0) is not None for p in pads):
+            return
+        time.sleep(0.005)
+    if pads:
+        print(f"rtsp_server: no segment on rtpbin's send pads {timeout_s} s after the loop seek", file=sys.stderr,
+              flush=True)
+
+
+def _rtp_send_pads(element: Gst.Element) -> list[Gst.Pad]:
+    """rtpbin's send_rtp_src pads in the media's pipeline (the pads gst_rtsp_stream_get_rates reads)."""
+    pipeline = element.get_parent()
+    rtpbin = None
+    if pipeline is not None:
+        it = pipeline.iterate_recurse()
+        while True:
+            ok, item = it.next()
+            if ok != Gst.IteratorResult.OK:
+                break
+            factory = item.get_factory()
+            if factory is not None and factory.get_name() == "rtpbin":
+                rtpbin = item
+                break
+    if rtpbin is None:
+        return []
+    return [p for p in rtpbin.srcpads if p.get_name().startswith("send_rtp_src")]
 
 
 class Looper:
