@@ -134,6 +134,17 @@ def test_gate_passes_keyframes_asks_for_one_per_sample_and_falls_back(face_video
     assert dec.kept == [0.0, 4.0, 5.0, 6.0, 7.0]
 
 
+@pytest.mark.parametrize("codec", ["VP8", "H264"])
+def test_keyframes_before_the_next_tick_are_not_decoded(face_video, codec):
+    """A keyframe every 0.4 s (or a second answer to a retried request): only the first keyframe at or after each
+    tick is decoded, the one the sampler keeps; the others would be decoded only to be dropped."""
+    rx = Receiver(codec)
+    rx.receive(encode(face_video, codec, 100, gop=10))
+    assert rx.gate.mode == "keyframes"
+    assert rx.decoded == rx.kept == [0.0, 1.2, 2.0, 3.2]  # ticks at 0, 1, 2, 3 s; keyframes every 0.4 s
+    assert rx.gate.passed == 4 and rx.gate.skipped == 96
+
+
 def test_gate_passes_the_stop_signal_and_unknown_codecs():
     gate = KeyframeGate(next_tick=lambda: None, request_keyframe=lambda: None)
     opus = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48_000, payloadType=111)

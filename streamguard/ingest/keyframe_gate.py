@@ -6,7 +6,8 @@ sender makes one when its receiver reports picture loss (RTCP PLI, RFC 4585 §6.
 OBS's. So the gate sits where aiortc hands assembled frames to its decoder thread (the receiver's decoder queue)
 and:
 
-* passes every keyframe (VP8 key frames; H.264 access units with an IDR slice);
+* passes the keyframes the sampler will keep (VP8 key frames; H.264 access units with an IDR slice, at or after
+  its next tick: one that comes early, say from a short GOP, would be decoded only to be dropped);
 * drops every other frame undecoded;
 * asks the publisher for a keyframe (a PLI) once a sample is due: when a frame's time reaches the sampler's next
   tick and no keyframe has passed for that tick yet. The keyframe arrives one round trip and one encode later
@@ -109,7 +110,9 @@ class KeyframeGate(queue.Queue):
         t = frame.timestamp / self._clock_rate
         if key:
             self._last_key_s, self._due_since = t, None
-            return True
+            # Before the next tick the sampler would drop it; the next sample needs a later keyframe anyway.
+            tick = self._next_tick() if self.mode == "keyframes" else None
+            return tick is None or t >= tick
         if self.mode == "all":
             return self._last_key_s is not None and self._last_key_s > self._gave_up_at  # decodable again
         tick = self._next_tick()
