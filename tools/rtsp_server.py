@@ -95,20 +95,12 @@ def _restart_looping(looper: Looper, element: Gst.Element, timeout_s: float = 5.
 def _rtp_send_pads(element: Gst.Element) -> list[Gst.Pad]:
     """rtpbin's send_rtp_src pads in the media's pipeline (the pads gst_rtsp_stream_get_rates reads)."""
     pipeline = element.get_parent()
-    rtpbin = None
-    if pipeline is not None:
-        it = pipeline.iterate_recurse()
-        while True:
-            ok, item = it.next()
-            if ok != Gst.IteratorResult.OK:
-                break
-            factory = item.get_factory()
-            if factory is not None and factory.get_name() == "rtpbin":
-                rtpbin = item
-                break
-    if rtpbin is None:
+    if pipeline is None:
         return []
-    return [p for p in rtpbin.srcpads if p.get_name().startswith("send_rtp_src")]
+    pads: list[Gst.Pad] = []
+    pipeline.iterate_all_by_element_factory_name("rtpbin").foreach(
+        lambda rtpbin: pads.extend(p for p in rtpbin.srcpads if p.get_name().startswith("send_rtp_src")))
+    return pads
 
 
 class Looper:
