@@ -503,3 +503,15 @@ class TestTinyTraining:
         assert len(blob) < face_crops.crops.nbytes / 2  # a DataLoader worker reopens the map instead
         again = pickle.loads(blob)
         assert np.array_equal(again.faces.crops, face_crops.crops)
+
+
+def test_train_cli_refuses_an_average_of_no_epochs():
+    """`--average-last 0` is a CLI error naming the flag (exit 2), not a run that silently exports the last epoch."""
+    import subprocess
+    import sys
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "train.py"
+    proc = subprocess.run([sys.executable, str(tool), "--real", "unused", "--average-last", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "--average-last: at least 1 epoch" in proc.stderr

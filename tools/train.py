@@ -112,7 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--calibration-fps", type=float, default=5.0, help="samples per second scored of each --calibration "
                    "clip (1 FPS sequences at every phase are cut from them)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.average_last < 1:
+        p.error(f"--average-last: at least 1 epoch (1: the last epoch's weights), not {args.average_last}")
+    return args
 
 
 def gather(args: argparse.Namespace) -> tuple[list[MediaItem], set[str]]:
