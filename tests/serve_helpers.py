@@ -162,7 +162,10 @@ class LiveServer:
 
         def run() -> None:
             try:
-                asyncio.run(serve())
+                # The loop `streamguard serve` runs on (uvicorn's choice: uvloop when installed), so tests and
+                # benchmarks measure the service users run.
+                with asyncio.Runner(loop_factory=self._server.config.get_loop_factory()) as runner:
+                    runner.run(serve())
             except BaseException as exc:  # noqa: BLE001 - reported by start()/stop()
                 self.error = exc
 

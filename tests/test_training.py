@@ -440,6 +440,16 @@ class TestTinyTraining:
             want = torch.sigmoid(result.model(torch.from_numpy(x))).numpy()
         np.testing.assert_allclose(p, want, atol=1e-4)
 
+        # Flip averaging: each crop scores the mean of itself and its mirror image, and its map is the mean of its
+        # own and the mirror's map mirrored back, in torch (validation) and in the exported graph alike.
+        flipped_path = export_onnx(result.model, tmp_path / "tiny-flip.onnx", cfg.input_size, flip_average=True)
+        assert check_onnx(result.model, flipped_path, cfg.input_size, batch=5, flip_average=True) < 1e-4
+        p2, map2 = ort.InferenceSession(str(flipped_path), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+        mirror_p, mirror_map = session.run(None, {"input": np.ascontiguousarray(x[..., ::-1])})
+        np.testing.assert_allclose(p2, (p + mirror_p) / 2, atol=1e-5)
+        np.testing.assert_allclose(map2, (fake_map + mirror_map[..., ::-1]) / 2, atol=1e-5)
+        assert not np.allclose(p, mirror_p, atol=1e-3)  # the mirror is another view, not the same score
+
         card = write_card(onnx_path, name="tiny", architecture="efficientnet-lite0-blendmap", input_size=64,
                           mean=cfg.mean, std=cfg.std, threshold=0.6, raise_threshold=0.8, clear_threshold=0.6,
                           training="test", metrics={}, crop_margin=cfg.margin)

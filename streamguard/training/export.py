@@ -15,18 +15,21 @@ from streamguard.training.model import FakeDetector, WithSigmoid
 OPSET = 17
 
 
-def export_onnx(model: FakeDetector, path: Path, input_size: int) -> Path:
+def export_onnx(model: FakeDetector, path: Path, input_size: int, flip_average: bool = False) -> Path:
     """Write `model` as ONNX: input "input" (N, 3, S, S); outputs "p_fake" (N, 1) first, as the card says, and
-    "fake_map" (N, 1, S/32, S/32), the local P(blended) behind it (a coarse heatmap); dynamic batch axis."""
+    "fake_map" (N, 1, S/32, S/32), the local P(blended) behind it (a coarse heatmap); dynamic batch axis.
+    `flip_average`: the graph scores each crop and its mirror image and averages them (`WithSigmoid`), so every
+    backend (ONNX Runtime, CUDA, TensorRT, Triton) serves the scores the thresholds were calibrated on."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Contiguous weights again (training ran channels-last); torch's stubs lack Module.to's memory_format keyword.
-    wrapped = WithSigmoid(model).eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    wrapped = WithSigmoid(model, flip_average).eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     dummy = torch.zeros(1, 3, input_size, input_size)
     # The TorchScript exporter (dynamo=False) is deprecated but gives a plain, static graph every runtime reads.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the top-k count becomes a constant: intended
+        warnings.filterwarnings("ignore", "Constant folding - Only steps=1")  # the mirror's Slice: nothing to fold
         torch.onnx.export(
             wrapped,
             (dummy,),
@@ -41,7 +44,8 @@ def export_onnx(model: FakeDetector, path: Path, input_size: int) -> Path:
     return path
 
 
-def check_onnx(model: torch.nn.Module, path: Path, input_size: int, batch: int = 4, seed: int = 0) -> float:
+def check_onnx(model: FakeDetector, path: Path, input_size: int, batch: int = 4, seed: int = 0,
+               flip_average: bool = False) -> float:
     """Max |onnxruntime − torch| of P(fake) on random inputs at `batch`: the export's numerical check."""
     import onnxruntime as ort
 
@@ -49,7 +53,7 @@ def check_onnx(model: torch.nn.Module, path: Path, input_size: int, batch: int =
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(["p_fake"], {"input": x})[0]
     with torch.no_grad():
-        want = torch.sigmoid(model.eval()(torch.from_numpy(x))).numpy()
+        want = WithSigmoid(model, flip_average).eval()(torch.from_numpy(x))[0].numpy()
     return float(np.abs(got.reshape(-1) - want.reshape(-1)).max())
 
 

@@ -12,7 +12,8 @@ Why this shape:
   the second output (a coarse evidence heatmap).
 - frozen stem and first blocks: see `FakeDetector`.
 
-The exported graph bakes the sigmoid in (`WithSigmoid`): its first output is P(fake), its second the map.
+The exported graph bakes the sigmoid in (`WithSigmoid`, with or without test-time flip averaging): its first output is
+P(fake), its second the map.
 """
 
 from __future__ import annotations
@@ -95,15 +96,30 @@ class FakeDetector(nn.Module):
 
 
 class WithSigmoid(nn.Module):
-    """The export wrapper: → (P(fake) (N, 1), map of local P(blended) (N, 1, h, w), a coarse heatmap for evidence)."""
+    """The scoring and export wrapper: → (P(fake) (N, 1), map of local P(blended) (N, 1, h, w), a coarse heatmap for
+    evidence).
 
-    def __init__(self, model: FakeDetector):
+    `flip_average`: a crop scores the mean P(fake) of itself and its mirror image, and its map is the mean of its own
+    and the mirror's map mirrored back (test-time flip augmentation, one batch of 2N through the network). A blend
+    boundary is there in both views while much of what makes a single real crop look blended (a highlight, a hair
+    edge on one side) is not: measured on the version-3 weights it raised held-out SBI AUC 0.935 → 0.940 and
+    lowered the real faces' 99 % quantile 0.94 → 0.89. It doubles the model's work per face."""
+
+    def __init__(self, model: FakeDetector, flip_average: bool = False):
         super().__init__()
         self.model = model
+        self.flip_average = flip_average
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fake_map = self.model.forward_map(x)
-        return torch.sigmoid(self.model.pool(fake_map)), torch.sigmoid(fake_map)
+        if not self.flip_average:
+            fake_map = self.model.forward_map(x)
+            return torch.sigmoid(self.model.pool(fake_map)), torch.sigmoid(fake_map)
+        both = self.model.forward_map(torch.cat([x, x.flip(3)]))
+        # chunk(2), not slices at x.shape[0]: the batch stays a dynamic axis of the exported graph and the other
+        # axes keep their static sizes (what Triton's config and TensorRT's profiles are written from).
+        p, p_mirror = torch.sigmoid(self.model.pool(both)).chunk(2)
+        fake_map, mirror_map = torch.sigmoid(both).chunk(2)
+        return (p + p_mirror) / 2, (fake_map + mirror_map.flip(3)) / 2
 
 
 def build_model(frozen_blocks: int = 3, dropout: float = 0.2, topk_fraction: float = 0.25,

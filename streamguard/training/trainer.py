@@ -36,7 +36,7 @@ from streamguard.training.data import (
     SampleKey,
     eval_keys,
 )
-from streamguard.training.model import FakeDetector, build_model
+from streamguard.training.model import FakeDetector, WithSigmoid, build_model
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +137,16 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
-def predict(model: torch.nn.Module, dataset: FaceDataset, keys: Sequence[SampleKey], batch_size: int = 64,
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """P(fake) and labels of `keys`, in order, with the model in eval mode."""
-    model.eval()
+def predict(model: FakeDetector, dataset: FaceDataset, keys: Sequence[SampleKey], batch_size: int = 64,
+            flip_average: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """P(fake) and labels of `keys`, in order, with the model in eval mode and scored as exported (`WithSigmoid`)."""
+    scorer = WithSigmoid(model, flip_average).eval()
     scores, labels = [], []
     with torch.inference_mode():
         for i in range(0, len(keys), batch_size):
             batch = [dataset[k][:2] for k in keys[i : i + batch_size]]
             x = torch.stack([b[0] for b in batch]).contiguous(memory_format=torch.channels_last)
-            scores.append(torch.sigmoid(model(x)).flatten().numpy())
+            scores.append(scorer(x)[0].flatten().numpy())
             labels.append(np.array([float(b[1]) for b in batch]))
     if not scores:
         return np.zeros(0, np.float32), np.zeros(0, np.float32)
@@ -284,6 +284,7 @@ def train(
     init_from: Path | None = None,
     stop_after: int | None = None,
     average_last: int = 1,
+    flip_average: bool = False,
 ) -> TrainResult:
     """Train on faces[train_idx] (+ pseudo-fakes), validate on faces[val_idx] (+ fresh ones) after each epoch.
 
@@ -291,7 +292,8 @@ def train(
     settings and schedule); `resume` continues this run's own checkpoint instead. `stop_after`: end after that many
     epochs of the schedule (the checkpoint is kept; the schedule is still the one of `cfg.epochs`). `average_last`:
     the result is the average of the last that many epochs' weights (Izmailov et al., SWA: a flatter optimum that
-    generalises better than the last point of the schedule; BatchNorm statistics are averaged alike)."""
+    generalises better than the last point of the schedule; BatchNorm statistics are averaged alike).
+    `flip_average`: validation scores faces as the export will (`WithSigmoid`); training is not affected."""
     if cfg.paired and cfg.batch_size % 2:
         raise ValueError("paired batches need an even batch_size")
     t_start = time.perf_counter()
@@ -321,7 +323,7 @@ def train(
         loss, acc, lr = _train_epoch(model, opt, loader, cfg, epoch, sched, progress)
         val_auc = val_auc_xray = val_loss = None
         if keys:
-            val_scores, val_labels = predict(model, val_ds, keys)
+            val_scores, val_labels = predict(model, val_ds, keys, flip_average=flip_average)
             val_loss = _bce(val_scores, val_labels)
             val_auc, val_auc_xray = kind_aucs(keys, val_scores, val_labels)
         stats = EpochStats(epoch + 1, loss, acc, val_loss, val_auc, lr, round(time.perf_counter() - t0, 2),
@@ -336,7 +338,7 @@ def train(
 
     averaged = average_epochs(model, out_dir, len(history), average_last) if average_last > 1 else []
     if keys and (val_scores is None or averaged):  # validate what is returned: the loaded or averaged weights
-        val_scores, val_labels = predict(model, val_ds, keys)
+        val_scores, val_labels = predict(model, val_ds, keys, flip_average=flip_average)
     model.eval()
     return TrainResult(model, history, keys, val_scores, val_labels, time.perf_counter() - t_start, averaged)
 
