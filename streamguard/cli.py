@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -527,8 +528,8 @@ def models_list() -> None:
             typer.echo(f"{name:28s} unreadable card: {str(exc).splitlines()[0]}")
             continue
         size = card.preprocess.input_size
-        # Some cards name the input size in their architecture already ("... input=160"): say it once.
-        arch = " ".join(w for w in card.architecture.split() if w != f"input={size}")
+        # Some cards name the input size in their architecture already ("... input=160, flip-averaged"): say it once.
+        arch = re.sub(rf"\s*\binput={size}\b", "", card.architecture)
         typer.echo(f"{name:28s} {arch:24s} input {size}  threshold {card.threshold}  {card.source[:60]}")
 
 
