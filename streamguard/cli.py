@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar, cast, get_args
 
 import typer
 from tqdm import tqdm
@@ -167,11 +167,15 @@ def scan(
     images_are_crops: Annotated[bool, typer.Option(help="images are aligned face crops: skip detection")] = False,
     heatmaps: Annotated[
         Path | None, typer.Option(help="write an artefact heatmap PNG per flagged participant here")] = None,
+    heatmap_method: Annotated[str, typer.Option(
+        help="model: the model's own artefact map where it has one, else occlusion; occlusion: the drop in P(fake) "
+        "as each patch is hidden (226 model calls per heatmap)")] = "model",
     hwdecode: Annotated[str, typer.Option(help="decode on NVDEC: off, auto (when it works here) or nvdec")] = "off",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Scan files for deepfaked faces: a verdict per file and a score per participant."""
     from streamguard import logs
+    from streamguard.inference.heatmap import HeatmapMethod, heatmapper_for
     from streamguard.ingest.av_source import SourceError, probe
     from streamguard.scan import Scanner, ScanReport, expand_paths, model_info
 
@@ -181,7 +185,12 @@ def scan(
         _check_output_file(json_out, "--json")
     if heatmaps is not None:
         _check_output_dir(heatmaps, "--heatmaps")
+    if heatmap_method not in get_args(HeatmapMethod):
+        raise typer.BadParameter(f"{heatmap_method!r} is not one of {', '.join(get_args(HeatmapMethod))}",
+                                 param_hint="--heatmap-method")
     classifier = _load_model(model)
+    method = cast(HeatmapMethod, heatmap_method)
+    heatmapper = heatmapper_for(classifier, resolve_model(model)[0], method) if heatmaps is not None else None
     files = list(expand_paths(paths))
     if not files:
         raise typer.BadParameter("no video or image found", param_hint="PATHS")
@@ -199,9 +208,9 @@ def scan(
                        total=_duration(probe, path), bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s")
             result = scanner.scan(path, on_sample=_progress(bar))
             bar.close()
-            if heatmaps is not None:
+            if heatmaps is not None and heatmapper is not None:
                 try:
-                    heatmaps_written += len(result.write_heatmaps(classifier, heatmaps))
+                    heatmaps_written += len(result.write_heatmaps(heatmapper, classifier.card.threshold, heatmaps))
                 except OSError as exc:  # the disk filled, the folder went away: keep scanning, without heatmaps
                     typer.echo(f"error: --heatmaps: cannot write in {heatmaps}: {exc.strerror or exc}; "
                                "no more heatmaps are written", err=True)

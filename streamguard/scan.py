@@ -17,6 +17,7 @@ from streamguard.faces.analyzer import FaceAnalyzer
 from streamguard.faces.crop import resize_square
 from streamguard.faces.tracker import ParticipantTracker
 from streamguard.inference.classifier import Classifier
+from streamguard.inference.heatmap import Heatmapper
 from streamguard.ingest.av_source import DecodeStats, SourceError, iter_sampled_frames
 from streamguard.ingest.image import is_image, is_video, read_image
 from streamguard.ingest.nvdec import choose_hwdecode
@@ -86,19 +87,19 @@ class ScanResult:
     # Each confirmed participant's most suspicious scored crop: (P(fake), crop), for heatmaps and evidence.
     evidence: dict[str, tuple[float, np.ndarray]] = field(default_factory=dict)
 
-    def write_heatmaps(self, classifier: Classifier, out_dir: Path) -> list[Path]:
-        """An occlusion heatmap overlay for each flagged participant's most suspicious face (DuckDuckGoose's
-        "where are the artefacts"); records each file's path in the report."""
-        from streamguard.inference.heatmap import occlusion_map, save_overlay
+    def write_heatmaps(self, heatmapper: Heatmapper, threshold: float, out_dir: Path) -> list[Path]:
+        """A heatmap overlay (`heatmapper_for`) for each participant flagged at `threshold`, on their most
+        suspicious face (DuckDuckGoose's "where are the artefacts"); records each file's path in the report."""
+        from streamguard.inference.heatmap import save_overlay
 
         written = []
         for person in self.report.participants:
-            if person.score is None or person.score < classifier.card.threshold or person.id not in self.evidence:
+            if person.score is None or person.score < threshold or person.id not in self.evidence:
                 continue
             p_fake, crop = self.evidence[person.id]
             out_dir.mkdir(parents=True, exist_ok=True)
             path = out_dir / f"{Path(self.report.path).stem}_{person.id}.png"
-            save_overlay(path, crop, occlusion_map(classifier, crop), p_fake)
+            save_overlay(path, crop, heatmapper(crop), p_fake)
             person.heatmap = str(path)
             written.append(path)
         return written

@@ -21,6 +21,8 @@ from streamguard.faces.analyzer import FacePool
 from streamguard.inference.backends import BackendOptions, select_backend
 from streamguard.inference.batcher import Batcher
 from streamguard.inference.classifier import Classifier
+from streamguard.inference.heatmap import Heatmapper, heatmapper_for
+from streamguard.inference.models import ModelNotFound, resolve_model
 from streamguard.ingest.av_source import redact_url
 from streamguard.ingest.egress import EgressProxy
 from streamguard.ingest.nvdec import choose_hwdecode
@@ -210,9 +212,11 @@ class Service:
         await self.batcher.start()
         card = self.classifier.card
         self.faces = FacePool(card, cfg.faces, threads=min(2, os.cpu_count() or 1))
+        heatmapper = await asyncio.to_thread(self.alert_heatmapper)
+        log.info("alert heatmaps: %s", "the model's own artefact map" if heatmapper.method == "model" else "occlusion")
         self.deps = WorkerDeps(
             faces=self.faces, batcher=self.batcher, hub=self.hub, metrics=self.metrics,
-            make_evidence=EvidenceMaker(self.classifier, self.store, self.cluster.evidence if self.cluster else None),
+            make_evidence=EvidenceMaker(heatmapper, self.store, self.cluster.evidence if self.cluster else None),
             window_s=cfg.scoring.window_s,
             publish_scores=cfg.events.publish_scores,
         )
@@ -283,6 +287,19 @@ class Service:
         for warning in selection.warnings:
             log.warning("inference degraded: %s", warning)
         return "; ".join(selection.warnings) or None
+
+    def alert_heatmapper(self) -> Heatmapper:
+        """Alerts' heatmaps: the model's own artefact map from the configured model's ONNX file, when that is the
+        model scoring the faces (same card: whatever the backend runs, TensorRT and Triton included), else occlusion
+        maps through the classifier."""
+        card = self.classifier.card
+        try:
+            onnx_path, file_card = resolve_model(self.config.model)
+        except ModelNotFound:
+            onnx_path = None
+        same = onnx_path is not None and (file_card.name, file_card.version, file_card.sha256) == (
+            card.name, card.version, card.sha256)
+        return heatmapper_for(self.classifier, onnx_path if same else None, self.config.events.heatmap)
 
     def _watch_inference(self) -> None:
         """A remote backend (Triton) reports outages and recoveries from its own threads: each change becomes a

@@ -173,6 +173,8 @@ def test_serve_serves_on_the_socket_it_checked(tmp_path: Path):
     (["--json", "{file}/x.json"], "--json", "is not a folder"),
     (["--heatmaps", "{file}"], "--heatmaps", "exists and is not a folder"),
     (["--heatmaps", "/proc/streamguard-heat"], "--heatmaps", "cannot create the folder /proc/streamguard-heat"),
+    (["--heatmaps", "{tmp}/heat", "--heatmap-method", "gradcam"], "--heatmap-method",
+     "'gradcam' is not one of model, occlusion"),
 ])
 def test_scan_refuses_unwritable_outputs_before_scanning(tmp_path: Path, monkeypatch, args, option, says):
     (tmp_path / "file").write_text("x")

@@ -300,9 +300,9 @@ async def delete_anywhere(cluster: Cluster, client: ResumingClient) -> None:
     r = await cluster.http.delete(cluster.url("sg-c") + f"/v1/streams/{target}")
     assert r.status_code == 204, r.text
     # The owner sees the deletion at once, but its worker first finishes the frame in hand (so no score follows
-    # the stream's end), and with every face alerting that frame often waits for an alert's heatmap (226 occluded
-    # crops scored): 2.2-2.9 s on a quiet 2-core machine, 11-21 s measured here with three instances, the RTSP
-    # server and NATS sharing those cores. Deleting is what is checked, not how fast.
+    # the stream's end), and with every face alerting that frame often waits for an alert's heatmap: with occlusion
+    # maps (226 occluded crops) 11-21 s was measured here with three instances, the RTSP server and NATS sharing
+    # two cores; the default model's own map is ~10x cheaper. Deleting is what is checked, not how fast.
     await client.wait_for(state(target, "closed"), 40, f"{target} closed", after_seq=mark)
     assert target not in {s["id"] for s in await cluster.streams("sg-b")}
     assert (await cluster.http.delete(cluster.url("sg-b") + f"/v1/streams/{target}")).status_code == 404

@@ -12,6 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from streamguard.inference.card import ModelCard, Preprocess
 from streamguard.inference.heatmap import (
+    ModelMap,
+    OcclusionMap,
+    heatmapper_for,
     occlusion_cost,
     occlusion_map,
     occlusion_positions,
@@ -142,6 +145,86 @@ def test_overlay_png_decodes_at_the_crop_size(classifier: OnnxClassifier, tmp_pa
     assert render_overlay(crop, np.zeros((10, 10), np.float32), colormap="inferno")  # flat map, resized: no error
 
 
+CELL = 16  # the artefact-map model's stride
+
+
+@pytest.fixture(scope="module")
+def map_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A graph shaped like this project's detectors: `fake_map` (N, 1, S/16, S/16) = the texture energy (squared
+    distance from mid-grey) averaged over each 16-pixel cell, and P(fake) its largest cell."""
+    const = lambda name, value: numpy_helper.from_array(np.asarray(value), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Sub", ["input", "half"], ["centred"]),
+        helper.make_node("Mul", ["centred", "centred"], ["energy"]),
+        helper.make_node("ReduceMean", ["energy"], ["grey"], axes=[1], keepdims=1),
+        helper.make_node("AveragePool", ["grey"], ["fake_map"], kernel_shape=[CELL, CELL], strides=[CELL, CELL]),
+        helper.make_node("ReduceMax", ["fake_map"], ["p_fake"], axes=[2, 3], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "cell_energy",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("p_fake", TensorProto.FLOAT, ["batch", 1]),
+         helper.make_tensor_value_info("fake_map", TensorProto.FLOAT, ["batch", 1, SIZE // CELL, SIZE // CELL])],
+        initializer=[const("half", np.float32(0.5))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = tmp_path_factory.mktemp("model-map") / "cells.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _speck(top: int, left: int, side: int = 6) -> np.ndarray:
+    """Flat grey with one small salt-and-pepper square: its only artefact, smaller than a map cell."""
+    crop = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    rng = np.random.default_rng(1)
+    crop[top : top + side, left : left + side] = rng.choice(np.array([0, 255], np.uint8), size=(side, side, 1))
+    return crop
+
+
+# Specks kept more than the largest shift (6 pixels) from the edges, where the mirrored border echoes them.
+@pytest.mark.parametrize(("top", "left"), [(9, 41), (29, 13), (48, 48)])
+def test_model_map_is_finer_than_the_graphs_cells_and_lines_up_with_the_crop(map_model: Path, top: int,
+                                                                                left: int) -> None:
+    mapper = ModelMap(map_model, _card(), steps=4)
+    assert mapper.cells == SIZE // CELL
+    heat = mapper(_speck(top, left))
+    assert heat.shape == (SIZE, SIZE) and heat.dtype == np.float32 and 0.0 <= heat.min() and heat.max() <= 1.0
+    # The hottest spot sits on the speck: its middle (every 16-pixel cell holding the whole speck scores the same)
+    # within a sub-cell (16 / 4 = 4 pixels) of the speck's centre, where the graph's own map could only say which
+    # of its 16-pixel cells the speck is in.
+    hot = np.argwhere(heat >= 0.95 * heat.max()).mean(axis=0)
+    centre = (top + 3, left + 3)
+    assert abs(hot[0] - centre[0] + 0.5) <= 4 and abs(hot[1] - centre[1] + 0.5) <= 4, (hot, centre)
+    assert heat[centre].max() > 5 * heat[(centre[0] + 32) % SIZE, (centre[1] + 32) % SIZE] + 1e-6
+    assert mapper(np.full((SIZE, SIZE, 3), 128, np.uint8)).max() < 1e-5  # nothing to see: a flat map (128 is 0.502)
+
+
+def test_model_map_with_one_step_is_the_graphs_own_map(map_model: Path) -> None:
+    crop = _speck(20, 20)
+    mapper = ModelMap(map_model, _card(), steps=1)
+    raw = mapper.maps(crop[None])[0]
+    assert raw.shape == (SIZE // CELL, SIZE // CELL)
+    expected = cv2.resize(raw, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(mapper(crop), np.clip(expected, 0, 1), atol=1e-6)
+    big = mapper(cv2.resize(crop, (96, 80)))  # any crop size in, the crop's size out
+    assert big.shape == (80, 96)
+
+
+def test_heatmapper_uses_the_models_map_where_the_graph_has_one(map_model: Path, classifier: OnnxClassifier) -> None:
+    with_map = OnnxClassifier(map_model, _card(), threads=1)
+    assert isinstance(heatmapper_for(with_map, map_model), ModelMap)
+    assert heatmapper_for(with_map, map_model).method == "model"
+    assert isinstance(heatmapper_for(with_map, map_model, "occlusion"), OcclusionMap)  # asked for
+    assert isinstance(heatmapper_for(with_map, None), OcclusionMap)  # no ONNX file to read a map from
+    assert isinstance(heatmapper_for(classifier, classifier.path), OcclusionMap)  # a graph without `fake_map`
+    occlusion = heatmapper_for(classifier, classifier.path)
+    np.testing.assert_allclose(occlusion(_crop()), occlusion_map(classifier, _crop()))
+    with pytest.raises(ValueError, match="steps"):
+        ModelMap(map_model, _card(), steps=0)
+
+
 def test_gradcam_map_points_at_the_region_that_drives_the_score() -> None:
     torch = pytest.importorskip("torch")
 
@@ -164,3 +247,25 @@ def test_gradcam_map_points_at_the_region_that_drives_the_score() -> None:
     heat = gradcam_map(TopLeftEnergy(), _crop(), _card())
     assert heat.shape == (SIZE, SIZE) and heat.max() == pytest.approx(1.0)
     assert heat[:HALF, :HALF].mean() > 0.5 and heat[HALF:, HALF:].max() < 1e-3  # grey 128 is 0.502, not 0.5
+
+
+def test_the_service_draws_alerts_with_the_models_map_unless_told_otherwise(
+        tmp_path: Path, map_model: Path, classifier: OnnxClassifier) -> None:
+    from streamguard.config import ServiceConfig
+    from streamguard.inference.models import load_classifier
+    from streamguard.service import Service
+
+    def service(loaded: OnnxClassifier, **settings: object) -> Service:
+        s = Service(ServiceConfig(data_dir=tmp_path, **settings))  # type: ignore[arg-type]
+        s.classifier = loaded  # what start() loads
+        return s
+
+    shipped = load_classifier(None)
+    assert isinstance(service(shipped).alert_heatmapper(), ModelMap)  # the default model, the default setting
+    assert isinstance(service(shipped, events={"heatmap": "occlusion"}).alert_heatmapper(), OcclusionMap)
+    # A classifier other than the configured model's file (injected, another card): its map cannot be read from
+    # that file, so occlusion through the classifier itself.
+    assert isinstance(service(classifier).alert_heatmapper(), OcclusionMap)
+    _card().save(map_model.with_suffix(".json"))
+    own = OnnxClassifier(map_model, _card(), threads=1)
+    assert isinstance(service(own, model=str(map_model)).alert_heatmapper(), ModelMap)

@@ -17,6 +17,7 @@ from streamguard.events.schema import EventDraft, EventType, EvidenceKind
 from streamguard.events.store import EventStore
 from streamguard.evidence import EvidenceMaker
 from streamguard.faces.analyzer import FacePool
+from streamguard.inference.heatmap import heatmapper_for
 from streamguard.inference.models import load_classifier
 from streamguard.ingest.image import read_image
 from streamguard.metrics import Metrics
@@ -135,7 +136,7 @@ def photo(shared_data: Path) -> np.ndarray:
 
 @pytest.fixture
 def stage(tmp_path: Path):
-    classifier = load_classifier(None)  # the shipped model: its card cuts the faces, and it draws the heatmap
+    classifier = load_classifier(None)  # the shipped model: its card cuts the faces, its map is the heatmap
     faces = FacePool(classifier.card, FaceSettings(), threads=1)
     store = EventStore(tmp_path / "events.sqlite3", synchronous="NORMAL")
     yield classifier, faces, store
@@ -146,8 +147,8 @@ def stage(tmp_path: Path):
 def make_worker(stage, hub: ListHub, p_fake: float, *, mode: str, publish_scores: bool = False) -> StreamWorker:
     classifier, faces, store = stage
     deps = WorkerDeps(faces=faces, batcher=FixedScores(p_fake), hub=hub, metrics=Metrics(),
-                      make_evidence=EvidenceMaker(classifier, store), window_s=INSTANT.window_s,
-                      publish_scores=publish_scores)
+                      make_evidence=EvidenceMaker(heatmapper_for(classifier, classifier.path), store),
+                      window_s=INSTANT.window_s, publish_scores=publish_scores)
     roster = Roster("cam", mode=mode, scoring=INSTANT, card_threshold=0.5, min_samples=3, leave_after_s=30.0,
                     participant_id="alice" if mode == "single" else None)
     return StreamWorker("cam", "rtsp", roster, deps)

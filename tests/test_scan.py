@@ -165,6 +165,32 @@ def test_heatmaps_for_flagged_participants(meso4, shared_data, tmp_path):
     assert len(list(out.glob("*.png"))) == 2
 
 
+def test_default_models_heatmap_is_its_own_map_and_lights_the_face(shared_data, tmp_path):
+    """The default model has an artefact map: the fake's heatmap comes from it (16 copies, not 226) and is hottest
+    on the face, not on the background at the crop's edges."""
+    from streamguard.inference.heatmap import heatmapper_for
+    from streamguard.inference.models import resolve_model
+
+    classifier = load_classifier(None)
+    mapper = heatmapper_for(classifier, resolve_model(None)[0])
+    assert mapper.method == "model"
+    scanner = Scanner(classifier)
+    try:
+        result = scanner.scan(shared_data / "ffpp_smoke" / "fake_deepfakes_519_515.mp4")
+    finally:
+        scanner.close()
+    written = result.write_heatmaps(mapper, classifier.card.threshold, tmp_path / "heat")
+    assert len(written) == 1 and result.report.participants[0].heatmap == str(written[0])
+    ((p_fake, crop),) = result.evidence.values()
+    assert cv2.imread(str(written[0])).shape == crop.shape
+    heat = mapper(crop)
+    h, w = heat.shape
+    centre, border = heat[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4], heat.copy()
+    border[h // 8 : 7 * h // 8, w // 8 : 7 * w // 8] = np.nan
+    assert p_fake >= classifier.card.threshold and centre.mean() > 0.5 > np.nanmean(border), (centre.mean(),
+                                                                                            np.nanmean(border))
+
+
 def test_heatmaps_say_so_when_nobody_is_flagged(meso4, shared_data, tmp_path):
     real = sorted((shared_data / "mesonet" / "test_images").glob("real*"))[:1]
     assert real, "the MesoNet test set has real crops"

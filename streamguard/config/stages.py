@@ -175,6 +175,10 @@ class EventSettings(ConfigSection):
                                          "4008; 0: close it as soon as its queue overflows")
     ping_interval_s: float = Field(20.0, gt=0.0, le=300.0)
     publish_scores: bool = Field(False, description="also store and send participant.score at 1 Hz")
+    heatmap: Literal["model", "occlusion"] = Field(
+        "model", description="an alert's heatmap. model: the model's own artefact map where its ONNX graph has one "
+        "(a fake_map output; 16 shifted copies, ~0.3 s on one core), else occlusion; occlusion: the drop in P(fake) "
+        "as each patch is hidden (226 model calls: seconds on a CPU, and flat for a face scored near 1)")
     retention_days: float = Field(30.0, ge=0.0, le=36500.0, description="delete events older than this, with "
                                   "the cleared alerts and evidence they refer to; 0: keep for ever")
     max_events: int = Field(0, ge=0, description="keep at most the last this many events (a disk bound when "
