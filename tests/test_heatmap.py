@@ -183,17 +183,16 @@ def _speck(top: int, left: int, side: int = 6) -> np.ndarray:
     return crop
 
 
-# Specks kept more than the largest shift (6 pixels) from the edges, where the mirrored border echoes them.
-@pytest.mark.parametrize(("top", "left"), [(9, 41), (29, 13), (48, 48)])
+# Specks kept half a cell and more from the edges, where the mirrored border echoes them.
+@pytest.mark.parametrize(("top", "left"), [(17, 41), (29, 13), (41, 45)])
 def test_model_map_is_finer_than_the_graphs_cells_and_lines_up_with_the_crop(map_model: Path, top: int,
                                                                                 left: int) -> None:
     mapper = ModelMap(map_model, _card(), steps=4)
     assert mapper.cells == SIZE // CELL
     heat = mapper(_speck(top, left))
     assert heat.shape == (SIZE, SIZE) and heat.dtype == np.float32 and 0.0 <= heat.min() and heat.max() <= 1.0
-    # The hottest spot sits on the speck: its middle (every 16-pixel cell holding the whole speck scores the same)
-    # within a sub-cell (16 / 4 = 4 pixels) of the speck's centre, where the graph's own map could only say which
-    # of its 16-pixel cells the speck is in.
+    # The hottest spot sits on the speck: its middle within a sub-cell (16 / 4 = 4 pixels) of the speck's centre,
+    # where the graph's own map could only say which of its 16-pixel cells the speck is in.
     hot = np.argwhere(heat >= 0.95 * heat.max()).mean(axis=0)
     centre = (top + 3, left + 3)
     assert abs(hot[0] - centre[0] + 0.5) <= 4 and abs(hot[1] - centre[1] + 0.5) <= 4, (hot, centre)
@@ -206,7 +205,7 @@ def test_model_map_with_one_step_is_the_graphs_own_map(map_model: Path) -> None:
     mapper = ModelMap(map_model, _card(), steps=1)
     raw = mapper.maps(crop[None])[0]
     assert raw.shape == (SIZE // CELL, SIZE // CELL)
-    expected = cv2.resize(raw, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+    expected = cv2.resize(raw, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)  # each cell at its centre
     np.testing.assert_allclose(mapper(crop), np.clip(expected, 0, 1), atol=1e-6)
     big = mapper(cv2.resize(crop, (96, 80)))  # any crop size in, the crop's size out
     assert big.shape == (80, 96)
