@@ -7,10 +7,13 @@ is applied to that frame and the face is cropped again at the model's margin:
 
 - brightness ×0.6 and ×1.4;  - resolution: the frame downscaled to 1/2 and 1/4 and back;
 - rotation ±15°;  - scale: crop margins 1.3 and 2.0 instead of the card's;
-- face detector: the box from mediapipe's short-range model instead of the full-range one.
+- face detector: the box from mediapipe's short-range model instead of the full-range one;
+- face size (`--face-sizes`): the frame scaled so that the face box's long side is N pixels, cropped from there (a
+  face that small in a live frame: the crop is upscaled to the model's input, as the service does).
 
-Prints a table of mean |ΔP(fake)| and the share of decisions flipped at the card threshold, for reals and
-pseudo-fakes; `--update-card` stores it in the model card under metrics.robustness.
+Prints a table of mean |ΔP(fake)|, the share of decisions flipped at the card threshold, for reals and
+pseudo-fakes, and the AUC of reals against pseudo-fakes under each change; `--update-card` stores it in the model
+card under metrics.robustness.
 
     python tools/robustness.py [--model streamguard-sbi] [--faces 40] [--update-card]
 """
@@ -75,11 +78,19 @@ def short_range_box(frame: np.ndarray) -> Box | None:
     return Box(b.xmin * w, b.ymin * h, (b.xmin + b.width) * w, (b.ymin + b.height) * h)
 
 
+def auc(real: np.ndarray, fake: np.ndarray) -> float:
+    """Reals (label 0) against pseudo-fakes (label 1), faces lost to a change left out."""
+    from sklearn.metrics import roc_auc_score
+
+    r, f = real[~np.isnan(real)], fake[~np.isnan(fake)]
+    return float(roc_auc_score(np.r_[np.zeros(len(r)), np.ones(len(f))], np.r_[r, f]))
+
+
 Perturbed = tuple[np.ndarray, Box, float] | None  # (image, face box, crop margin), None: no face found
 Perturbation = Callable[[np.ndarray, Box], Perturbed]
 
 
-def perturbations(margin: float) -> dict[str, Perturbation]:
+def perturbations(margin: float, face_sizes: tuple[int, ...] = ()) -> dict[str, Perturbation]:
     def brightness(f: float) -> Perturbation:
         return lambda img, box: (np.clip(img.astype(np.float32) * f, 0, 255).astype(np.uint8), box, margin)
 
@@ -97,6 +108,14 @@ def perturbations(margin: float) -> dict[str, Perturbation]:
             return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT), box, margin
         return apply
 
+    def face_size(px: int) -> Perturbation:
+        def apply(img: np.ndarray, box: Box) -> Perturbed:
+            f = px / box.long_side
+            h, w = img.shape[:2]
+            small = cv2.resize(img, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
+            return small, Box(box.x0 * f, box.y0 * f, box.x1 * f, box.y1 * f), margin
+        return apply
+
     def detector(img: np.ndarray, _box: Box) -> Perturbed:
         box = short_range_box(img)
         return None if box is None else (img, box, margin)
@@ -107,6 +126,7 @@ def perturbations(margin: float) -> dict[str, Perturbation]:
         "rotation +15°": rotation(15), "rotation -15°": rotation(-15),
         "margin 1.3": lambda img, box: (img, box, 1.3), "margin 2.0": lambda img, box: (img, box, 2.0),
         "detector short-range": detector,
+        **{f"face {px} px": face_size(px) for px in face_sizes},
     }
 
 
@@ -116,6 +136,8 @@ def main() -> None:
     ap.add_argument("--photos", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/real_faces")
     ap.add_argument("--faces", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--face-sizes", default="32,40,48,56,64,72,80,96",
+                    help="face box long sides (pixels) to score faces at, comma-separated; '' for none")
     ap.add_argument("--update-card", action="store_true")
     args = ap.parse_args()
     clf = load_classifier(args.model)
@@ -134,33 +156,40 @@ def main() -> None:
         return np.asarray(out, np.float64)
 
     base = {k: score(v, lambda img, b: (img, b, margin)) for k, v in (("real", reals), ("fake", fakes))}
+    face_sizes = tuple(int(v) for v in args.face_sizes.split(",") if v.strip())
     rows = {}
-    for name, change in perturbations(margin).items():
-        row = {}
+    for name, change in perturbations(margin, face_sizes).items():
+        row: dict = {}
+        scores = {}
         for kind, frames in (("real", reals), ("fake", fakes)):
-            p = score(frames, change)
+            p = scores[kind] = score(frames, change)
             ok = ~np.isnan(p)
             delta = np.abs(p[ok] - base[kind][ok])
             flips = ((p[ok] >= card.threshold) != (base[kind][ok] >= card.threshold)).mean()
             row[kind] = {"mean_abs_delta": round(float(delta.mean()), 4), "flipped": round(float(flips), 4),
                          "mean_score": round(float(p[ok].mean()), 4), "n": int(ok.sum())}
+        row["auc"] = round(auc(scores["real"], scores["fake"]), 4)
         rows[name] = row
     print(f"model {card.name}, threshold {card.threshold}, {len(reals)} real faces and their self-blended fakes")
-    print(f"baseline mean P(fake): real {base['real'].mean():.3f}, pseudo-fake {base['fake'].mean():.3f}\n")
-    print("| perturbation | real: mean |Δ|, flipped | pseudo-fake: mean |Δ|, flipped |\n|---|---|---|")
+    print(f"baseline mean P(fake): real {base['real'].mean():.3f}, pseudo-fake {base['fake'].mean():.3f}, "
+          f"AUC {auc(base['real'], base['fake']):.3f}\n")
+    print("| perturbation | real: mean |Δ|, flipped, mean P | pseudo-fake: mean |Δ|, flipped, mean P | AUC |\n"
+          "|---|---|---|---|")
     for name, row in rows.items():
         r, f = row["real"], row["fake"]
-        print(f"| {name} | {r['mean_abs_delta']:.3f}, {r['flipped']:.0%} "
-              f"| {f['mean_abs_delta']:.3f}, {f['flipped']:.0%} |")
+        print(f"| {name} | {r['mean_abs_delta']:.3f}, {r['flipped']:.0%}, {r['mean_score']:.2f} "
+              f"| {f['mean_abs_delta']:.3f}, {f['flipped']:.0%}, {f['mean_score']:.2f} | {row['auc']:.3f} |")
     if args.update_card:
         onnx_path, _ = resolve_model(args.model)
         card_path = onnx_path.with_suffix(".json")
         data = json.loads(card_path.read_text())
         data.setdefault("metrics", {})["robustness"] = {
-            "what": "mean |ΔP(fake)| and decisions flipped at the threshold under DuckDuckGoose's perturbations "
-                    f"(tools/robustness.py --faces {args.faces} --seed {args.seed})",
-            "baseline": {k: round(float(v.mean()), 4) for k, v in base.items()}, "rows": rows}
-        card_path.write_text(json.dumps(data, indent=2) + "\n")
+            "what": "mean |ΔP(fake)| and decisions flipped at the threshold under DuckDuckGoose's perturbations, "
+                    "and the AUC of reals against pseudo-fakes under each "
+                    f"(tools/robustness.py --faces {args.faces} --seed {args.seed} --face-sizes '{args.face_sizes}')",
+            "baseline": {**{k: round(float(v.mean()), 4) for k, v in base.items()},
+                         "auc": round(auc(base["real"], base["fake"]), 4)}, "rows": rows}
+        card_path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         print(f"\nwrote metrics.robustness into {card_path}")
 
 
