@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+EVIDENCE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # model map ~0.25 s, occlusion 2-20 s (README)
 
 
 class _LiveCollector(Collector):
@@ -79,6 +80,10 @@ class Metrics:
                                          "From a frame's decode to its faces' scores", buckets=LATENCY_BUCKETS,
                                          registry=r)
         self.alerts_raised = Counter("streamguard_alerts_raised_total", "Alerts raised", registry=r)
+        # An alert is published once its evidence is stored, and the stream's worker waits for it: time to alert.
+        self.alert_evidence_seconds = Histogram("streamguard_alert_evidence_seconds",
+                                                "Time an alert waited for its evidence (face crop and heatmap) before "
+                                                "it was published", buckets=EVIDENCE_BUCKETS, registry=r)
         self.alerts_cleared = Counter("streamguard_alerts_cleared_total", "Alerts cleared", registry=r)
         self.reconnects = Counter("streamguard_reconnects_total", "Pull-stream reconnect attempts", ["kind"],
                                   registry=r)

@@ -211,10 +211,12 @@ class StreamWorker:
         alert_id = new_alert_id()
         evidence: Mapping[EvidenceKind, str] = {}
         if crop is not None:
+            started = time.perf_counter()
             try:
                 evidence = await self.deps.make_evidence(alert_id, crop.crop, t.p_fake)
             except Exception:  # evidence is a courtesy: the alert goes out without it
                 log.exception("evidence for alert %s failed", alert_id)
+            self.deps.metrics.alert_evidence_seconds.observe(time.perf_counter() - started)
         person.alert_id, person.alert_raised_ts = alert_id, time.time()
         await self._publish(EventType.ALERT_RAISED, person, {
             "alert_id": alert_id, "score": t.p_fake, "smoothed": t.smoothed, "threshold": t.threshold,

@@ -190,6 +190,9 @@ async def test_a_publisher_alerts_with_evidence_and_clears_when_the_score_drops(
     evidence = raised.data["evidence"]
     assert set(evidence) == {EvidenceKind.CROP, EvidenceKind.HEATMAP}  # stored before the alert went out
     assert store.get_evidence(raised.data["alert_id"], EvidenceKind.CROP) is not None
+    waited = worker.deps.metrics.registry.get_sample_value
+    assert waited("streamguard_alert_evidence_seconds_count") == 1  # the time to alert it added
+    assert 0 < waited("streamguard_alert_evidence_seconds_sum") < 30
     worker.deps.batcher = FixedScores(0.01)
     await worker.process(SampledFrame("cam", 1.0, 0.0, photo))
     assert hub.kinds() == ["alert.raised", "alert.cleared"]
