@@ -6,7 +6,8 @@
 
 Inputs are real-sized random crops through the card's preprocessing; the numbers are the classifier call only
 (preprocess + session.run), not face detection. Other processes on the machine add noise: compare runs taken
-back to back.
+back to back. `rss_mb` is the process's resident memory after each batch size (batches run in the order given):
+ONNX Runtime's arena keeps what the largest batch needed, which is what a serving process holds for its model.
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamguard.inference.models import resolve_model
 from streamguard.inference.onnx import OnnxClassifier
+
+
+def rss_mb() -> float:
+    """This process's resident memory (Linux /proc; 0 where it cannot be read)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def bench(classifier: OnnxClassifier, batch: int, runs: int, warmup: int, seed: int = 0) -> dict:
@@ -42,6 +54,7 @@ def bench(classifier: OnnxClassifier, batch: int, runs: int, warmup: int, seed: 
         "call_p50_ms": round(float(np.percentile(times * 1000.0, 50)), 3),
         "per_face_p50_ms": round(float(np.percentile(per_face, 50)), 3),
         "per_face_p95_ms": round(float(np.percentile(per_face, 95)), 3),
+        "rss_mb": round(rss_mb()),
     }
 
 
@@ -55,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     onnx_path, card = resolve_model(args.model)
+    before = rss_mb()
     classifier = OnnxClassifier(onnx_path, card, threads=args.threads)
     results = {
         "model": card.name,
@@ -62,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         "onnx_bytes": onnx_path.stat().st_size,
         "input_size": card.preprocess.input_size,
         "threads": args.threads,
+        "rss_mb_before_model": round(before),
         "results": [bench(classifier, b, args.runs, args.warmup) for b in args.batches],
     }
     for r in results["results"]:
         print(f"{card.name}: batch {r['batch']:>3}: per face p50 {r['per_face_p50_ms']:.2f} ms, "
-              f"p95 {r['per_face_p95_ms']:.2f} ms (call p50 {r['call_p50_ms']:.2f} ms, {r['runs']} runs)")
+              f"p95 {r['per_face_p95_ms']:.2f} ms (call p50 {r['call_p50_ms']:.2f} ms, {r['runs']} runs), "
+              f"RSS {r['rss_mb']:.0f} MB (before the model {results['rss_mb_before_model']} MB)")
     print(json.dumps(results))
     return 0
 
