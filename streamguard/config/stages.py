@@ -63,8 +63,8 @@ class SourceSettings(ConfigSection):
 
 class FaceSettings(ConfigSection):
     """How faces are found and gated: mediapipe's full-range detector, the model card's crop margin (deepware's 1.65;
-    tighter than 1.6 loses accuracy), and faces under 40 px reported as low quality (DuckDuckGoose: below half the
-    resolution a classifier guesses)."""
+    the default model's 1.15), and faces under `min_face_px` reported as low quality (DuckDuckGoose: below half the
+    resolution a classifier guesses; see QualityGate for what the default model does with small faces)."""
 
     min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="mediapipe full-range detector score to keep a face")
     margin: float | None = Field(
