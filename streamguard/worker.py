@@ -221,6 +221,7 @@ class StreamWorker:
         await self._publish(EventType.ALERT_RAISED, person, {
             "alert_id": alert_id, "score": t.p_fake, "smoothed": t.smoothed, "threshold": t.threshold,
             "window_s": self.deps.window_s, "samples": t.samples, "evidence": evidence, "label": person.label,
+            "face_px": None if crop is None else round(crop.quality.face_px, 1),
         })
         log.info("alert raised: stream %s, participant %s, smoothed P(fake) %.2f >= %.2f (this sample %.2f), alert %s",
                  self.stream_id, _who(person), t.smoothed, t.threshold, t.p_fake, alert_id)
@@ -256,7 +257,7 @@ class StreamWorker:
         s = person.scorer
         await self._publish(EventType.PARTICIPANT_SCORE, person, {
             "p_fake": p, "smoothed": s.smoothed, "samples": len(s.window), "state": s.state.value,
-            "quality": crop.quality.verdict.value,
+            "quality": crop.quality.verdict.value, "face_px": round(crop.quality.face_px, 1),
         })
 
     async def _publish(self, type: EventType, person: LiveParticipant, data: Mapping[str, Any]) -> None:

@@ -23,6 +23,7 @@ STREAMGUARD_UPDATE_SCREENSHOT=1 also copies the screenshot to docs/console.png.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -186,6 +187,9 @@ def test_console_monitor_my_camera(tmp_path: Path, shared_data: Path) -> None:
     assert since and all("access_token=" in u for u in result["wsUrls"]), result["wsUrls"]
     shown = [a for a in result["alerts"] if (a["participant"] or "").startswith("console-")]
     assert shown and set(shown[0]["evidence"]) == {"crop", "heatmap"}, result["alerts"]
+    # the card says how big the raising face was (small faces score unreliably; JS rounds halves up)
+    face_px = shown[0]["face_px"]
+    assert face_px >= 40 and f"face {math.floor(face_px + 0.5)} px" in shown[0]["nums"], shown[0]
     # A camera that stops sending reads "no frames" (stream and participant), not "no face".
     assert result["noFrames"] == {"stream": "live · no frames", "participant": "no frames"}, result["noFrames"]
     assert "Console test" in result["clearedWho"], result["clearedWho"]  # the display name, after they left

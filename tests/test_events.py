@@ -42,7 +42,7 @@ from streamguard.events.schema import (
     new_alert_id,
     render_event_json_schema,
 )
-from streamguard.events.store import AlertConflict, EventStore
+from streamguard.events.store import DB_SCHEMA_VERSION, AlertConflict, EventStore
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -153,7 +153,8 @@ def test_since_returns_exactly_the_events_after_n_in_order(store: EventStore) ->
     for n in (0, 1, 17, 29, 30, 99):
         assert [e.seq for e in store.since(n)] == list(range(n + 1, 31))
     assert [e.seq for e in store.since(10, limit=4)] == [11, 12, 13, 14]
-    assert every[4].data == {"p_fake": 4 / 30, "smoothed": None, "samples": 4, "state": None, "quality": None}
+    assert every[4].data == {"p_fake": 4 / 30, "smoothed": None, "samples": 4, "state": None, "quality": None,
+                             "face_px": None}
 
 
 def test_since_filters(store: EventStore) -> None:
@@ -930,7 +931,7 @@ def test_a_layout_1_store_is_migrated(tmp_path: Path) -> None:
         assert s.get_evidence("a1", "crop") is not None
         assert s.prune() == 0 and s.get_evidence("a1", "crop") is None  # an old orphan: stored_ts 0
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == DB_SCHEMA_VERSION == 4
 
 
 def test_presence_is_kept_with_the_log_and_rebuilt_from_it_for_a_layout_2_store(tmp_path: Path) -> None:
@@ -949,3 +950,23 @@ def test_presence_is_kept_with_the_log_and_rebuilt_from_it_for_a_layout_2_store(
         assert [(p.stream_id, p.participant_id) for p in s.present()] == present
         s.append(EventDraft("alert.raised", "cam", "cam/p2", {**raised("a1"), "label": "Lobby guest"}))
         assert s.get_alert("a1").label == "Lobby guest"
+
+
+def test_alerts_keep_the_raising_faces_size_and_a_layout_3_store_gains_the_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "events.sqlite3"
+    with EventStore(path, synchronous="NORMAL") as s:
+        s.append(EventDraft("alert.raised", "cam", "cam/p1", {**raised("old"), "face_px": 52.5}))
+        assert s.get_alert("old").face_px == 52.5
+    with sqlite3.connect(path) as db:  # layout 3: alerts had no face_px
+        db.executescript("ALTER TABLE alerts DROP COLUMN face_px; PRAGMA user_version=3;")
+    with EventStore(path, synchronous="NORMAL") as s:
+        assert s.get_alert("old").face_px is None  # not known for alerts raised before
+        s.append(EventDraft("alert.raised", "cam", "cam/p2", {**raised("new"), "face_px": 181.0}))
+        s.append(EventDraft("alert.raised", "cam", "cam/p3", raised("replayed")))  # no crop at hand: no size
+        assert (s.get_alert("new").face_px, s.get_alert("replayed").face_px) == (181.0, None)
+        with pytest.raises(ValueError):
+            s.append(EventDraft("alert.raised", "cam", "cam/p4", {**raised("bad"), "face_px": -1}))
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4

@@ -189,6 +189,7 @@ async def test_a_publisher_alerts_with_evidence_and_clears_when_the_score_drops(
     assert raised.type is EventType.ALERT_RAISED and raised.participant_id == "alice"
     evidence = raised.data["evidence"]
     assert set(evidence) == {EvidenceKind.CROP, EvidenceKind.HEATMAP}  # stored before the alert went out
+    assert 40 <= raised.data["face_px"] <= max(photo.shape[:2])  # the raising face's size, for the operator
     assert store.get_evidence(raised.data["alert_id"], EvidenceKind.CROP) is not None
     waited = worker.deps.metrics.registry.get_sample_value
     assert waited("streamguard_alert_evidence_seconds_count") == 1  # the time to alert it added

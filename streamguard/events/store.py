@@ -47,8 +47,8 @@ from pydantic import BaseModel, ConfigDict
 from .schema import Event, EventDraft, EventType, EvidenceKind, validate_draft
 
 # PRAGMA user_version: the layout of this file, not the event schema (2: evidence.stored_ts, 3: presence and
-# alerts.label)
-DB_SCHEMA_VERSION = 3
+# alerts.label, 4: alerts.face_px)
+DB_SCHEMA_VERSION = 4
 # Evidence is stored before its alert is published; evidence with no alert row this long after it was stored belongs
 # to an alert that was never published (the process died in between): retention deletes it.
 ORPHAN_EVIDENCE_S = 3600.0
@@ -77,7 +77,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     smoothed       REAL NOT NULL,
     threshold      REAL NOT NULL,
     clear_reason   TEXT,
-    label          TEXT
+    label          TEXT,
+    face_px        REAL
 );
 CREATE INDEX IF NOT EXISTS alerts_stream ON alerts (stream_id, raised_seq);
 -- Who is present: a row per participant.joined without its participant.left yet, kept in the event's transaction
@@ -139,6 +140,7 @@ class AlertRecord(BaseModel):
     threshold: float
     clear_reason: str | None
     label: str | None = None  # the participant's display name when the alert was raised
+    face_px: float | None = None  # long side of the raising face's box, frame pixels (null: not known)
     evidence: list[EvidenceKind]
 
 
@@ -195,6 +197,8 @@ class EventStore:
             columns = {row[1] for row in self._w.execute("PRAGMA table_info(alerts)")}
             if "label" not in columns:  # an alerts table from before layout 3: add the display name
                 self._w.execute("ALTER TABLE alerts ADD COLUMN label TEXT")
+            if "face_px" not in columns:  # before layout 4: the raising face's size (unknown for older alerts)
+                self._w.execute("ALTER TABLE alerts ADD COLUMN face_px REAL")
             self._w.execute(f"PRAGMA user_version={DB_SCHEMA_VERSION}")
             self._w.execute("COMMIT")
         self._r = self._connect(synchronous)
@@ -333,9 +337,9 @@ class EventStore:
             try:
                 c.execute(
                     "INSERT INTO alerts (alert_id, stream_id, participant_id, raised_seq, raised_ts, score, smoothed,"
-                    " threshold, label) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " threshold, label, face_px) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (data["alert_id"], stream_id, participant_id, seq, ts, data["score"], data["smoothed"],
-                     data["threshold"], data.get("label")),
+                     data["threshold"], data.get("label"), data.get("face_px")),
                 )
             except sqlite3.IntegrityError as exc:
                 raise AlertConflict(f"alert {data['alert_id']!r} was already raised") from exc
@@ -484,17 +488,17 @@ class EventStore:
 
     _ALERT_COLUMNS = (
         "a.alert_id, a.stream_id, a.participant_id, a.raised_seq, a.raised_ts, a.cleared_seq, a.cleared_ts, a.score,"
-        " a.smoothed, a.threshold, a.clear_reason, a.label,"
+        " a.smoothed, a.threshold, a.clear_reason, a.label, a.face_px,"
         " (SELECT group_concat(e.kind) FROM evidence e WHERE e.alert_id = a.alert_id)"
     )
 
     @staticmethod
     def _alert(row: tuple[Any, ...]) -> AlertRecord:
-        kinds = sorted(row[12].split(",")) if row[12] else []
+        kinds = sorted(row[13].split(",")) if row[13] else []
         return AlertRecord(
             alert_id=row[0], stream_id=row[1], participant_id=row[2], raised_seq=row[3], raised_ts=row[4],
             cleared_seq=row[5], cleared_ts=row[6], score=row[7], smoothed=row[8], threshold=row[9],
-            clear_reason=row[10], label=row[11], evidence=[EvidenceKind(k) for k in kinds],
+            clear_reason=row[10], label=row[11], face_px=row[12], evidence=[EvidenceKind(k) for k in kinds],
         )
 
     def get_alert(self, alert_id: str) -> AlertRecord | None:

@@ -176,7 +176,8 @@ try {
     let gaps = 0;
     for (let i = 1; i < r.length; i++) if (r[i] !== r[i - 1] + 1) gaps++;
     return { lastSeq: s.lastSeq, received: r.length, firstSeq: r[0], gaps, reconnects: s.reconnects,
-             alerts: [...s.alerts.values()].map((a) => ({ id: a.alert_id, participant: a.participant_id, evidence: a.evidence, seq: a.raised_seq })),
+             alerts: [...s.alerts.values()].map((a) => ({ id: a.alert_id, participant: a.participant_id, evidence: a.evidence, seq: a.raised_seq,
+                                                          face_px: a.face_px, nums: document.querySelector(`[data-alert-id="${a.alert_id}"] .nums`)?.textContent })),
              participants: s.participants.map((p) => ({ id: p.id, state: p.state, samples: p.samples, smoothed: p.smoothed })) };
   });
   Object.assign(result, state);
