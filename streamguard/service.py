@@ -21,7 +21,7 @@ from streamguard.faces.analyzer import FacePool
 from streamguard.inference.backends import BackendOptions, select_backend
 from streamguard.inference.batcher import Batcher
 from streamguard.inference.classifier import Classifier
-from streamguard.inference.heatmap import Heatmapper, heatmapper_for
+from streamguard.inference.heatmap import Heatmapper, OcclusionMap, heatmapper_for
 from streamguard.inference.models import ModelNotFound, resolve_model
 from streamguard.ingest.av_source import redact_url
 from streamguard.ingest.egress import EgressProxy
@@ -299,7 +299,12 @@ class Service:
             onnx_path = None
         same = onnx_path is not None and (file_card.name, file_card.version, file_card.sha256) == (
             card.name, card.version, card.sha256)
-        return heatmapper_for(self.classifier, onnx_path if same else None, self.config.events.heatmap)
+        try:
+            return heatmapper_for(self.classifier, onnx_path if same else None, self.config.events.heatmap)
+        except Exception as exc:  # e.g. the file changed since the classifier loaded it: alerts still get a heatmap
+            log.warning("alert heatmaps: cannot read the model's own map from %s (%s); occlusion maps instead",
+                        onnx_path, exc)
+            return OcclusionMap(self.classifier)
 
     def _watch_inference(self) -> None:
         """A remote backend (Triton) reports outages and recoveries from its own threads: each change becomes a

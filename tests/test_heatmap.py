@@ -268,3 +268,10 @@ def test_the_service_draws_alerts_with_the_models_map_unless_told_otherwise(
     _card().save(map_model.with_suffix(".json"))
     own = OnnxClassifier(map_model, _card(), threads=1)
     assert isinstance(service(own, model=str(map_model)).alert_heatmapper(), ModelMap)
+    # The file going bad after the classifier loaded it (replaced mid-deploy): occlusion maps, not a failed start.
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(map_model.read_bytes())
+    _card().save(broken.with_suffix(".json"))
+    loaded = OnnxClassifier(broken, _card(), threads=1)
+    broken.write_bytes(map_model.read_bytes()[:100])
+    assert isinstance(service(loaded, model=str(broken)).alert_heatmapper(), OcclusionMap)
