@@ -256,6 +256,7 @@ def _print_file(r: FileReport) -> None:
         pscore = "-" if p.score is None else f"{p.score:.3f}"
         typer.echo(f"  {p.id:4s} samples {p.samples:4d}  low-quality {p.low_quality:3d}  P(fake) {pscore}"
                    f"  seen {p.first_seen_s:.1f}-{p.last_seen_s:.1f} s"
+                   + (f"  face {p.face_px:.0f} px" if p.face_px is not None else "")
                    + (f"  heatmap {p.heatmap}" if p.heatmap else ""))
 
 

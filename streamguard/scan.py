@@ -49,6 +49,8 @@ class ParticipantReport(BaseModel):
     first_seen_s: float
     last_seen_s: float
     sample_scores: list[float] = Field(default_factory=list)
+    face_px: float | None = Field(None, description="median long side of this person's scored face boxes, pixels "
+                                  "(null: none scored, or aligned crops): small faces score unreliably (README)")
     heatmap: str | None = Field(None, description="artefact heatmap PNG of this person's most suspicious face")
 
 
@@ -130,6 +132,7 @@ class _ParticipantLog:
     def __init__(self, first_seen_s: float):
         self.first_seen_s = self.last_seen_s = first_seen_s
         self.scores: list[float] = []
+        self.face_px: list[float] = []  # of the scored faces
         self.low_quality = 0
         self.best: tuple[float, np.ndarray] | None = None
 
@@ -235,6 +238,7 @@ class Scanner:
         for (pid, crop), p in zip(pending, scores, strict=True):
             log = logs[pid]
             log.scores.append(float(p))
+            log.face_px.append(crop.quality.face_px)
             if log.best is None or p > log.best[0]:
                 log.best = (float(p), crop.crop)
         pending.clear()
@@ -260,6 +264,7 @@ class Scanner:
                     first_seen_s=log.first_seen_s,
                     last_seen_s=log.last_seen_s,
                     sample_scores=[round(s, 5) for s in log.scores],
+                    face_px=round(float(np.median(log.face_px)), 1) if log.face_px else None,
                 )
             )
         noise = sum(len(log.scores) + log.low_quality for pid, log in logs.items() if pid not in confirmed)

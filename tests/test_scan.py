@@ -47,6 +47,7 @@ def test_ffpp_videos_have_one_participant_with_enough_samples(scanner, shared_da
     assert person.samples + person.low_quality <= report.sampled_frames
     assert 0.01 <= report.score <= 0.99
     assert len(person.sample_scores) == person.samples
+    assert person.face_px is not None and 70 <= person.face_px <= 110  # the anchor's face in 640x480 (~85 px)
 
 
 def test_image_with_several_people_has_several_participants(scanner, shared_data):
