@@ -164,8 +164,9 @@ class ModelMap:
         k = self.steps
         step = size / self.cells / k  # stride / steps pixels
         shifts = [round((i - (k - 1) / 2) * step) for i in range(k)]
+        offsets = [(dy, dx) for dy in shifts for dx in shifts]
         copies = [cv2.warpAffine(x, np.array([[1, 0, dx], [0, 1, dy]], np.float32), (size, size),
-                                 borderMode=cv2.BORDER_REFLECT_101) for dy in shifts for dx in shifts]
+                                 borderMode=cv2.BORDER_REFLECT_101) for dy, dx in offsets]
         # One copy per run: as fast on one core, and ONNX Runtime's arena keeps what the largest run needed (measured
         # with the default model: +16 MB over the session one at a time, +380 MB in one batch of 16).
         maps = np.concatenate([self.maps(c[None]) for c in copies])
@@ -173,7 +174,7 @@ class ModelMap:
         # Copy (dy, dx) shows the crop's pixel p at p + d: each of the crop's pixels takes, from every copy, the value
         # of the cell that covered it there, and their mean (steps² values, from cells offset by a sub-cell each).
         # A mean, not an interleave: the network is not exactly shift-equivariant, and interleaved copies show seams.
-        for n, (dy, dx) in enumerate((dy, dx) for dy in shifts for dx in shifts):
+        for n, (dy, dx) in enumerate(offsets):
             cells = cv2.resize(maps[n], (size, size), interpolation=cv2.INTER_LINEAR)  # each cell at its centre
             rows, cols = (np.clip(np.arange(size) + d, 0, size - 1) for d in (dy, dx))
             heat += cells[np.ix_(rows, cols)]
