@@ -61,6 +61,7 @@ from streamguard.ingest.sampler import TimestampSampler
 log = logging.getLogger(__name__)
 
 REASON_TRACK_ENDED = "video track ended"
+PC_CLOSE_TIMEOUT_S = 5.0  # the longest close() waits for aiortc to close the peer connection
 
 # Frames per second sent by default: well above the service's 1 FPS sampling, far below a camera's 30 (module doc).
 DEFAULT_MAX_FPS = 5.0
@@ -157,7 +158,11 @@ class Publication:
         except httpx.HTTPError as exc:
             log.warning("WHIP DELETE %s failed: %s", self.location, exc)
         finally:
-            await self.pc.close()
+            try:  # bounded, as the server bounds its own: a close that never returns must not keep a bot from exiting
+                await asyncio.wait_for(self.pc.close(), PC_CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("WHIP session %s: closing the peer connection took over %g s; leaving it",
+                            self.session_id, PC_CLOSE_TIMEOUT_S)
             for track in self._owned_tracks:  # the player's tracks; a caller's track stays the caller's
                 track.stop()
             if self._owns_http:
