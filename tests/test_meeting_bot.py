@@ -113,19 +113,28 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 class BotProcess:
-    """examples/meeting_bot.py in a subprocess; its stdout lines are collected by a thread as they come."""
+    """examples/meeting_bot.py in a subprocess; its stdout lines and its stderr are collected by threads as they
+    come (an unread pipe that fills, 64 KB of log lines, would block the bot on its next write)."""
 
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", BOT_LOOPBACK_SHIM, str(BOT), *args], cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
+        self._errors: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self._error_reader = threading.Thread(target=self._read_errors, daemon=True)
+        self._error_reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
+
+    def _read_errors(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._errors.append(line)
 
     def wait_for(self, text: str, timeout_s: float = 60.0) -> str:
         deadline = time.monotonic() + timeout_s
@@ -139,9 +148,10 @@ class BotProcess:
         raise AssertionError(f"no {text!r} from the bot: {self.lines}; stderr: {self.stderr()}")
 
     def stderr(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None:
+        if self.proc.poll() is None:
             return "(running)"
-        return self.proc.stderr.read()
+        self._error_reader.join(5)
+        return "".join(self._errors)
 
     def exit(self, timeout_s: float) -> tuple[int, str]:
         try:
@@ -149,7 +159,8 @@ class BotProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-            raise AssertionError(f"the bot still runs {timeout_s} s after its session ended: {self.lines}") from None
+            raise AssertionError(f"the bot still runs {timeout_s} s after its session ended: {self.lines}; stderr: "
+                                 f"{self.stderr()[-3000:]}") from None
         self._reader.join(5)
         return rc, self.stderr()
 
