@@ -22,19 +22,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bench_serve  # noqa: E402  (tools/: this process's RSS)
+
 from streamguard.inference.models import resolve_model
 from streamguard.inference.onnx import OnnxClassifier
 
 
 def rss_mb() -> float:
-    """This process's resident memory (Linux /proc; 0 where it cannot be read)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return bench_serve.rss_bytes() / 2**20
 
 
 def bench(classifier: OnnxClassifier, batch: int, runs: int, warmup: int, seed: int = 0) -> dict:

@@ -130,15 +130,11 @@ class ModelMap:
     method: HeatmapMethod = "model"
 
     def __init__(self, onnx_path: Path, card: ModelCard, steps: int = 4, threads: int = 1) -> None:
-        import onnxruntime as ort
+        from streamguard.inference.onnx import load_session
 
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        self._session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self._session = load_session(onnx_path, threads)
         self._input = self._session.get_inputs()[0].name
         self.card = card
         self.steps = steps

@@ -12,22 +12,26 @@ from streamguard.inference.card import ModelCard
 from streamguard.inference.classifier import preprocess, to_p_fake
 
 
+def load_session(onnx_path: Path, threads: int = 0, providers: list[str] | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session for a face model (CPU unless `providers` say otherwise).
+
+    At most 2 threads (0: that default) and no spin-waiting: a small face model gains little from more, and spinning
+    threads burn the cores that decoding and face detection need (measured: 2.2 ms/face at batch 1 with 2 threads
+    against 6.2 ms with ORT's defaults on the loaded 2-core CI machine)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), options, providers=providers or ["CPUExecutionProvider"])
+
+
 class OnnxClassifier:
     backend = "onnxruntime"
 
     def __init__(self, onnx_path: Path, card: ModelCard, providers: list[str] | None = None, threads: int = 0):
-        options = ort.SessionOptions()
-        # At most 2 threads and no spin-waiting: a small face model gains little from more, and spinning threads
-        # burn the cores that decoding and face detection need (measured: 2.2 ms/face at batch 1 with 2 threads
-        # against 6.2 ms with ORT's defaults on the loaded 2-core CI machine).
-        options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
         self.card = card
         self.path = Path(onnx_path)
-        self._session = ort.InferenceSession(
-            str(self.path), options, providers=providers or ["CPUExecutionProvider"]
-        )
+        self._session = load_session(self.path, threads, providers)
         self._input = self._session.get_inputs()[0].name
 
     @property
