@@ -459,6 +459,48 @@ class TestTinyTraining:
         assert clf.card == card and clf.card.raise_threshold == 0.8 and clf.card.preprocess.crop_margin == 1.15
         assert clf.predict(np.zeros((3, 64, 64, 3), np.uint8)).shape == (3,)
 
+    def test_fine_tune_from_an_exported_model(self, face_crops: FaceSet, tmp_path: Path):
+        from streamguard.training.export import export_onnx
+        from streamguard.training.model import build_model
+        from streamguard.training.recover import folded_convs, load_from_onnx
+        from streamguard.training.trainer import TrainConfig, train
+
+        cfg = TrainConfig(epochs=1, samples_per_epoch=16, batch_size=8, input_size=64, val_sbi_per_face=1,
+                          num_workers=0, seed=6, dropout=0.0)
+        idx = np.arange(len(face_crops))
+        trained = train(face_crops, idx[:-1], idx[-1:], cfg, tmp_path / "a", progress=False).model
+        onnx_path = export_onnx(trained, tmp_path / "a.onnx", 64, flip_average=True)
+
+        rebuilt = build_model(dropout=0.0, pretrained=False)
+        x = torch.from_numpy(np.random.default_rng(1).standard_normal((6, 3, 64, 64)).astype(np.float32))
+        assert load_from_onnx(rebuilt, onnx_path, [x], flip_average=True) < 1e-5
+        # The trained BatchNorms differ from the rebuilt ones, the function does not; the convolutions are the
+        # graph's folded ones.
+        assert not torch.equal(trained.backbone._bn1.weight, rebuilt.backbone._bn1.weight)
+        assert np.array_equal(folded_convs(onnx_path)[-1][0], rebuilt.head.weight.detach().numpy())
+        # Statistics measured on x: train mode (BatchNorm on the batch's own statistics) scores x as eval mode does.
+        with torch.no_grad():
+            want = rebuilt.eval()(x)
+            got = rebuilt.train()(x)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+        with pytest.raises(ValueError, match="flip-average"):
+            load_from_onnx(build_model(pretrained=False), onnx_path, [x], flip_average=False)
+        # train(init_from=...onnx): the phase starts from the export; at lr 0 the convolutions stay the graph's.
+        from dataclasses import replace
+
+        tuned = train(face_crops, idx[:-1], idx[-1:], replace(cfg, lr=0.0), tmp_path / "b", progress=False,
+                      init_from=onnx_path, flip_average=True)
+        assert np.array_equal(folded_convs(onnx_path)[0][0], tuned.model.backbone._conv_stem.weight.detach().numpy())
+
+    def test_the_default_model_can_seed_a_fine_tune(self):
+        from streamguard.training.model import build_model
+        from streamguard.training.recover import load_from_onnx
+
+        x = torch.from_numpy(np.random.default_rng(2).standard_normal((4, 3, 160, 160)).astype(np.float32) * 0.5)
+        shipped = Path(__file__).resolve().parents[1] / "engines" / "streamguard-sbi.onnx"
+        assert load_from_onnx(build_model(pretrained=False), shipped, [x], flip_average=True) < 1e-4
+
     def test_average_of_the_last_epochs_weights(self, face_crops: FaceSet, tmp_path: Path):
         from streamguard.training.trainer import EPOCH_WEIGHTS, TrainConfig, train
 
@@ -515,13 +557,19 @@ class TestTinyTraining:
         assert np.array_equal(again.faces.crops, face_crops.crops)
 
 
-def test_train_cli_refuses_an_average_of_no_epochs():
-    """`--average-last 0` is a CLI error naming the flag (exit 2), not a run that silently exports the last epoch."""
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--average-last", "0"], "--average-last: at least 1 epoch"),
+    (["--min-downscale", "0.95"], "--min-downscale: a factor in (0, 0.9)"),
+    (["--p-downscale", "1.5"], "--p-downscale: a probability in [0, 1]"),
+])
+def test_train_cli_refuses_bad_settings_naming_the_flag(flags: list[str], message: str):
+    """A bad setting is a CLI error naming the flag (exit 2), not a run that silently does something else (exports
+    the last epoch for an average of none, never downscales)."""
     import subprocess
     import sys
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "train.py"
-    proc = subprocess.run([sys.executable, str(tool), "--real", "unused", "--average-last", "0"],
+    proc = subprocess.run([sys.executable, str(tool), "--real", "unused", *flags],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "--average-last: at least 1 epoch" in proc.stderr
+    assert message in proc.stderr

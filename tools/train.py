@@ -35,7 +35,7 @@ import logging
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(DEFAULTS, name))
     for name in ("lr", "xray_share", "video_share", "margin"):
         t.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(DEFAULTS, name))
+    aug = DEFAULTS.augment
+    t.add_argument("--p-downscale", type=float, default=aug.p_downscale,
+                   help="share of samples downscaled and upscaled again (half of them also JPEG-coded)")
+    t.add_argument("--min-downscale", type=float, default=aug.min_downscale,
+                   help="smallest downscale factor of the crop side (0.25 at 160 px: a 40 px crop, a ~35 px face)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=DEFAULTS.num_workers, help="DataLoader workers (blend+augment)")
     t.add_argument("--out", type=Path, default=ROOT / "out" / "train-lite0", help="run folder")
@@ -118,6 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.average_last < 1:
         p.error(f"--average-last: at least 1 epoch (1: the last epoch's weights), not {args.average_last}")
+    if not 0.0 <= args.p_downscale <= 1.0:
+        p.error(f"--p-downscale: a probability in [0, 1], not {args.p_downscale}")
+    if not 0.0 < args.min_downscale < 0.9:
+        p.error(f"--min-downscale: a factor in (0, 0.9) (draws are uniform up to 0.9), not {args.min_downscale}")
     return args
 
 
@@ -241,22 +250,30 @@ def heldout_real_scores(result: TrainResult, faces: FaceSet) -> list[float]:
 
 
 def training_text(cfg: TrainConfig, faces: FaceSet, split: Split, argv: list[str], times: dict[str, float],
-                  result: TrainResult, flip_average: bool) -> str:
+                  result: TrainResult, flip_average: bool, init_from: Path | None = None) -> str:
     seconds = round(sum(times.values()), 1)
     # With --resume this run trained only the last epochs: the history keeps every epoch's time.
     epochs_min = sum(h.seconds for h in result.history) / 60
     epochs = result.averaged_epochs
     averaged = f"; weights averaged over epochs {epochs[0]}-{epochs[-1]} (SWA)" if epochs else ""
     flipped = "Scored (validation, export) as the mean P(fake) of each crop and its mirror. " if flip_average else ""
+    start = f"Fine-tuned from ImageNet ({WEIGHTS_PACKAGE})"
+    if init_from:
+        from streamguard.inference.models import file_sha256
+
+        start = (f"Fine-tuned from {_rel(init_from)} (sha256 {file_sha256(init_from)[:16]}, itself fine-tuned from "
+                 f"ImageNet, {WEIGHTS_PACKAGE})")
+    aug = cfg.augment
     return (
-        f"Fine-tuned from ImageNet ({WEIGHTS_PACKAGE}) on real faces only: self-blended images (Shiohara & "
+        f"{start} on real faces only: self-blended images (Shiohara & "
         f"Yamasaki, CVPR 2022) and cross-identity blends (Li et al., Face X-ray, CVPR 2020; {cfg.xray_share:.0%} of "
         f"the pseudo-fakes). Data: {len(faces)} face crops ({len(split.train_idx)} train / {len(split.val_idx)} held "
         f"out; {len(split.train_ids)} / {len(split.val_ids)} identities, split by identity), real video frames "
         f"{cfg.video_share:.0%} of the draws. Recipe: stem + {cfg.frozen_blocks} blocks frozen, {cfg.input_size} px, "
         f"crop margin {cfg.margin} (jittered {cfg.margin_range[0]}-{cfg.margin_range[1]}, shift {cfg.max_shift}), "
         f"pairs of a real face and its pseudo-fake with the same augmentation (flip, roll, colour, beauty filter, "
-        f"blur, noise, downscale, H.264/VP8 via PyAV, JPEG), {cfg.epochs} epochs x {cfg.samples_per_epoch} samples, "
+        f"blur, noise, downscale to {aug.min_downscale}-0.9 of the side on {aug.p_downscale:.0%}, H.264/VP8 via PyAV, "
+        f"JPEG), {cfg.epochs} epochs x {cfg.samples_per_epoch} samples, "
         f"batch {cfg.batch_size}, AdamW lr {cfg.lr} (head x{cfg.head_lr_scale}) warmup+cosine, weight decay "
         f"{cfg.weight_decay}, BCE + {cfg.map_weight} x blend-map BCE"
         f"{averaged}. "
@@ -289,6 +306,7 @@ def config_of(args: argparse.Namespace) -> TrainConfig:
         input_size=args.input_size, seed=args.seed, num_workers=args.workers, threads=args.threads,
         frozen_blocks=args.frozen_blocks, xray_share=args.xray_share, video_share=args.video_share,
         margin=args.margin,
+        augment=replace(DEFAULTS.augment, p_downscale=args.p_downscale, min_downscale=args.min_downscale),
     )
 
 
@@ -372,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                "calibration": {"what": "thresholds from held-out real faces and held-out real calls "
                                f"({', '.join(c.name for c in clips) or 'none'}); never from fakes",
                                **calibration.to_dict()}}
-    text = training_text(cfg, faces, split, argv, times, result, args.flip_average)
+    text = training_text(cfg, faces, split, argv, times, result, args.flip_average, args.init_from)
     card = info.write(onnx_path, calibration.threshold, text, metrics, calibration.raise_threshold,
                       calibration.clear_threshold)
     report = report_of(argv, cfg, result, card, onnx_path, max_diff, faces, split, metrics, times)

@@ -273,6 +273,25 @@ def _log_epoch(stats: EpochStats, progress: bool) -> None:
         tqdm.write(line)
 
 
+def _init_weights(model: FakeDetector, init_from: Path, loader: DataLoader, flip_average: bool,
+                  stats_batches: int = 4) -> None:
+    """Weights of an earlier run's checkpoint, or of an exported model (.onnx: BatchNorm statistics re-measured on
+    the first `stats_batches` training batches, see `recover.py`)."""
+    if Path(init_from).suffix != ".onnx":
+        model.load_state_dict(torch.load(init_from, map_location="cpu", weights_only=False)["model"])
+        log.info("weights from %s", init_from)
+        return
+    from streamguard.training.recover import load_from_onnx
+
+    batches = []
+    for batch in loader:
+        batches.append(batch[0])
+        if len(batches) == stats_batches:
+            break
+    diff = load_from_onnx(model, Path(init_from), batches, flip_average)
+    log.info("weights rebuilt from %s (max |P(fake) - ONNX Runtime| %.2g)", init_from, diff)
+
+
 def train(
     faces: FaceSet,
     train_idx: Sequence[int],
@@ -288,11 +307,12 @@ def train(
 ) -> TrainResult:
     """Train on faces[train_idx] (+ pseudo-fakes), validate on faces[val_idx] (+ fresh ones) after each epoch.
 
-    `init_from`: a checkpoint of an earlier run whose weights this one starts from (a fine-tuning phase with its own
-    settings and schedule); `resume` continues this run's own checkpoint instead. `stop_after`: end after that many
-    epochs of the schedule (the checkpoint is kept; the schedule is still the one of `cfg.epochs`). `average_last`:
-    the result is the average of the last that many epochs' weights (Izmailov et al., SWA: a flatter optimum that
-    generalises better than the last point of the schedule; BatchNorm statistics are averaged alike).
+    `init_from`: a checkpoint of an earlier run, or an exported model's .onnx, whose weights this one starts from
+    (a fine-tuning phase with its own settings and schedule); `resume` continues this run's own checkpoint instead.
+    `stop_after`: end after that many epochs of the schedule (the checkpoint is kept; the schedule is still the one
+    of `cfg.epochs`). `average_last`: the result is the average of the last that many epochs' weights (Izmailov et
+    al., SWA: a flatter optimum that generalises better than the last point of the schedule; BatchNorm statistics
+    are averaged alike).
     `flip_average`: validation scores faces as the export will (`WithSigmoid`); training is not affected."""
     if cfg.paired and cfg.batch_size % 2:
         raise ValueError("paired batches need an even batch_size")
@@ -302,17 +322,16 @@ def train(
     seed_everything(cfg.seed, cfg.threads)
 
     model = build_model(cfg.frozen_blocks, cfg.dropout, cfg.topk_fraction, cfg.pretrained)
-    if init_from is not None:
-        model.load_state_dict(torch.load(init_from, map_location="cpu", weights_only=False)["model"])
-        log.info("weights from %s", init_from)
-    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
     if cfg.input_size % model.stride:
         raise ValueError(f"input_size must be a multiple of {model.stride}")
+    sampler, loader, val_ds = _data(faces, train_idx, val_idx, cfg, model.stride)
+    if init_from is not None:
+        _init_weights(model, init_from, loader, flip_average)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
     sched = _Schedule.from_config(cfg)
     ckpt_path = out_dir / CHECKPOINT
     history, start_epoch = _resume(model, opt, cfg, ckpt_path) if resume and ckpt_path.exists() else ([], 0)
-    sampler, loader, val_ds = _data(faces, train_idx, val_idx, cfg, model.stride)
     keys = eval_keys(faces, val_idx, cfg.val_sbi_per_face, cfg.seed, cfg.val_xray_per_face if cfg.xray_share else 0)
     val_scores = val_labels = None
 
