@@ -176,6 +176,24 @@ def test_real_loaders_on_this_machine():
     assert classifier.backend == "onnxruntime" and warnings == []
 
 
+def test_service_runs_the_cpu_model_on_the_configured_threads(tmp_path: Path):
+    """batcher.cpu_threads reaches the ONNX Runtime session (1 by default: the least CPU per face, see the
+    README's bench_serve rows), and a bad value is refused naming the field."""
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from streamguard.config import ServiceConfig
+    from streamguard.service import Service
+
+    for settings, want in (({}, 1), ({"batcher": {"cpu_threads": 2}}, 2)):
+        service = Service(ServiceConfig(data_dir=tmp_path, backend="onnxruntime", **settings))  # type: ignore[arg-type]
+        assert asyncio.run(service._load_classifier()) is None
+        assert isinstance(service.classifier, OnnxClassifier) and service.classifier.threads == want
+    with pytest.raises(ValidationError, match="cpu_threads"):
+        ServiceConfig(data_dir=tmp_path, batcher={"cpu_threads": 0})  # type: ignore[arg-type]
+
+
 @needs_meso4
 def test_tensorrt_classifier_without_tensorrt_says_how_to_get_it(tmp_path: Path):
     from streamguard.inference.tensorrt import TensorRTClassifier, build_serialized_engine

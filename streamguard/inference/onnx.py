@@ -38,6 +38,11 @@ class OnnxClassifier:
     def input_size(self) -> int:
         return self.card.preprocess.input_size
 
+    @property
+    def threads(self) -> int:
+        """The session's intra-op threads (what a model call may keep busy)."""
+        return int(self._session.get_session_options().intra_op_num_threads)
+
     def predict(self, crops: np.ndarray) -> np.ndarray:
         if len(crops) == 0:
             return np.zeros((0,), np.float32)
