@@ -557,10 +557,46 @@ class TestTinyTraining:
         assert np.array_equal(again.faces.crops, face_crops.crops)
 
 
+def test_low_resolution_pairs_are_blended_small(face_crops: FaceSet):
+    """p_low_res_blend: a real face and its pseudo-fakes are made at a fraction of the side and brought back, so the
+    fake's blend is as coarse as the face (not a sharp blend smoothed afterwards); off, nothing changes."""
+    from dataclasses import replace
+
+    still = aug.AugmentConfig(p_flip=0, p_geometry=0, p_brightness_contrast=0, p_colour=0, p_blur=0, p_noise=0,
+                              p_downscale=0, p_jpeg=0)
+    small = replace(still, p_low_res_blend=1.0, low_res_range=(0.25, 0.3))
+    crop = CropConfig(face_crops.margin)
+
+    def dataset(cfg: aug.AugmentConfig) -> FaceDataset:
+        return FaceDataset(face_crops, 128, (0.5,) * 3, (0.5,) * 3, train=True, augment_cfg=cfg, crop=crop)
+
+    def detail(img: np.ndarray) -> float:
+        return float(cv2.Laplacian(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var())
+
+    for kind in (REAL, SBI, XRAY):
+        key = (0, kind, 11)
+        full, full_label, full_mask = dataset(still).sample(key)
+        low, label, mask = dataset(small).sample(key)
+        assert low.shape == full.shape == (128, 128, 3) and low.dtype == np.uint8 and label == full_label
+        if kind != SBI:  # (an SBI may sharpen its whole target side, at whatever resolution it is made)
+            assert detail(low) < detail(full) / 3, kind  # a quarter of the side: the fine detail is gone
+        assert mask is not None and mask.shape == (128, 128)
+        if kind != REAL:
+            assert label == 1 and 0.05 < float((mask > 0.05).mean()) < 0.8  # a face-sized blend region
+        # Train-only: validation crops are never shrunk.
+        val = FaceDataset(face_crops, 128, (0.5,) * 3, (0.5,) * 3, train=False, augment_cfg=small, crop=crop)
+        plain = FaceDataset(face_crops, 128, (0.5,) * 3, (0.5,) * 3, train=False, crop=crop)
+        assert np.array_equal(val.sample(key)[0], plain.sample(key)[0])
+    # Off (the default), a sample is exactly what it was before the option existed.
+    assert np.array_equal(dataset(still).sample((1, SBI, 5))[0],
+                          dataset(replace(still, p_low_res_blend=0.0)).sample((1, SBI, 5))[0])
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--average-last", "0"], "--average-last: at least 1 epoch"),
     (["--min-downscale", "0.95"], "--min-downscale: a factor in (0, 0.9)"),
     (["--p-downscale", "1.5"], "--p-downscale: a probability in [0, 1]"),
+    (["--p-low-res-blend", "-0.1"], "--p-low-res-blend: a probability in [0, 1]"),
 ])
 def test_train_cli_refuses_bad_settings_naming_the_flag(flags: list[str], message: str):
     """A bad setting is a CLI error naming the flag (exit 2), not a run that silently does something else (exports

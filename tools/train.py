@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of samples downscaled and upscaled again (half of them also JPEG-coded)")
     t.add_argument("--min-downscale", type=float, default=aug.min_downscale,
                    help="smallest downscale factor of the crop side (0.25 at 160 px: a 40 px crop, a ~35 px face)")
+    t.add_argument("--p-low-res-blend", type=float, default=aug.p_low_res_blend,
+                   help=f"share of pairs made at {aug.low_res_range[0]:g}-{aug.low_res_range[1]:g} of the crop side "
+                   "(the face shrunk before the blend, so a small fake keeps its artefacts) and brought back")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=DEFAULTS.num_workers, help="DataLoader workers (blend+augment)")
     t.add_argument("--out", type=Path, default=ROOT / "out" / "train-lite0", help="run folder")
@@ -123,8 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.average_last < 1:
         p.error(f"--average-last: at least 1 epoch (1: the last epoch's weights), not {args.average_last}")
-    if not 0.0 <= args.p_downscale <= 1.0:
-        p.error(f"--p-downscale: a probability in [0, 1], not {args.p_downscale}")
+    for flag in ("p_downscale", "p_low_res_blend"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            p.error(f"--{flag.replace('_', '-')}: a probability in [0, 1], not {getattr(args, flag)}")
     if not 0.0 < args.min_downscale < 0.9:
         p.error(f"--min-downscale: a factor in (0, 0.9) (draws are uniform up to 0.9), not {args.min_downscale}")
     return args
@@ -264,6 +268,8 @@ def training_text(cfg: TrainConfig, faces: FaceSet, split: Split, argv: list[str
         start = (f"Fine-tuned from {_rel(init_from)} (sha256 {file_sha256(init_from)[:16]}, itself fine-tuned from "
                  f"ImageNet, {WEIGHTS_PACKAGE})")
     aug = cfg.augment
+    low_res = (f"; {aug.p_low_res_blend:.0%} of the pairs made at {aug.low_res_range[0]}-{aug.low_res_range[1]} of "
+               f"the crop side (shrunk before the blend)" if aug.p_low_res_blend else "")
     return (
         f"{start} on real faces only: self-blended images (Shiohara & "
         f"Yamasaki, CVPR 2022) and cross-identity blends (Li et al., Face X-ray, CVPR 2020; {cfg.xray_share:.0%} of "
@@ -273,7 +279,7 @@ def training_text(cfg: TrainConfig, faces: FaceSet, split: Split, argv: list[str
         f"crop margin {cfg.margin} (jittered {cfg.margin_range[0]}-{cfg.margin_range[1]}, shift {cfg.max_shift}), "
         f"pairs of a real face and its pseudo-fake with the same augmentation (flip, roll, colour, beauty filter, "
         f"blur, noise, downscale to {aug.min_downscale}-0.9 of the side on {aug.p_downscale:.0%}, H.264/VP8 via PyAV, "
-        f"JPEG), {cfg.epochs} epochs x {cfg.samples_per_epoch} samples, "
+        f"JPEG){low_res}, {cfg.epochs} epochs x {cfg.samples_per_epoch} samples, "
         f"batch {cfg.batch_size}, AdamW lr {cfg.lr} (head x{cfg.head_lr_scale}) warmup+cosine, weight decay "
         f"{cfg.weight_decay}, BCE + {cfg.map_weight} x blend-map BCE"
         f"{averaged}. "
@@ -306,7 +312,8 @@ def config_of(args: argparse.Namespace) -> TrainConfig:
         input_size=args.input_size, seed=args.seed, num_workers=args.workers, threads=args.threads,
         frozen_blocks=args.frozen_blocks, xray_share=args.xray_share, video_share=args.video_share,
         margin=args.margin,
-        augment=replace(DEFAULTS.augment, p_downscale=args.p_downscale, min_downscale=args.min_downscale),
+        augment=replace(DEFAULTS.augment, p_downscale=args.p_downscale, min_downscale=args.min_downscale,
+                        p_low_res_blend=args.p_low_res_blend),
     )
 
 

@@ -42,6 +42,10 @@ class AugmentConfig:
     p_sharpen: float = 0.0
     p_codec: float = 0.0
     p_dim: float = 0.0  # a dim room: darker, gamma, the sensor noise of a camera's gain (DFDC's night scenes)
+    # A pair made at low resolution: the face is downscaled *before* the blend (training/data.py), so a small fake
+    # keeps the artefacts its label stands for; `downscale` after the blend smooths them away (README: tried).
+    p_low_res_blend: float = 0.0
+    low_res_range: tuple[float, float] = (0.25, 0.5)  # of the crop side
     vp8_share: float = 0.3  # of the codec draws; the rest are H.264
     h264_crf: tuple[int, int] = (18, 40)  # x264 CRF: 23 is its default, ~35-40 a congested call
     vp8_q: tuple[int, int] = (8, 50)  # libvpx quantiser (0..63), fixed per frame

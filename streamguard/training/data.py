@@ -698,21 +698,38 @@ class FaceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.faces)
 
-    def _blend(self, index: int, kind: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def _low_res_scale(self, seed: int) -> float | None:
+        """The side factor this pair is made at (None: full size). Its own random stream, so a real face and its
+        fakes with the same seed are made at the same resolution, and configs without it keep their draws."""
+        cfg = self.augment_cfg
+        if not self.train or not cfg.p_low_res_blend:
+            return None
+        rng = np.random.default_rng([seed, 3])
+        return float(rng.uniform(*cfg.low_res_range)) if rng.random() < cfg.p_low_res_blend else None
+
+    def _blend(self, index: int, kind: int, seed: int, scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(the pseudo-fake, its blend mask), made at `scale` of the crop side and brought back to its size."""
         from streamguard.training.xray import cross_blend, pick_donor
 
         img = np.asarray(self.faces.crops[index])
         valid = self.faces.valid_mask(index)
         lm = self.faces.landmarks[index]
         rng = np.random.default_rng([seed, 1])
+        size = img.shape[0]
+        if scale is not None:
+            img = _shrink(img, scale)
+            scale = img.shape[0] / size  # the factor after rounding the side: landmarks must land on the pixels
+            valid, lm = _shrink(valid.astype(np.uint8), scale).astype(bool), lm * scale
         if kind == XRAY:
-            donor = pick_donor(index, lm, self.faces, self._donor_pool(), rng)
+            donor = pick_donor(index, self.faces.landmarks[index], self.faces, self._donor_pool(), rng)
             if donor is not None:
-                blend = cross_blend(img, lm, np.asarray(self.faces.crops[donor]), self.faces.landmarks[donor], rng,
-                                    valid=valid)
-                return blend.fake, blend.mask
+                donor_img, donor_lm = np.asarray(self.faces.crops[donor]), self.faces.landmarks[donor]
+                if scale is not None:
+                    donor_img, donor_lm = _shrink(donor_img, scale), donor_lm * scale
+                blend = cross_blend(img, lm, donor_img, donor_lm, rng, valid=valid)
+                return _grow(blend.fake, size), _grow(blend.mask, size)
         blend = self_blend(img, lm, rng, valid=valid)
-        return blend.fake, blend.mask
+        return _grow(blend.fake, size), _grow(blend.mask, size)
 
     def _donor_pool(self) -> tuple[np.ndarray, np.ndarray]:
         """(donor indices with landmarks, their normalised landmark shapes), computed once per worker."""
@@ -731,8 +748,11 @@ class FaceDataset(Dataset):
         img = np.asarray(self.faces.crops[index])
         label = int(self.faces.labels[index])
         mask: np.ndarray | None = None if label == 1 else np.zeros(img.shape[:2], np.float32)
+        scale = self._low_res_scale(seed)
+        if kind == REAL and scale is not None:
+            img = _grow(_shrink(img, scale), img.shape[0])  # the real side of a low-resolution pair
         if kind != REAL:
-            img, blend_mask = self._blend(index, kind, seed)
+            img, blend_mask = self._blend(index, kind, seed, scale)
             label = 1
             peak = float(blend_mask.max())
             mask = blend_mask / peak if peak > 0 else blend_mask
@@ -772,6 +792,17 @@ class FaceDataset(Dataset):
             torch.from_numpy(np.clip(target, 0.0, 1.0)[None]),
             torch.tensor(known),
         )
+
+
+def _shrink(img: np.ndarray, scale: float) -> np.ndarray:
+    """`img` at `scale` of its side (area interpolation: what a camera further away records)."""
+    side = max(8, round(img.shape[0] * scale))
+    return np.asarray(cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA))
+
+
+def _grow(img: np.ndarray, size: int) -> np.ndarray:
+    """Back to `size` x `size` (bilinear, as the service upscales a small face's crop to the model's input)."""
+    return np.asarray(cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR))
 
 
 def eval_keys(faces: FaceSet, indices: Sequence[int], sbi_per_face: int, seed: int,
