@@ -102,7 +102,10 @@ class EgressProxy:
         error: OSError | None = None
         for address in addresses:
             try:
-                return await asyncio.wait_for(asyncio.open_connection(address, port), CONNECT_TIMEOUT_S)
+                # asyncio.timeout, not wait_for: the connect is awaited in this task, so a cancellation (the client
+                # hung up, shutdown) never leaves an open_connection coroutine created and not awaited.
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    return await asyncio.open_connection(address, port)
             except (OSError, TimeoutError) as exc:
                 error = exc if isinstance(exc, OSError) else OSError(str(exc))
         raise error or OSError(f"{host}: no address")
