@@ -717,19 +717,20 @@ class FaceDataset(Dataset):
         rng = np.random.default_rng([seed, 1])
         size = img.shape[0]
         if scale is not None:
-            img = _shrink(img, scale)
-            scale = img.shape[0] / size  # the factor after rounding the side: landmarks must land on the pixels
-            valid, lm = _shrink(valid.astype(np.uint8), scale).astype(bool), lm * scale
+            small = _low_res_side(size, scale)
+            scale = small / size  # the factor after rounding the side: landmarks must land on the pixels
+            img, lm = resize_square(img, small), lm * scale
+            valid = resize_square(valid.astype(np.uint8), small).astype(bool)
         if kind == XRAY:
             donor = pick_donor(index, self.faces.landmarks[index], self.faces, self._donor_pool(), rng)
             if donor is not None:
                 donor_img, donor_lm = np.asarray(self.faces.crops[donor]), self.faces.landmarks[donor]
                 if scale is not None:
-                    donor_img, donor_lm = _shrink(donor_img, scale), donor_lm * scale
+                    donor_img, donor_lm = resize_square(donor_img, img.shape[0]), donor_lm * scale
                 blend = cross_blend(img, lm, donor_img, donor_lm, rng, valid=valid)
-                return _grow(blend.fake, size), _grow(blend.mask, size)
+                return resize_square(blend.fake, size), resize_square(blend.mask, size)
         blend = self_blend(img, lm, rng, valid=valid)
-        return _grow(blend.fake, size), _grow(blend.mask, size)
+        return resize_square(blend.fake, size), resize_square(blend.mask, size)
 
     def _donor_pool(self) -> tuple[np.ndarray, np.ndarray]:
         """(donor indices with landmarks, their normalised landmark shapes), computed once per worker."""
@@ -750,7 +751,9 @@ class FaceDataset(Dataset):
         mask: np.ndarray | None = None if label == 1 else np.zeros(img.shape[:2], np.float32)
         scale = self._low_res_scale(seed)
         if kind == REAL and scale is not None:
-            img = _grow(_shrink(img, scale), img.shape[0])  # the real side of a low-resolution pair
+            # The real side of a low-resolution pair (resize_square: area down, as a far camera; bilinear up, as
+            # the service upscales a small face's crop).
+            img = resize_square(resize_square(img, _low_res_side(img.shape[0], scale)), img.shape[0])
         if kind != REAL:
             img, blend_mask = self._blend(index, kind, seed, scale)
             label = 1
@@ -794,15 +797,9 @@ class FaceDataset(Dataset):
         )
 
 
-def _shrink(img: np.ndarray, scale: float) -> np.ndarray:
-    """`img` at `scale` of its side (area interpolation: what a camera further away records)."""
-    side = max(8, round(img.shape[0] * scale))
-    return np.asarray(cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA))
-
-
-def _grow(img: np.ndarray, size: int) -> np.ndarray:
-    """Back to `size` x `size` (bilinear, as the service upscales a small face's crop to the model's input)."""
-    return np.asarray(cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR))
+def _low_res_side(size: int, scale: float) -> int:
+    """The side a low-resolution pair is made at."""
+    return max(8, round(size * scale))
 
 
 def eval_keys(faces: FaceSet, indices: Sequence[int], sbi_per_face: int, seed: int,

@@ -47,13 +47,19 @@ def export_onnx(model: FakeDetector, path: Path, input_size: int, flip_average: 
 def check_onnx(model: FakeDetector, path: Path, input_size: int, batch: int = 4, seed: int = 0,
                flip_average: bool = False) -> float:
     """Max |onnxruntime − torch| of P(fake) on random inputs at `batch`: the export's numerical check."""
-    import onnxruntime as ort
 
     x = np.random.default_rng(seed).standard_normal((batch, 3, input_size, input_size)).astype(np.float32)
+    return onnx_difference(model, path, torch.from_numpy(x), flip_average)
+
+
+def onnx_difference(model: FakeDetector, path: Path, x: torch.Tensor, flip_average: bool = False) -> float:
+    """Max |onnxruntime − torch| of P(fake) on the normalised crops `x`."""
+    import onnxruntime as ort
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(["p_fake"], {"input": x})[0]
+    got = session.run(["p_fake"], {"input": x.numpy()})[0]
     with torch.no_grad():
-        want = WithSigmoid(model, flip_average).eval()(torch.from_numpy(x))[0].numpy()
+        want = WithSigmoid(model, flip_average).eval()(x)[0].numpy()
     return float(np.abs(got.reshape(-1) - want.reshape(-1)).max())
 
 

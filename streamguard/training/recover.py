@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from streamguard.training.model import FakeDetector, WithSigmoid
+from streamguard.training.export import onnx_difference
+from streamguard.training.model import FakeDetector
 
 # A conv's BatchNorm in `backbone.py`'s naming: which BN follows which conv.
 _BN_OF = {"_conv_stem": "_bn0", "_expand_conv": "_bn0", "_depthwise_conv": "_bn1", "_project_conv": "_bn2",
@@ -125,17 +126,6 @@ def _reparametrise(stats: dict[nn.BatchNorm2d, tuple]) -> None:
             bn.bias.copy_(folded_bias + mean)
 
 
-def max_difference(model: FakeDetector, onnx_path: Path, x: torch.Tensor, flip_average: bool) -> float:
-    """Max |ONNX Runtime − torch| of P(fake) on `x`."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run(["p_fake"], {"input": x.numpy()})[0]
-    with torch.no_grad():
-        want = WithSigmoid(model, flip_average).eval()(x)[0].numpy()
-    return float(np.abs(got.reshape(-1) - want.reshape(-1)).max())
-
-
 def load_from_onnx(model: FakeDetector, onnx_path: Path, batches: list[torch.Tensor], flip_average: bool,
                    tolerance: float = 1e-3) -> float:
     """Load the exported model at `onnx_path` into `model` (same architecture and input size), with BatchNorm
@@ -144,7 +134,7 @@ def load_from_onnx(model: FakeDetector, onnx_path: Path, batches: list[torch.Ten
     flip averaging)."""
     _load_folded(model, folded_convs(onnx_path), onnx_path)
     _reparametrise(_measure_bn_inputs(model, batches))
-    diff = max_difference(model, onnx_path, torch.cat(batches)[:16], flip_average)
+    diff = onnx_difference(model, onnx_path, torch.cat(batches)[:16], flip_average)
     if diff > tolerance:
         raise ValueError(f"{onnx_path}: rebuilt weights differ from the graph by {diff:.4g} in P(fake) "
                          f"(architecture, input size or --flip-average not the export's)")
