@@ -597,6 +597,43 @@ def models_import(
     typer.echo(f"wrote {onnx_path} and its card {onnx_path.with_suffix('.json').name} (output: P(fake))")
 
 
+@models_app.command("quantize")
+def models_quantize(
+    model: Annotated[str | None, typer.Argument(help="name in engines/ or path to an .onnx (default model)")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="folder of real face photos (3 in 4 calibrate)")] = None,
+    calibration_are_crops: Annotated[bool, typer.Option(help="the calibration images are aligned crops")] = False,
+    keep_float_first: Annotated[int, typer.Option(help="leave the first N convolutions in float")] = 0,
+    keep_float_last: Annotated[int, typer.Option(help="leave the last N convolutions in float")] = 0,
+    tolerance: Annotated[float, typer.Option(help="max |dP(fake)| against the float model")] = 0.02,
+    output: Annotated[Path | None, typer.Option(help="write the .onnx here (default engines/NAME-int8.onnx)")] = None,
+) -> None:
+    """INT8 for the CPU (ONNX Runtime QDQ), written only when it holds the float model's scores on held-out real
+    faces. Exit status: 0 written, 1 the INT8 model does not hold them, 2 a bad flag or model."""
+    from streamguard.inference.quantize import quantize_model
+
+    if calibration is None or not calibration.exists():
+        raise typer.BadParameter(f"a folder of real face photos is needed, got {calibration}",
+                                 param_hint="--calibration")
+    for flag, value in (("--keep-float-first", keep_float_first), ("--keep-float-last", keep_float_last)):
+        if value < 0:
+            raise typer.BadParameter(f"must be >= 0, got {value}", param_hint=flag)
+    if not tolerance > 0:
+        raise typer.BadParameter(f"must be > 0, got {tolerance}", param_hint="--tolerance")
+    try:
+        resolve_model(model)
+    except Exception as exc:  # unknown model or a card that does not parse
+        raise typer.BadParameter(str(exc).splitlines()[0], param_hint="MODEL") from None
+    try:
+        result = quantize_model(model, calibration, images_are_crops=calibration_are_crops,
+                                keep_float_first=keep_float_first, keep_float_last=keep_float_last,
+                                tolerance=tolerance, output=output)
+    except ValueError as exc:  # no usable face in the calibration photos
+        raise typer.BadParameter(str(exc), param_hint="--calibration") from None
+    typer.echo(result.summary())
+    if result.path is None:
+        raise typer.Exit(1)
+
+
 @engine_app.command("build")
 def engine_build(
     model: Annotated[str | None, typer.Argument(help="name in engines/ or path to an .onnx (default model)")] = None,
