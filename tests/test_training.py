@@ -609,3 +609,45 @@ def test_train_cli_refuses_bad_settings_naming_the_flag(flags: list[str], messag
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+
+
+@pytest.mark.parametrize("frozen_bn", [False, True])
+def test_frozen_batchnorm_keeps_the_starting_statistics(frozen_bn: bool):
+    """`frozen_bn`: a training step normalises with the model's own statistics and leaves them as they were, while
+    BatchNorm's scale and shift still learn; without it the unfrozen blocks' statistics follow the batches. The
+    stem and frozen blocks keep theirs either way."""
+    from streamguard.training.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(frozen_blocks=3, dropout=0.0, pretrained=False, frozen_bn=frozen_bn).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    frozen = {id(m) for b in model._frozen_modules() for m in b.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    before = [m.running_mean.clone() for m in bns]
+    x = torch.randn(4, 3, 64, 64) * 2 + 1  # far from the initial statistics (0, 1)
+    model(x).sum().backward()
+    moved = [not torch.equal(b, m.running_mean) for b, m in zip(before, bns, strict=True)]
+    assert not any(mv for m, mv in zip(bns, moved, strict=True) if id(m) in frozen)
+    trainable = [mv for m, mv in zip(bns, moved, strict=True) if id(m) not in frozen]
+    assert trainable and (not any(trainable) if frozen_bn else all(trainable))
+    learning = [m for m in bns if id(m) not in frozen]
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in learning)
+    assert all(m.training is not frozen_bn for m in learning)
+
+
+def test_train_cli_frozen_bn_reaches_the_config():
+    import importlib.util
+    import sys
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    sys.path.insert(0, str(tools))  # train.py imports its neighbours
+    try:
+        spec = importlib.util.spec_from_file_location("train_tool", tools / "train.py")
+        assert spec is not None and spec.loader is not None
+        train_tool = importlib.util.module_from_spec(spec)
+        sys.modules["train_tool"] = train_tool  # its dataclasses look their module up while being made
+        spec.loader.exec_module(train_tool)
+    finally:
+        sys.path.remove(str(tools))
+        sys.modules.pop("train_tool", None)
+    assert train_tool.config_of(train_tool.parse_args(["--real", "x", "--frozen-bn"])).frozen_bn is True
+    assert train_tool.config_of(train_tool.parse_args(["--real", "x"])).frozen_bn is False

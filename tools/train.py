@@ -111,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="export the average of the last K epochs' weights (SWA over the schedule's end); 1: the last")
     t.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (a fine-tuning phase, with "
                    "its own settings and schedule), not from ImageNet")
+    t.add_argument("--frozen-bn", action="store_true",
+                   help="every BatchNorm keeps the starting model's statistics while training (for --init-from: "
+                   "re-measured statistics alone move a SWA model's scores)")
     e = p.add_argument_group("export and calibration")
     e.add_argument("--export", type=Path, help="ONNX path to write (its card goes beside it); default OUT/model.onnx")
     e.add_argument("--name", help="model name in the card (default: the ONNX file's stem)")
@@ -275,7 +278,8 @@ def training_text(cfg: TrainConfig, faces: FaceSet, split: Split, argv: list[str
         f"Yamasaki, CVPR 2022) and cross-identity blends (Li et al., Face X-ray, CVPR 2020; {cfg.xray_share:.0%} of "
         f"the pseudo-fakes). Data: {len(faces)} face crops ({len(split.train_idx)} train / {len(split.val_idx)} held "
         f"out; {len(split.train_ids)} / {len(split.val_ids)} identities, split by identity), real video frames "
-        f"{cfg.video_share:.0%} of the draws. Recipe: stem + {cfg.frozen_blocks} blocks frozen, {cfg.input_size} px, "
+        f"{cfg.video_share:.0%} of the draws. Recipe: stem + {cfg.frozen_blocks} blocks frozen"
+        f"{' (every BatchNorm with its starting statistics)' if cfg.frozen_bn else ''}, {cfg.input_size} px, "
         f"crop margin {cfg.margin} (jittered {cfg.margin_range[0]}-{cfg.margin_range[1]}, shift {cfg.max_shift}), "
         f"pairs of a real face and its pseudo-fake with the same augmentation (flip, roll, colour, beauty filter, "
         f"blur, noise, downscale to {aug.min_downscale}-0.9 of the side on {aug.p_downscale:.0%}, H.264/VP8 via PyAV, "
@@ -311,7 +315,7 @@ def config_of(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, lr=args.lr,
         input_size=args.input_size, seed=args.seed, num_workers=args.workers, threads=args.threads,
         frozen_blocks=args.frozen_blocks, xray_share=args.xray_share, video_share=args.video_share,
-        margin=args.margin,
+        margin=args.margin, frozen_bn=args.frozen_bn,
         augment=replace(DEFAULTS.augment, p_downscale=args.p_downscale, min_downscale=args.min_downscale,
                         p_low_res_blend=args.p_low_res_blend),
     )

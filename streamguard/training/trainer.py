@@ -55,6 +55,7 @@ class TrainConfig:
     warmup_epochs: float = 0.25
     input_size: int = 192
     frozen_blocks: int = 3  # stem + the first blocks keep ImageNet's filters (and run ~1.5x faster without backward)
+    frozen_bn: bool = False  # every BatchNorm keeps the starting weights' statistics (fine-tuning; FakeDetector)
     pretrained: bool = True
     dropout: float = 0.2
     topk_fraction: float = 0.25  # image logit = mean of the top quarter of the blend map's cells
@@ -321,7 +322,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed, cfg.threads)
 
-    model = build_model(cfg.frozen_blocks, cfg.dropout, cfg.topk_fraction, cfg.pretrained)
+    model = build_model(cfg.frozen_blocks, cfg.dropout, cfg.topk_fraction, cfg.pretrained, cfg.frozen_bn)
     if cfg.input_size % model.stride:
         raise ValueError(f"input_size must be a multiple of {model.stride}")
     sampler, loader, val_ds = _data(faces, train_idx, val_idx, cfg, model.stride)
