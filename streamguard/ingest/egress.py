@@ -67,6 +67,13 @@ class EgressProxy:
 
         async def stop() -> None:
             server.close()
+            # Connections still piping (a stream closed mid-segment) end here, on their own loop: left pending,
+            # they would be closed by the garbage collector after loop.close(), where closing a socket fails.
+            piping = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in piping:
+                task.cancel()
+            await asyncio.gather(*piping, return_exceptions=True)
+            await asyncio.sleep(0)  # the transports' connection_lost callbacks
             loop.stop()
 
         asyncio.run_coroutine_threadsafe(stop(), loop)
