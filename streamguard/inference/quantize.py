@@ -100,8 +100,8 @@ def quantize_onnx(source: Path, target: Path, calibration: np.ndarray, card: Mod
     with tempfile.TemporaryDirectory(prefix="streamguard-quantize-") as tmp, _quiet():
         named, prepared = Path(tmp) / "named.onnx", Path(tmp) / "prepared.onnx"
         onnx.save(_named(onnx.load(str(source))), str(named))
-        # Its pre-processing folds BatchNormalization into the convolutions (imported Keras graphs keep them), so
-        # they quantise as one op; node names survive it, so `keep_float` still applies.
+        # Its pre-processing folds a BatchNormalization that directly follows a convolution into it, so the two
+        # quantise as one op (Meso4's follow ReLUs and stay); node names survive it, so `keep_float` still applies.
         quant_pre_process(str(named), str(prepared), skip_symbolic_shape=True)
         model = onnx.load(str(prepared))
         quantize_static(
