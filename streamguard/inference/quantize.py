@@ -91,8 +91,9 @@ def _reader(inputs: np.ndarray, input_name: str):  # type: ignore[no-untyped-def
 
 
 def quantize_onnx(source: Path, target: Path, calibration: np.ndarray, card: ModelCard,
-                  keep_float: Sequence[str]) -> None:
-    """Write `source` as a QDQ INT8 model (per-channel INT8 weights, UINT8 activations, percentile ranges)."""
+                  keep_float_first: int = 0, keep_float_last: int = 0) -> list[str]:
+    """Write `source` as a QDQ INT8 model (per-channel INT8 weights, UINT8 activations, percentile ranges), the
+    first and last convolutions as many as asked left in float; returns those convolutions' names."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -101,14 +102,17 @@ def quantize_onnx(source: Path, target: Path, calibration: np.ndarray, card: Mod
         named, prepared = Path(tmp) / "named.onnx", Path(tmp) / "prepared.onnx"
         onnx.save(_named(onnx.load(str(source))), str(named))
         # Its pre-processing folds a BatchNormalization that directly follows a convolution into it, so the two
-        # quantise as one op (Meso4's follow ReLUs and stay); node names survive it, so `keep_float` still applies.
+        # quantise as one op (Meso4's follow ReLUs and stay); the convolutions kept in float are named from the
+        # graph it writes, the one quantised.
         quant_pre_process(str(named), str(prepared), skip_symbolic_shape=True)
         model = onnx.load(str(prepared))
+        keep = float_convs(model, keep_float_first, keep_float_last)
         quantize_static(
             str(prepared), str(target), _reader(preprocess(calibration, card), model.graph.input[0].name),
             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            per_channel=True, calibrate_method=CalibrationMethod.Percentile, nodes_to_exclude=list(keep_float),
+            per_channel=True, calibrate_method=CalibrationMethod.Percentile, nodes_to_exclude=keep,
         )
+    return keep
 
 
 @contextlib.contextmanager
@@ -161,15 +165,16 @@ def quantize_model(
 
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    if keep_float_first < 0 or keep_float_last < 0:
+        raise ValueError("the counts of convolutions kept in float must be >= 0")
     source, card = resolve_model(model)
-    keep = float_convs(onnx.load(str(source), load_external_data=False), keep_float_first, keep_float_last)
     crops, _ = load_crop_set(calibration, card, cache_dir, images_are_crops=images_are_crops)
     calib, holdout = split_holdout(crops)
     name = f"{card.name}-int8"
     target = Path(output) if output else ENGINES_DIR / f"{name}.onnx"
     with tempfile.TemporaryDirectory(prefix="streamguard-int8-") as tmp:
         candidate = Path(tmp) / target.name
-        quantize_onnx(source, candidate, calib, card, keep)
+        keep = quantize_onnx(source, candidate, calib, card, keep_float_first, keep_float_last)
         reference, quantised = OnnxClassifier(source, card, threads=1), OnnxClassifier(candidate, card, threads=1)
         parity = compare_scores(reference.predict(holdout), quantised.predict(holdout), card.threshold, tolerance)
         float_ms, int8_ms = cpu_ms_per_face(reference, holdout), cpu_ms_per_face(quantised, holdout)
