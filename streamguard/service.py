@@ -279,7 +279,8 @@ class Service:
             self.classifier = self._classifier
             return None
         cfg = self.config
-        options = BackendOptions(max_batch=cfg.batcher.max_batch, threads=cfg.batcher.cpu_threads, triton=cfg.triton)
+        options = BackendOptions(max_batch=cfg.batcher.max_batch, threads=cfg.batcher.cpu_threads,
+                                 cpu_call_batch=cfg.batcher.cpu_call_batch, triton=cfg.triton)
         selection = await asyncio.to_thread(select_backend, cfg.model, cfg.backend, options=options)
         self.classifier = selection.classifier
         for note in selection.notes:

@@ -96,6 +96,23 @@ def test_tiny_model_is_a_real_onnx_call(classifier):
     assert p[0] < 0.1 and p[2] > 0.9
 
 
+def test_cpu_calls_of_a_few_faces_give_the_one_call_scores_in_order(classifier):
+    """A batch runs as session.run calls of `call_batch` faces (smaller calls stay in the CPU caches: README); the
+    scores are the one-call scores, in the crops' order, whatever the remainder."""
+    x = crops(11)
+    whole = OnnxClassifier(classifier.path, classifier.card, threads=1, call_batch=64).predict(x)
+    for call_batch in (1, 4, 11):
+        chunked = OnnxClassifier(classifier.path, classifier.card, threads=1, call_batch=call_batch)
+        sizes: list[int] = []
+        run = chunked._run
+        chunked._run = lambda c, run=run, sizes=sizes: (sizes.append(len(c)), run(c))[1]  # type: ignore[method-assign]
+        got = chunked.predict(x)
+        assert got == pytest.approx(whole, abs=1e-6) and got == pytest.approx([expected(c) for c in x], abs=1e-5)
+        assert sizes == [call_batch] * (11 // call_batch) + ([11 % call_batch] if 11 % call_batch else [])
+    with pytest.raises(ValueError, match="call_batch"):
+        OnnxClassifier(classifier.path, classifier.card, call_batch=0)
+
+
 def test_concurrent_callers_share_batches_and_get_their_own_scores(classifier):
     rec = Recording(classifier)
     x = crops(50)

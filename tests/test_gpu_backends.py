@@ -177,8 +177,8 @@ def test_real_loaders_on_this_machine():
 
 
 def test_service_runs_the_cpu_model_on_the_configured_threads(tmp_path: Path):
-    """batcher.cpu_threads reaches the ONNX Runtime session (1 by default: the least CPU per face, see the
-    README's bench_serve rows), and a bad value is refused naming the field."""
+    """batcher.cpu_threads and cpu_call_batch reach the ONNX Runtime classifier (1 thread and calls of 4 faces by
+    default: the least CPU per face, see the README's benchmarks), and a bad value is refused naming the field."""
     import asyncio
 
     from pydantic import ValidationError
@@ -186,12 +186,15 @@ def test_service_runs_the_cpu_model_on_the_configured_threads(tmp_path: Path):
     from streamguard.config import ServiceConfig
     from streamguard.service import Service
 
-    for settings, want in (({}, 1), ({"batcher": {"cpu_threads": 2}}, 2)):
+    cases = (({}, 1, 4), ({"batcher": {"cpu_threads": 2, "cpu_call_batch": 16}}, 2, 16))
+    for settings, threads, call_batch in cases:
         service = Service(ServiceConfig(data_dir=tmp_path, backend="onnxruntime", **settings))  # type: ignore[arg-type]
         assert asyncio.run(service._load_classifier()) is None
-        assert isinstance(service.classifier, OnnxClassifier) and service.classifier.threads == want
-    with pytest.raises(ValidationError, match="cpu_threads"):
-        ServiceConfig(data_dir=tmp_path, batcher={"cpu_threads": 0})  # type: ignore[arg-type]
+        assert isinstance(service.classifier, OnnxClassifier)
+        assert (service.classifier.threads, service.classifier.call_batch) == (threads, call_batch)
+    for field in ("cpu_threads", "cpu_call_batch"):
+        with pytest.raises(ValidationError, match=field):
+            ServiceConfig(data_dir=tmp_path, batcher={field: 0})  # type: ignore[arg-type]
 
 
 @needs_meso4

@@ -8,6 +8,8 @@ Inputs are real-sized random crops through the card's preprocessing; the numbers
 (preprocess + session.run), not face detection. Other processes on the machine add noise: compare runs taken
 back to back. `rss_mb` is the process's resident memory after each batch size (batches run in the order given):
 ONNX Runtime's arena keeps what the largest batch needed, which is what a serving process holds for its model.
+A batch runs as calls of `--call-batch` faces, as the service's CPU backend does (batcher.cpu_call_batch); with
+several values each has its own session, and the RSS is the process's: all sessions together (measure memory with one).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_serve  # noqa: E402  (tools/: this process's RSS)
 
+from streamguard.inference.classifier import CPU_CALL_BATCH
 from streamguard.inference.models import resolve_model
 from streamguard.inference.onnx import OnnxClassifier
 
@@ -66,11 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=100, help="timed calls per batch size")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--call-batch", type=int, nargs="+", default=[CPU_CALL_BATCH], metavar="N",
+                   help=f"faces per session.run (the service's batcher.cpu_call_batch, default {CPU_CALL_BATCH}); "
+                        "several: each is measured back to back at every batch size, a before/after in one run")
     args = p.parse_args(argv)
+    if min(args.call_batch) < 1:
+        p.error("--call-batch: each value must be at least 1")
 
     onnx_path, card = resolve_model(args.model)
     before = rss_mb()
-    classifier = OnnxClassifier(onnx_path, card, threads=args.threads)
+    classifiers = {n: OnnxClassifier(onnx_path, card, threads=args.threads, call_batch=n) for n in args.call_batch}
     results = {
         "model": card.name,
         "onnx": str(onnx_path),
@@ -78,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         "input_size": card.preprocess.input_size,
         "threads": args.threads,
         "rss_mb_before_model": round(before),
-        "results": [bench(classifier, b, args.runs, args.warmup) for b in args.batches],
+        "results": [{"call_batch": n, **bench(c, b, args.runs, args.warmup)}
+                    for b in args.batches for n, c in classifiers.items()],
     }
     for r in results["results"]:
-        print(f"{card.name}: batch {r['batch']:>3}: per face p50 {r['per_face_p50_ms']:.2f} ms, "
+        print(f"{card.name}: batch {r['batch']:>3} in calls of {r['call_batch']}: "
+              f"per face p50 {r['per_face_p50_ms']:.2f} ms, "
               f"p95 {r['per_face_p95_ms']:.2f} ms, CPU {r['cpu_per_face_ms']:.2f} ms "
               f"(call p50 {r['call_p50_ms']:.2f} ms, {r['runs']} runs), "
               f"RSS {r['rss_mb']:.0f} MB (before the model {results['rss_mb_before_model']} MB)")

@@ -23,7 +23,7 @@ from typing import Literal
 
 from streamguard.config import TritonSettings
 from streamguard.inference.card import ModelCard
-from streamguard.inference.classifier import Classifier
+from streamguard.inference.classifier import CPU_CALL_BATCH, Classifier
 from streamguard.inference.engine_cache import Precision
 from streamguard.inference.gpu import Availability, BackendUnavailable, _has_module, probe_availability
 from streamguard.inference.models import ENGINES_DIR, resolve_model
@@ -48,6 +48,7 @@ class BackendOptions:
     precision: Precision = "fp16"  # tensorrt engine precision ("int8": a cached engine only); cuda runs fp32
     build_missing: bool = True  # build a TensorRT engine at start when none is cached (minutes for large models)
     threads: int = 0  # ONNX Runtime CPU intra-op threads (0: all cores)
+    cpu_call_batch: int = CPU_CALL_BATCH  # faces per ONNX Runtime call on the CPU (batcher.cpu_call_batch)
     device_index: int = 0
     engine_cache_dir: Path | None = None  # default: $STREAMGUARD_ENGINE_CACHE, else engines/cache
     triton: TritonSettings | None = None  # the server, for backend "triton" (default: TritonSettings())
@@ -200,7 +201,7 @@ def _load_onnxruntime(onnx_path: Path, card: ModelCard, avail: Availability, opt
                       engines_dir: Path) -> Classifier:
     from streamguard.inference.onnx import OnnxClassifier
 
-    return OnnxClassifier(onnx_path, card, threads=opts.threads)
+    return OnnxClassifier(onnx_path, card, threads=opts.threads, call_batch=opts.cpu_call_batch)
 
 
 def _load_cuda(onnx_path: Path, card: ModelCard, avail: Availability, opts: BackendOptions,
@@ -236,7 +237,7 @@ def _load_triton(onnx_path: Path, card: ModelCard, avail: Availability, opts: Ba
     from streamguard.inference.triton import load_triton_classifier
 
     return load_triton_classifier(opts.triton or TritonSettings(), onnx_path, card, max_batch=opts.max_batch,
-                                  threads=opts.threads)
+                                  threads=opts.threads, cpu_call_batch=opts.cpu_call_batch)
 
 
 def default_loaders() -> dict[str, Loader]:

@@ -31,6 +31,13 @@ class Classifier(Protocol):
         ...
 
 
+# Faces per session.run on the CPU. The batcher gathers up to batcher.max_batch crops (what a GPU wants); on the CPU
+# a large batch is slower per face, not faster: its activations outgrow the caches (default model, flip-averaged, one
+# thread: 17.5 ms per face in one call of 16 against 13.6-14.6 in calls of 4, 1-2 no better, and ORT's arena keeps
+# 490 MB for a call of 16 against 204 MB; README "Benchmarks").
+CPU_CALL_BATCH = 4
+
+
 def preprocess(crops: np.ndarray, card: ModelCard) -> np.ndarray:
     """uint8 (N, S, S, 3) RGB → float32 tensor in the model's layout and normalisation."""
     p = card.preprocess

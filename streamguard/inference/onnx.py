@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from streamguard.inference.card import ModelCard
-from streamguard.inference.classifier import preprocess, to_p_fake
+from streamguard.inference.classifier import CPU_CALL_BATCH, preprocess, to_p_fake
 
 
 def load_session(onnx_path: Path, threads: int = 0, providers: list[str] | None = None) -> ort.InferenceSession:
@@ -28,9 +28,13 @@ def load_session(onnx_path: Path, threads: int = 0, providers: list[str] | None 
 class OnnxClassifier:
     backend = "onnxruntime"
 
-    def __init__(self, onnx_path: Path, card: ModelCard, providers: list[str] | None = None, threads: int = 0):
+    def __init__(self, onnx_path: Path, card: ModelCard, providers: list[str] | None = None, threads: int = 0,
+                 call_batch: int = CPU_CALL_BATCH):
+        if call_batch < 1:
+            raise ValueError(f"call_batch must be at least 1, got {call_batch}")
         self.card = card
         self.path = Path(onnx_path)
+        self.call_batch = call_batch
         self._session = load_session(self.path, threads, providers)
         self._input = self._session.get_inputs()[0].name
 
@@ -46,6 +50,10 @@ class OnnxClassifier:
     def predict(self, crops: np.ndarray) -> np.ndarray:
         if len(crops) == 0:
             return np.zeros((0,), np.float32)
+        step = self.call_batch
+        return np.concatenate([self._run(crops[i:i + step]) for i in range(0, len(crops), step)])
+
+    def _run(self, crops: np.ndarray) -> np.ndarray:
         (raw, *_) = self._session.run(None, {self._input: preprocess(crops, self.card)})
         return to_p_fake(raw, self.card)
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from streamguard.config import TritonSettings
 from streamguard.inference.card import ModelCard
-from streamguard.inference.classifier import Classifier, InferenceUnavailable, preprocess, to_p_fake
+from streamguard.inference.classifier import CPU_CALL_BATCH, Classifier, InferenceUnavailable, preprocess, to_p_fake
 from streamguard.inference.gpu import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -325,7 +325,7 @@ def wait_for_model(settings: TritonSettings, name: str) -> tuple[RemoteModel | N
 
 
 def load_triton_classifier(settings: TritonSettings, onnx_path: Path, card: ModelCard, *, max_batch: int,
-                           threads: int = 0) -> TritonClassifier:
+                           threads: int = 0, cpu_call_batch: int = CPU_CALL_BATCH) -> TritonClassifier:
     """The start: wait for the served model, check it against the local one, and build the classifier.
 
     Raises BackendUnavailable when tritonclient is missing or the served model cannot be used by this instance (a
@@ -337,7 +337,7 @@ def load_triton_classifier(settings: TritonSettings, onnx_path: Path, card: Mode
     if settings.fallback == "local":
         from streamguard.inference.onnx import OnnxClassifier
 
-        local = OnnxClassifier(onnx_path, card, threads=threads)
+        local = OnnxClassifier(onnx_path, card, threads=threads, call_batch=cpu_call_batch)
     remote, why = wait_for_model(settings, name)
     if remote is None:
         # Down at start: the local card stands in (the recovery check insists Triton serves that same model).
