@@ -320,7 +320,8 @@ def eval_cmd(
             typer.echo(f"{level:5s}: nothing scored")
             continue
         fmt = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        typer.echo(f"{level:5s}: n={m.n} (real {m.n_real}, fake {m.n_fake})  AUC {fmt(m.auc)}  acc {m.accuracy:.3f}"
+        ci = f" [{m.auc_ci95[0]:.2f}, {m.auc_ci95[1]:.2f}]" if m.auc_ci95 else ""
+        typer.echo(f"{level:5s}: n={m.n} (real {m.n_real}, fake {m.n_fake})  AUC {fmt(m.auc)}{ci}  acc {m.accuracy:.3f}"
                    f"  TPR {fmt(m.tpr)}  FPR {fmt(m.fpr)}  log loss {m.log_loss:.3f}")
     typer.echo(f"no face: {report.no_face}  errors: {report.errors}"
                + (f"  report: {out / 'eval.json'}" if saved else "")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from streamguard.evaluate import compute_metrics, label_of_name, load_labels
+from streamguard.evaluate import auc_interval, compute_metrics, label_of_name, load_labels
 
 
 def test_metrics_match_hand_computed_values():
@@ -18,7 +18,27 @@ def test_metrics_match_hand_computed_values():
 
 def test_metrics_with_one_class_have_no_auc():
     m = compute_metrics(np.array([0, 0]), np.array([0.1, 0.7]), 0.5)
-    assert m.auc is None and m.tpr is None and m.fpr == 0.5
+    assert m.auc is None and m.auc_ci95 is None and m.tpr is None and m.fpr == 0.5
+
+
+def test_auc_interval_says_how_much_a_small_set_pins_down():
+    """Classes resampled separately: the interval holds the AUC, is wide for 11 + 11 and narrow for 1000 + 1000,
+    is the same on every run (seeded), and a perfect ranking stays perfect in every resample."""
+    rng = np.random.default_rng(1)
+    small_y = np.r_[np.zeros(11), np.ones(11)].astype(int)
+    small_s = np.r_[rng.normal(0.0, 1.0, 11), rng.normal(1.0, 1.0, 11)]
+    m = compute_metrics(small_y, small_s, 0.5)
+    assert m.auc is not None and m.auc_ci95 is not None
+    low, high = m.auc_ci95
+    assert low < m.auc < high and high - low > 0.2
+    assert auc_interval(small_y, small_s) == m.auc_ci95  # seeded: reproducible
+    big_y = np.r_[np.zeros(1000), np.ones(1000)].astype(int)
+    big_s = np.r_[rng.normal(0.0, 1.0, 1000), rng.normal(1.0, 1.0, 1000)]
+    big = auc_interval(big_y, big_s)
+    assert big is not None and big[1] - big[0] < 0.06 and big[0] < 0.76 < big[1]  # Phi(1 / sqrt 2) = 0.760
+    assert auc_interval(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == (1.0, 1.0)
+    assert auc_interval(np.array([0, 1]), np.array([0.3, 0.3])) == (0.5, 0.5)  # one pair, tied: half
+    assert auc_interval(np.array([1, 1]), np.array([0.3, 0.9])) is None
 
 
 def test_label_names():

@@ -119,6 +119,8 @@ def test_eval_on_mesonet_crops(meso4, shared_data, tmp_path):
     files = report["files"]
     assert files["n"] == 4 and files["n_fake"] == 2 and files["n_real"] == 2
     assert files["auc"] == 1.0  # Meso4_DF ranks both deepfakes above both reals
+    assert files["auc_ci95"] == [1.0, 1.0]  # so does every resample of the 2 fakes and the 2 reals
+    assert "AUC 1.000 [1.00, 1.00]" in result.output
     assert 0.0 <= files["log_loss"] < 5
     assert (out / "roc.png").stat().st_size > 1000
 

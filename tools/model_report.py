@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from streamguard.evaluate import LabelledFile, evaluate, load_labels  # noqa: E402
+from streamguard.evaluate import LabelledFile, Metrics, evaluate, load_labels  # noqa: E402
 from streamguard.inference.classifier import Classifier  # noqa: E402
 from streamguard.inference.importers.mesonet import Arch  # noqa: E402
 from streamguard.inference.models import ENGINES_DIR, load_classifier  # noqa: E402
@@ -58,6 +58,18 @@ def labelled_sets(shared: Path) -> dict[str, tuple[list[LabelledFile], bool]]:
     return {k: v for k, v in sets.items() if v[0]}
 
 
+def _interval(metrics: Metrics | None) -> list[float] | None:
+    """The AUC's 95 % bootstrap interval, rounded (null without both classes)."""
+    if metrics is None or metrics.auc_ci95 is None:
+        return None
+    return [round(v, 3) for v in metrics.auc_ci95]
+
+
+def _auc_cell(result: dict, level: str) -> str:
+    auc, ci = result.get(f"{level}_auc"), result.get(f"{level}_auc_ci95")
+    return f"{auc} [{ci[0]:.2f}, {ci[1]:.2f}]" if auc is not None and ci else str(auc)
+
+
 def measure(classifier: Classifier, items: list[LabelledFile], crops: bool) -> dict:
     scanner = Scanner(classifier, ScanSettings(images_are_crops=crops))
     try:
@@ -76,7 +88,9 @@ def measure(classifier: Classifier, items: list[LabelledFile], crops: bool) -> d
         "reals_called_fake": f"{sum(r['score'] >= t for r in scored if r['label'] == 'real')}/"
                              f"{sum(r['label'] == 'real' for r in report.rows)}",
         "file_auc": None if report.files is None or report.files.auc is None else round(report.files.auc, 4),
+        "file_auc_ci95": _interval(report.files),
         "face_auc": None if report.faces is None or report.faces.auc is None else round(report.faces.auc, 4),
+        "face_auc_ci95": _interval(report.faces),
         "face_fpr": None if report.faces is None or report.faces.fpr is None else round(report.faces.fpr, 4),
         "face_tpr": None if report.faces is None or report.faces.tpr is None else round(report.faces.tpr, 4),
     }
@@ -103,11 +117,12 @@ def markdown(results: dict[str, dict]) -> str:
                                                        "talking_heads", "mesonet_crops"))
         ffs = f.get("scores", {})
         return (f"| {name} | {r['threshold']:.2f} | {f.get('face_auc')} | {ffs.get('fake_deepfakes_519_515.mp4')} / "
-                f"{ffs.get('real_519.mp4')} | {dv.get('fakes_called_fake')} | {dc.get('file_auc')} | "
-                f"{ph.get('reals_called_fake')} | {th.get('reals_called_fake')} | {mc.get('file_auc')} |")
+                f"{ffs.get('real_519.mp4')} | {dv.get('fakes_called_fake')} | {_auc_cell(dc, 'file')} | "
+                f"{ph.get('reals_called_fake')} | {th.get('reals_called_fake')} | {_auc_cell(mc, 'file')} |")
 
     head = ("| model | threshold | FF++ pair face AUC | FF++ file score fake / real | DFDC fake videos called fake | "
-            "DFDC crops AUC | real photos called fake | talking heads called fake | MesoNet crops AUC |\n"
+            "DFDC crops AUC [95 % interval] | real photos called fake | talking heads called fake | "
+            "MesoNet crops AUC [95 % interval] |\n"
             "|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head, *(row(n, r) for n, r in results.items())]) + "\n"
 
