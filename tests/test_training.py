@@ -396,7 +396,9 @@ class TestDiscover:
 
 
 class TestTinyTraining:
-    def test_one_epoch_checkpoint_and_onnx_export(self, face_crops: FaceSet, tmp_path: Path):
+    def test_one_epoch_checkpoint_and_onnx_export(self, face_crops: FaceSet, tmp_path: Path, caplog):
+        import logging
+
         import onnx
         import onnxruntime as ort
 
@@ -407,9 +409,12 @@ class TestTinyTraining:
         cfg = TrainConfig(epochs=1, samples_per_epoch=16, batch_size=8, input_size=64, val_sbi_per_face=1,
                           num_workers=0, seed=3, xray_share=0.5)
         idx = np.arange(len(faces))
-        result = train(faces, idx[:-1], idx[-1:], cfg, tmp_path, progress=False)
+        with caplog.at_level(logging.INFO, logger="streamguard.training.trainer"):
+            result = train(faces, idx[:-1], idx[-1:], cfg, tmp_path, progress=False)
         assert (tmp_path / CHECKPOINT).exists()
         assert len(result.history) == 1 and np.isfinite(result.history[0].train_loss)
+        # Without progress bars the log says how far the epoch is and how fast it goes (2 steps: one line, halfway).
+        assert any("epoch 1/1: 8/16 samples (50 %)" in m and "samples/s" in m for m in caplog.messages), caplog.messages
         # One held-out real face: itself, an SBI and a cross-identity blend.
         assert result.val_scores is not None and len(result.val_scores) == 3
 

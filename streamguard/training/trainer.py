@@ -247,7 +247,13 @@ def _train_epoch(model: FakeDetector, opt: torch.optim.Optimizer, loader: DataLo
     model.train()
     total, correct, loss_sum, lr = 0, 0, 0.0, cfg.lr
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
+    # Without bars (--quiet: a run in the background with its output in a file) a log line every tenth of the
+    # epoch says how fast it goes and when the epoch will end.
+    log_every = 0 if progress else max(1, sched.steps_per_epoch // 10)
+    t0 = time.perf_counter()
     for step, batch in enumerate(bar):
+        if log_every and step and step % log_every == 0:
+            _log_progress(epoch, cfg, step, sched.steps_per_epoch, total, time.perf_counter() - t0, loss_sum / total)
         lr = lr_at(epoch * sched.steps_per_epoch + step, sched.total_steps, sched.warmup, cfg.lr)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
@@ -261,6 +267,14 @@ def _train_epoch(model: FakeDetector, opt: torch.optim.Optimizer, loader: DataLo
         correct += int(((logit > 0).float() == y).sum())
         bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.3f}")
     return loss_sum / max(1, total), correct / max(1, total), lr
+
+
+def _log_progress(epoch: int, cfg: TrainConfig, step: int, steps: int, samples: int, seconds: float,
+                  loss: float) -> None:
+    rate = samples / max(seconds, 1e-9)
+    left_s = (steps - step) * cfg.batch_size / max(rate, 1e-9)
+    log.info("epoch %d/%d: %d/%d samples (%.0f %%), %.1f samples/s, loss %.4f, epoch ends in ~%.0f min",
+             epoch + 1, cfg.epochs, samples, steps * cfg.batch_size, 100.0 * step / steps, rate, loss, left_s / 60)
 
 
 def _log_epoch(stats: EpochStats, progress: bool) -> None:
