@@ -639,7 +639,7 @@ def test_frozen_batchnorm_keeps_the_starting_statistics(frozen_bn: bool):
     assert all(m.training is not frozen_bn for m in learning)
 
 
-def test_train_cli_frozen_bn_reaches_the_config():
+def load_train_tool():  # type: ignore[no-untyped-def]  # a script loaded as a module
     import importlib.util
     import sys
 
@@ -654,5 +654,31 @@ def test_train_cli_frozen_bn_reaches_the_config():
     finally:
         sys.path.remove(str(tools))
         sys.modules.pop("train_tool", None)
+    return train_tool
+
+
+def test_train_cli_frozen_bn_reaches_the_config():
+    train_tool = load_train_tool()
     assert train_tool.config_of(train_tool.parse_args(["--real", "x", "--frozen-bn"])).frozen_bn is True
     assert train_tool.config_of(train_tool.parse_args(["--real", "x"])).frozen_bn is False
+
+
+def test_heldout_metrics_give_the_operating_point_at_the_calibrated_threshold():
+    """Beside the AUCs, the card gets the share of held-out pseudo-fakes (and real faces) at or above the card
+    threshold: what the service would call fake."""
+    from streamguard.training.data import REAL, SBI, XRAY
+    from streamguard.training.trainer import TrainResult
+
+    train_tool = load_train_tool()
+    keys = [(0, REAL, 0), (1, REAL, 0), (2, REAL, 0), (3, REAL, 0),
+            (0, SBI, 1), (1, SBI, 1), (2, SBI, 1), (3, SBI, 1), (0, XRAY, 2), (1, XRAY, 2)]
+    scores = np.array([0.1, 0.2, 0.3, 0.95, 0.5, 0.92, 0.96, 0.99, 0.97, 0.4], np.float32)
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1], np.float32)
+    result = TrainResult(model=None, val_keys=keys, val_scores=scores, val_labels=labels)  # type: ignore[arg-type]
+    m = train_tool.heldout_metrics(result, n_ids=4, threshold=0.9)
+    assert m["heldout_sbi"]["sbi_called_fake"] == 0.75  # 0.92, 0.96, 0.99 of 0.5 / 0.92 / 0.96 / 0.99
+    assert m["heldout_sbi"]["real_called_fake"] == 0.25  # the 0.95 real face
+    assert m["heldout_cross_identity"]["called_fake"] == 0.5
+    assert m["heldout_sbi"]["auc"] == 0.875  # 14 of 16 (fake, real) pairs ordered right
+    without = train_tool.heldout_metrics(result, n_ids=4)
+    assert "sbi_called_fake" not in without["heldout_sbi"] and "called_fake" not in without["heldout_cross_identity"]
