@@ -47,3 +47,9 @@ def test_floor_and_short_clips():
     assert max_smoothed([(0.0, 0.9)], ScoringSettings()) is None
     with pytest.raises(ValueError):
         calibrate([], [])
+
+
+def test_a_capped_threshold_is_the_round_cap():
+    """A real call that scores high hits the cap (ceiling - margin): the card gets 0.92, not 0.9199999999999999."""
+    cal = calibrate([0.1, 0.2], [_clip("hot", [0.95] * 60)])
+    assert cal.threshold == 0.92 and repr(cal.threshold) == "0.92" and cal.raise_threshold == 0.97

@@ -113,7 +113,8 @@ def calibrate(
     reports = [report_clip(c, settings) for c in clips if len(c.scores)]
     worst_file = max((r.file_score for r in reports), default=0.0)
     worst_smoothed = max((r.max_smoothed for r in reports if r.max_smoothed is not None), default=0.0)
-    threshold = min(ceiling - margin, max(floor, _ceil(q), _ceil(worst_file + margin)))
+    # round(): the cap 0.97 - 0.05 is 0.9199999... in floating point, and the card would carry that.
+    threshold = min(round(ceiling - margin, 4), max(floor, _ceil(q), _ceil(worst_file + margin)))
     raise_at = min(ceiling, max(_ceil(threshold + margin), _ceil(worst_smoothed + margin)))
     rule = (
         f"threshold = max({floor}, {1 - max_face_fpr:.0%} quantile of held-out real photo faces, highest held-out "
