@@ -36,8 +36,8 @@ class BatcherSettings(ConfigSection):
     cpu_call_batch: int = Field(
         4, ge=1, le=256,
         description="faces per ONNX Runtime call on the CPU backend: a batch of max_batch runs as calls of this many. "
-                    "Small calls keep the model's activations in the CPU caches (default model, one thread: 17.5 ms "
-                    "per face in one call of 16, 13.6-14.6 ms in calls of 4) and its memory arena small",
+                    "Small calls keep the model's activations in the CPU caches (default model, one thread: 17.9 ms "
+                    "of CPU per face in one call of 16, 14.2 ms in calls of 4) and its memory arena small",
     )
 
 

@@ -33,8 +33,8 @@ class Classifier(Protocol):
 
 # Faces per session.run on the CPU. The batcher gathers up to batcher.max_batch crops (what a GPU wants); on the CPU
 # a large batch is slower per face, not faster: its activations outgrow the caches (default model, flip-averaged, one
-# thread: 17.5 ms per face in one call of 16 against 13.6-14.6 in calls of 4, 1-2 no better, and ORT's arena keeps
-# 490 MB for a call of 16 against 204 MB; README "Benchmarks").
+# thread: 17.9 ms of CPU per face in one call of 16 against 14.2 in calls of 4, 1-2 no better, and the process holds
+# 482 MB after a call of 16 against 211 MB; README "Calls of 4 faces on the CPU").
 CPU_CALL_BATCH = 4
 
 
